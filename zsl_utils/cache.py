@@ -1,0 +1,396 @@
+"""Sharded, atomic, resumable, fingerprinted array caches.
+
+A cache is a directory that holds the rows ``0 .. n_items-1`` of one or more arrays
+(for example the softmax outputs of a classifier over a dataset), split into shards of
+``shard_size`` consecutive rows::
+
+    <directory>/meta.json            fingerprint, n_items, shard_size, format version
+    <directory>/shard_000000.npz     rows [0, shard_size)
+    <directory>/shard_000001.npz     rows [shard_size, 2 * shard_size)
+    ...
+
+Why this layout:
+
+* **Atomic shards.** Each shard is written to a temporary file in the same directory,
+  flushed, fsync-ed and then renamed onto its final name with ``os.replace`` (atomic on
+  POSIX within one file system). A run killed mid-write therefore leaves at most a
+  temporary file, never a truncated ``shard_*.npz``; the temporary file is ignored by
+  every reader and cleaned up by the next writer.
+* **Resumable.** A shard exists or it does not, so ``missing_shards()`` is exactly the
+  work left after an interrupt.
+* **Fingerprinted.** ``meta.json`` records what produced the rows (model, weights,
+  preprocessing, dataset...). Opening the directory with a different fingerprint raises
+  :class:`zsl_utils.errors.StaleCacheError` instead of silently mixing outputs.
+* **Several writers.** Shards are disjoint files, so several processes (ranks of a
+  distributed job) may fill the same cache: each takes ``shards_for_rank(rank, world)``.
+  Temporary names carry host and pid so that one writer never deletes another live
+  writer's temporary file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import StaleCacheError, ZslError
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+_SHARD_PREFIX = "shard_"
+_SHARD_SUFFIX = ".npz"
+_TMP_MARKER = ".tmp-"
+# A temporary file from another host cannot be checked for liveness; after this many
+# seconds without modification we treat its writer as dead.
+_FOREIGN_TMP_MAX_AGE_S = 24 * 3600
+
+
+class CacheError(ZslError):
+    """A cache directory cannot be used (not writable, corrupt, wrong arguments)."""
+
+
+def normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``fingerprint`` as it will read back from JSON (tuples -> lists, sorted keys).
+
+    Comparing the normalised forms makes a fingerprint given as ``{"size": (224, 224)}``
+    equal to the one stored on disk as ``[224, 224]``.
+    """
+    if not isinstance(fingerprint, Mapping):
+        raise CacheError(
+            f"cache fingerprint must be a dict of JSON-serialisable values, got "
+            f"{type(fingerprint).__name__}; pass e.g. {{'model': name, 'dataset': dataset_id}}."
+        )
+    try:
+        return json.loads(json.dumps(dict(fingerprint), sort_keys=True))
+    except (TypeError, ValueError) as error:
+        raise CacheError(
+            f"cache fingerprint is not JSON-serialisable ({error}); convert paths and "
+            f"arrays to str / lists / numbers before building the cache."
+        ) from error
+
+
+def fingerprint_differences(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """Human-readable ``key: cached=... requested=...`` lines for keys whose values differ."""
+    lines = []
+    for key in sorted(set(cached) | set(requested)):
+        old, new = cached.get(key, "<absent>"), requested.get(key, "<absent>")
+        if old != new:
+            lines.append(f"{key}: cached={_short(old)} requested={_short(new)}")
+    return lines
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename in ``directory`` (best effort: not every OS allows opening dirs)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class ShardedCache:
+    """Rows ``0..n_items-1`` of named arrays, stored as atomic, fingerprinted shards.
+
+    Args:
+        directory: folder of the cache; created if missing.
+        fingerprint: JSON-serialisable dict describing what produced the rows. Opening an
+            existing cache with a different fingerprint raises ``StaleCacheError``.
+        n_items: number of rows (images, texts...) the cache covers.
+        shard_size: rows per shard; the last shard may be shorter.
+        read_only: open without a writability check (for evaluating a finished cache on
+            a read-only file system); ``write_shard`` is then refused.
+
+    Example::
+
+        cache = ShardedCache(CACHE_DIR / "probs_tux", {"model": "lite0"}, 1000, 256)
+        for shard in cache.missing_shards():
+            start, stop = cache.shard_bounds(shard)
+            cache.write_shard(shard, probs=compute(start, stop))
+        probs = cache.load("probs")
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        fingerprint: Mapping[str, Any],
+        n_items: int,
+        shard_size: int,
+        read_only: bool = False,
+    ) -> None:
+        if int(n_items) < 0:
+            raise CacheError(f"n_items must be >= 0, got {n_items} for cache {directory}.")
+        if int(shard_size) < 1:
+            raise CacheError(f"shard_size must be >= 1, got {shard_size} for cache {directory}.")
+        self.directory = Path(directory).expanduser()
+        self.fingerprint = normalise_fingerprint(fingerprint)
+        self.n_items = int(n_items)
+        self.shard_size = int(shard_size)
+        self.read_only = read_only
+        if read_only:
+            if not (self.directory / META_NAME).is_file():
+                raise CacheError(
+                    f"no cache at {self.directory} (missing {META_NAME}); build it first "
+                    f"or open it with read_only=False."
+                )
+        else:
+            self._prepare_writable_directory()
+        self._check_or_write_meta()
+        if not read_only:
+            self.clean_temporary_files()
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open_existing(cls, directory: str | os.PathLike, read_only: bool = True) -> "ShardedCache":
+        """Open a cache using the fingerprint and sizes stored in its ``meta.json``."""
+        meta = read_meta(directory)
+        return cls(directory, meta["fingerprint"], meta["n_items"], meta["shard_size"], read_only)
+
+    def _prepare_writable_directory(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheError(
+                f"cannot create cache directory {self.directory} ({error.strerror}); pass a "
+                f"writable cache_dir or set ZSL_CACHE_DIR to a writable folder."
+            ) from error
+        probe = self.directory / f".write_probe{_TMP_MARKER}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as error:
+            raise CacheError(
+                f"cache directory {self.directory} is not writable ({error.strerror}); pass a "
+                f"writable cache_dir, set ZSL_CACHE_DIR, or open a finished cache with "
+                f"read_only=True."
+            ) from error
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "n_items": self.n_items,
+            "shard_size": self.shard_size,
+        }
+
+    def _check_or_write_meta(self) -> None:
+        meta_path = self.directory / META_NAME
+        if meta_path.exists():
+            self._check_meta(read_meta(self.directory))
+            return
+        if self.read_only:
+            return
+        # Several ranks may race here; each writes the same content atomically.
+        self._atomic_write_bytes(meta_path, json.dumps(self._meta(), indent=2, sort_keys=True).encode())
+
+    def _check_meta(self, stored: Mapping[str, Any]) -> None:
+        requested = self._meta()
+        lines = fingerprint_differences(stored.get("fingerprint", {}), requested["fingerprint"])
+        for key in ("n_items", "shard_size", "format_version"):
+            if stored.get(key) != requested[key]:
+                lines.append(f"{key}: cached={stored.get(key)} requested={requested[key]}")
+        if lines:
+            raise StaleCacheError(
+                f"the cache at {self.directory} was made by a different model, preprocessing "
+                f"or dataset:\n  " + "\n  ".join(lines) + "\nDelete that folder to recompute, "
+                f"or pass a different cache directory to keep both."
+            )
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def n_shards(self) -> int:
+        """Number of shards (0 for an empty cache)."""
+        return -(-self.n_items // self.shard_size)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` covered by ``shard``."""
+        self._check_shard_index(shard)
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.n_items)
+
+    def shard_path(self, shard: int) -> Path:
+        """Final path of ``shard`` (which may not exist yet)."""
+        self._check_shard_index(shard)
+        return self.directory / f"{_SHARD_PREFIX}{shard:06d}{_SHARD_SUFFIX}"
+
+    def _check_shard_index(self, shard: int) -> None:
+        if not 0 <= int(shard) < self.n_shards:
+            raise CacheError(
+                f"shard index {shard} out of range for cache {self.directory} "
+                f"({self.n_shards} shards of {self.shard_size} rows, {self.n_items} rows)."
+            )
+
+    # ------------------------------------------------------------------ state
+    def has_shard(self, shard: int) -> bool:
+        return self.shard_path(shard).is_file()
+
+    def missing_shards(self) -> list[int]:
+        """Indices of shards not yet written, in increasing order."""
+        present = {p.name for p in self.directory.glob(f"{_SHARD_PREFIX}*{_SHARD_SUFFIX}")}
+        return [s for s in range(self.n_shards) if self.shard_path(s).name not in present]
+
+    def shards_for_rank(self, rank: int, world_size: int) -> list[int]:
+        """Missing shards assigned to ``rank`` of ``world_size`` writers (round robin)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise CacheError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+        return [s for s in self.missing_shards() if s % world_size == rank]
+
+    def is_complete(self) -> bool:
+        return not self.missing_shards()
+
+    # ------------------------------------------------------------------ writing
+    def write_shard(self, shard: int, **arrays: np.ndarray) -> Path:
+        """Atomically write the rows of ``shard``; every array's first axis is its length."""
+        if self.read_only:
+            raise CacheError(f"cache {self.directory} was opened read_only; reopen it writable to add shards.")
+        start, stop = self.shard_bounds(shard)
+        if not arrays:
+            raise CacheError(f"write_shard({shard}) got no arrays for cache {self.directory}.")
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            if value.ndim == 0 or value.shape[0] != stop - start:
+                raise CacheError(
+                    f"array {key!r} for shard {shard} of {self.directory} has shape {value.shape}; "
+                    f"its first axis must be the shard's {stop - start} rows ({start}..{stop - 1})."
+                )
+            if value.dtype == object:
+                raise CacheError(
+                    f"array {key!r} has dtype object, which needs pickling; store numbers or "
+                    f"fixed-width strings (np.asarray(list_of_str)) instead."
+                )
+        target = self.shard_path(shard)
+        tmp = self._temporary_path(target)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_directory(self.directory)
+        return target
+
+    def _temporary_path(self, target: Path) -> Path:
+        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return target.with_name(f".{target.name}{_TMP_MARKER}{tag}")
+
+    def _atomic_write_bytes(self, target: Path, payload: bytes) -> None:
+        tmp = self._temporary_path(target)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_directory(self.directory)
+
+    def clean_temporary_files(self) -> list[Path]:
+        """Delete temporary files left by killed writers; return what was removed.
+
+        A temporary file from this host is removed when its writer's pid is gone; one
+        from another host when it has not changed for a day (we cannot see its pid).
+        """
+        removed = []
+        host = socket.gethostname()
+        for path in self.directory.glob(f".*{_TMP_MARKER}*"):
+            writer = path.name.split(_TMP_MARKER, 1)[1]  # "<host>-<pid>-<random>"
+            writer_host, _, pid_text = writer.rpartition("-")[0].rpartition("-")
+            try:
+                if writer_host == host:
+                    stale = not _pid_alive(int(pid_text))
+                else:
+                    stale = time.time() - path.stat().st_mtime > _FOREIGN_TMP_MAX_AGE_S
+                if stale:
+                    path.unlink()
+                    removed.append(path)
+            except (OSError, ValueError):
+                continue  # vanished meanwhile, or not one of ours
+        return removed
+
+    # ------------------------------------------------------------------ reading
+    def read_shard(self, shard: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays of ``shard`` (only ``keys`` if given), fully read into memory."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise CacheError(
+                f"shard {shard} of {self.directory} has not been computed yet "
+                f"({len(self.missing_shards())} of {self.n_shards} missing); run the extraction first."
+            )
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                wanted = list(data.files) if keys is None else list(keys)
+                absent = [k for k in wanted if k not in data.files]
+                if absent:
+                    raise CacheError(
+                        f"shard {path} has no array(s) {absent}; it holds {sorted(data.files)}."
+                    )
+                return {key: data[key] for key in wanted}
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+            raise CacheError(
+                f"shard {path} is unreadable ({error}); delete that file and rerun to recompute it."
+            ) from error
+
+    def iter_shards(self, keys: Sequence[str] | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Yield ``(shard, start_row, arrays)`` for every shard in order, one in memory at a time."""
+        missing = self.missing_shards()
+        if missing:
+            raise CacheError(
+                f"cache {self.directory} is incomplete: {len(missing)} of {self.n_shards} shards "
+                f"missing (first: {missing[:5]}); finish the extraction before reading it."
+            )
+        for shard in range(self.n_shards):
+            yield shard, self.shard_bounds(shard)[0], self.read_shard(shard, keys)
+
+    def load(self, key: str) -> np.ndarray:
+        """All rows of array ``key`` concatenated (loads everything: prefer ``iter_shards``)."""
+        parts = [arrays[key] for _, _, arrays in self.iter_shards([key])]
+        if not parts:
+            raise CacheError(f"cache {self.directory} holds no rows (n_items=0).")
+        return np.concatenate(parts, axis=0)
+
+    def __repr__(self) -> str:
+        done = self.n_shards - len(self.missing_shards())
+        return f"ShardedCache({str(self.directory)!r}, {done}/{self.n_shards} shards, n_items={self.n_items})"
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``meta.json`` of a cache directory, with a clear error if absent/corrupt."""
+    path = Path(directory).expanduser() / META_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise CacheError(f"no cache at {path.parent} (missing {META_NAME}).") from error
+    except (OSError, ValueError) as error:
+        raise CacheError(
+            f"{path} is unreadable ({error}); delete the folder {path.parent} to rebuild the cache."
+        ) from error
