@@ -1,0 +1,86 @@
+"""The WordNet reader: hand-written database lines, then invariants on real WordNet 3.0."""
+from __future__ import annotations
+
+import pytest
+
+from zsl_utils.errors import AssetUnavailableError
+from zsl_utils.wordnet import WordNet, parse_data_line, parse_index_line
+
+# Real lines from WordNet 3.0's data.noun / index.noun (tabby cat; 'tabby').
+TABBY_LINE = (
+    "02123045 05 n 02 tabby 0 tabby_cat 0 002 @ 02121808 n 0000 + 00377685 a 0101 "
+    "| a cat with a grey or tawny coat mottled with black  \n"
+)
+INDEX_LINE = "tabby n 3 2 @ ~ 3 0 02123045 09993809 03412058  \n"
+
+
+def test_parse_data_line_reads_lemmas_gloss_and_only_noun_pointers():
+    synset = parse_data_line(TABBY_LINE)
+    assert synset.wnid == "n02123045"
+    assert synset.lemmas == ("tabby", "tabby_cat")
+    assert synset.gloss == "a cat with a grey or tawny coat mottled with black"
+    assert synset.hypernyms == ("n02121808",)  # the '+' pointer to an adjective is ignored
+    assert synset.hyponyms == ()
+    assert synset.name == "tabby"
+
+
+def test_parse_index_line_keeps_sense_order():
+    assert parse_index_line(INDEX_LINE) == ("tabby", ["n02123045", "n09993809", "n03412058"])
+    assert parse_data_line("  1 This software and database ...") is None
+
+
+def _write_tiny_wordnet(directory):
+    """entity <- animal <- {cat, dog}; cat has an instance hyponym (Garfield)."""
+    lines = [
+        "00000001 03 n 01 entity 0 001 ~ 00000002 n 0000 | that which exists",
+        "00000002 05 n 01 animal 0 003 @ 00000001 n 0000 ~ 00000003 n 0000 ~ 00000004 n 0000 | a living organism",
+        "00000003 05 n 02 cat 0 true_cat 0 002 @ 00000002 n 0000 ~i 00000005 n 0000 | a feline",
+        "00000004 05 n 01 dog 0 001 @ 00000002 n 0000 | a canine",
+        "00000005 18 n 01 Garfield 0 001 @i 00000003 n 0000 | a cartoon cat",
+    ]
+    (directory / "data.noun").write_text("  1 license header line\n" + "\n".join(lines) + "\n", encoding="latin-1")
+    (directory / "index.noun").write_text("cat n 1 1 @ 1 0 00000003  \ndog n 1 1 @ 1 0 00000004  \n")
+
+
+def test_graph_queries_on_a_tiny_hand_built_database(tmp_path):
+    _write_tiny_wordnet(tmp_path)
+    wn = WordNet.load(tmp_path, cache_dir=tmp_path / "cache")
+    assert len(wn) == 5
+    assert wn.ancestors("n00000005") == {"n00000003", "n00000002", "n00000001"}  # through the instance link
+    assert wn.descendants("n00000002") == {"n00000003", "n00000004", "n00000005"}
+    assert wn.lookup("Cat") == ["n00000003"]
+    assert wn.lemmas("n00000003") == ("cat", "true_cat")
+    # The second load comes from the pickle cache and must answer the same.
+    again = WordNet.load(tmp_path, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").glob("wordnet-*.pkl"))
+    assert again.synset("n00000003") == wn.synset("n00000003")
+
+
+def test_missing_wordnet_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(AssetUnavailableError, match=r"data\.noun is missing.*zsl_utils\.assets"):
+        WordNet.load(tmp_path / "nowhere")
+
+
+def test_unknown_wnid_is_a_clear_key_error(tmp_path):
+    _write_tiny_wordnet(tmp_path)
+    wn = WordNet.load(tmp_path, cache_dir=tmp_path / "cache")
+    with pytest.raises(KeyError, match="not a WordNet 3.0 noun synset"):
+        wn.synset("n99999999")
+
+
+def test_real_wordnet_3_0_invariants(wordnet):
+    assert len(wordnet) == 82115  # noun synsets in WordNet 3.0
+    entity = "n00001740"
+    assert wordnet.lemmas(entity) == ("entity",)
+    assert wordnet.hypernyms(entity) == ()
+    tabby = wordnet.synset("n02123045")
+    assert "tabby_cat" in tabby.lemmas
+    assert "n02121808" in tabby.hypernyms  # domestic cat
+    assert entity in wordnet.ancestors("n02123045")
+    assert "n02123045" in wordnet.descendants("n02121808")
+    # Every synset except 'entity' reaches the root: the is-a graph is one tree-like DAG.
+    sample = list(wordnet.wnids())[::997]
+    assert all(w == entity or entity in wordnet.ancestors(w) for w in sample)
+    # Hypernym and hyponym pointers are mirror images of each other.
+    assert all(w in wordnet.hyponyms(h) for w in sample for h in wordnet.hypernyms(w))
+    assert wordnet.lookup("tabby cat") == ["n02123045"]
