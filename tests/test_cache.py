@@ -196,3 +196,17 @@ def _repo_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+def test_unaligned_arrays_are_stored_and_concatenated(tmp_path):
+    cache = ShardedCache(tmp_path / "c", FP, 10, 4)
+    for shard, bad in [(0, [1]), (1, []), (2, [8, 9])]:
+        start, stop = cache.shard_bounds(shard)
+        cache.write_shard(
+            shard,
+            x=_rows(start, stop),
+            unaligned={"skipped_rows": np.asarray(bad, np.int64)},
+        )
+    np.testing.assert_array_equal(cache.load("skipped_rows"), [1, 8, 9])
+    with pytest.raises(CacheError, match="both aligned and unaligned"):
+        cache.write_shard(0, x=_rows(0, 4), unaligned={"x": np.zeros(2)})

@@ -264,16 +264,27 @@ class ShardedCache:
         return not self.missing_shards()
 
     # ------------------------------------------------------------------ writing
-    def write_shard(self, shard: int, **arrays: np.ndarray) -> Path:
-        """Atomically write the rows of ``shard``; every array's first axis is its length."""
+    def write_shard(
+        self, shard: int, /, *, unaligned: Mapping[str, np.ndarray] | None = None, **arrays: np.ndarray
+    ) -> Path:
+        """Atomically write ``shard``.
+
+        ``arrays`` are row-aligned: each one's first axis is the shard's row count.
+        ``unaligned`` holds arrays of any length stored alongside (e.g. the list of rows
+        that were skipped and why); ``load`` concatenates those across shards too.
+        """
         if self.read_only:
             raise CacheError(f"cache {self.directory} was opened read_only; reopen it writable to add shards.")
         start, stop = self.shard_bounds(shard)
         if not arrays:
-            raise CacheError(f"write_shard({shard}) got no arrays for cache {self.directory}.")
-        for key, value in arrays.items():
+            raise CacheError(f"write_shard({shard}) got no row-aligned arrays for cache {self.directory}.")
+        unaligned = dict(unaligned or {})
+        clash = set(unaligned) & set(arrays)
+        if clash:
+            raise CacheError(f"write_shard({shard}): names {sorted(clash)} given both aligned and unaligned.")
+        for key, value in {**arrays, **unaligned}.items():
             value = np.asarray(value)
-            if value.ndim == 0 or value.shape[0] != stop - start:
+            if key in arrays and (value.ndim == 0 or value.shape[0] != stop - start):
                 raise CacheError(
                     f"array {key!r} for shard {shard} of {self.directory} has shape {value.shape}; "
                     f"its first axis must be the shard's {stop - start} rows ({start}..{stop - 1})."
@@ -283,11 +294,12 @@ class ShardedCache:
                     f"array {key!r} has dtype object, which needs pickling; store numbers or "
                     f"fixed-width strings (np.asarray(list_of_str)) instead."
                 )
+        payload = {k: np.asarray(v) for k, v in {**arrays, **unaligned}.items()}
         target = self.shard_path(shard)
         tmp = self._temporary_path(target)
         try:
             with open(tmp, "wb") as handle:
-                np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+                np.savez(handle, **payload)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
