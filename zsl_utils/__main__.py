@@ -1,0 +1,93 @@
+"""Command line: run the numbered notebooks for a parameter profile.
+
+    python -m zsl_utils run [--profile demo] [--notebooks 01 02] [--set key=value ...] [--dry-run]
+    python -m zsl_utils profiles
+    python -m zsl_utils check-profile NAME [--set key=value ...]
+
+Exit status: 0 on success, 2 when the input is rejected (nothing was run),
+1 when a notebook failed while running.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import config, profiles
+from .errors import ZslError
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[NOTEBOOK.]KEY=VALUE",
+        help="override a parameter for every notebook declaring it, or for one notebook "
+        "(e.g. --set imagenet_root=/data/in21k --set 01_conse_construction.batch_size=8); "
+        "VALUE is read as YAML",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``python -m zsl_utils``."""
+    parser = argparse.ArgumentParser(prog="python -m zsl_utils", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="validate, then execute the numbered notebooks with papermill")
+    run.add_argument("--profile", default="demo", help="profile name in notebooks/profiles, or a .yaml path (default: demo)")
+    run.add_argument("--notebooks", nargs="+", metavar="NN", help="only these notebooks (numbers like 01 or stems)")
+    _add_overrides(run)
+    run.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
+    run.add_argument("--log-output", action="store_true", help="echo notebook output to the terminal")
+
+    commands.add_parser("profiles", help="list the available profiles")
+
+    check = commands.add_parser("check-profile", help="validate a profile against every notebook, run nothing")
+    check.add_argument("name", help="profile name or .yaml path")
+    _add_overrides(check)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    plan = profiles.plan_runs(args.profile, args.notebooks, args.overrides)
+    print(profiles.describe_plan(plan))
+    if args.dry_run:
+        print(f"dry run: {len(plan)} notebook(s) validated, none executed")
+        return 0
+    outputs = profiles.execute_plan(plan, log_output=args.log_output)
+    print(f"executed {len(outputs)} notebook(s); copies in {outputs[0].parent if outputs else config.RUNS_DIR}")
+    return 0
+
+
+def _cmd_profiles(_: argparse.Namespace) -> int:
+    for name in profiles.available_profiles():
+        description = profiles.load_profile(name).description
+        print(f"{name:<16} {description}")
+    return 0
+
+
+def _cmd_check_profile(args: argparse.Namespace) -> int:
+    plan = profiles.plan_runs(args.name, overrides=args.overrides)
+    print(profiles.describe_plan(plan))
+    print(f"profile {args.name!r} is valid for {len(plan)} notebook(s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    handler = {"run": _cmd_run, "profiles": _cmd_profiles, "check-profile": _cmd_check_profile}[args.command]
+    try:
+        return handler(args)
+    except profiles.NotebookExecutionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ZslError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
