@@ -1,0 +1,270 @@
+"""HUSE losses, model, training and evaluation on tiny hand-checked tensors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zsl_utils.errors import ParameterError
+from zsl_utils.huse import (
+    HuseArchitecture,
+    HuseModel,
+    HuseSplit,
+    SplitOutputs,
+    choose_fusion_weight,
+    classification_table,
+    embed_split,
+    evaluate_huse,
+    fuse_probabilities,
+)
+from zsl_utils.huse_losses import (
+    LossWeights,
+    class_distance_matrix,
+    classification_loss,
+    cosine_distance_matrix,
+    gap_loss,
+    huse_loss,
+    semantic_graph_loss,
+)
+from zsl_utils.huse_train import (
+    TrainConfig,
+    batch_indices,
+    best_weights,
+    grid_search,
+    seeded_repeat_check,
+    train_huse,
+    train_separate,
+)
+
+
+def unit(degrees: float) -> list[float]:
+    radians = math.radians(degrees)
+    return [math.cos(radians), math.sin(radians)]
+
+
+def cos_distance(delta_degrees: float) -> float:
+    return 1.0 - math.cos(math.radians(delta_degrees))
+
+
+# Three items, classes 0, 1, 2. Images at 0, 60, 90 degrees; texts at 30, 180, 75 degrees.
+IMAGES = torch.tensor([unit(0), unit(60), unit(90)])
+TEXTS = torch.tensor([unit(30), unit(180), unit(75)])
+LABELS = torch.tensor([0, 1, 2])
+CLASS_DISTANCE = torch.tensor([[0.0, 0.3, 1.2], [0.3, 0.0, 1.0], [1.2, 1.0, 0.0]])
+ZETA = 0.6
+
+
+def test_cosine_distance_matrix_hand_values():
+    distance = cosine_distance_matrix(IMAGES, TEXTS)
+    assert distance.shape == (3, 3)
+    assert distance[0, 0].item() == pytest.approx(cos_distance(30), abs=1e-6)
+    assert distance[1, 1].item() == pytest.approx(1.5, abs=1e-6)  # 120 degrees apart
+    assert distance[0, 1].item() == pytest.approx(2.0, abs=1e-6)  # opposite directions
+    assert distance[2, 0].item() == pytest.approx(cos_distance(60), abs=1e-6)
+
+
+def test_class_distance_matrix_is_symmetric_with_zero_diagonal():
+    names = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    a = class_distance_matrix(names)
+    assert torch.equal(torch.diagonal(a), torch.zeros(3))
+    assert torch.allclose(a, a.T)
+    assert a[0, 1].item() == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-6)
+    assert a[0, 2].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_graph_loss_equation_matches_hand_sum():
+    # Stacked embeddings e = [u0, u1, u2, v0, v1, v2] at angles [0, 60, 90, 30, 180, 75]
+    # with classes [0, 1, 2, 0, 1, 2]. Eq. 10 keeps a pair iff A < 0.6 and d < 0.6.
+    # Unordered pairs that pass (all others: d >= 0.6, or A >= 0.6):
+    kept = [
+        (cos_distance(60), 0.3),  # u0-u1: d=0.5, classes 0/1
+        (cos_distance(30), 0.0),  # u0-v0: the paired text, same class
+        (cos_distance(30), 0.3),  # u1-v0
+        (cos_distance(15), 0.0),  # u2-v2: paired
+    ]
+    # u1-u2 (d=0.13) and u1-v2 (d=0.03) are close but A=1.0 >= zeta: the mask drops them.
+    expected = 2 * sum((d - a) ** 2 for d, a in kept) / 36  # ordered pairs, (2N)^2 = 36
+    got = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "equation")
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.0048153, rel=1e-4)
+
+
+def test_graph_loss_prose_variant_adds_hinge_on_dissimilar_pairs():
+    equation = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "equation").item()
+    # Dissimilar-class pairs (A >= 0.6) closer than zeta are pushed out: (zeta - d)^2.
+    pushed = [cos_distance(30), cos_distance(15), cos_distance(60), cos_distance(45)]  # u1-u2, u1-v2, u2-v0, v0-v2
+    expected = equation + 2 * sum((ZETA - d) ** 2 for d in pushed) / 36
+    got = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "prose").item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got == pytest.approx(0.0404691, rel=1e-4)
+
+
+def test_graph_loss_mask_follows_distance_not_only_class():
+    # Same class pair far apart (d = 1 >= zeta) is ignored by Eq. 10: the loss is 0.
+    far = semantic_graph_loss([torch.tensor([unit(0)]), torch.tensor([unit(90)])], torch.tensor([0]),
+                              torch.zeros(1, 1), 0.6)
+    assert far.item() == pytest.approx(0.0, abs=1e-7)
+    near = semantic_graph_loss([torch.tensor([unit(0)]), torch.tensor([unit(40)])], torch.tensor([0]),
+                               torch.zeros(1, 1), 0.6)
+    assert near.item() == pytest.approx(2 * cos_distance(40) ** 2 / 4, rel=1e-5)
+
+
+def test_graph_loss_single_modality_uses_only_that_modality():
+    got = semantic_graph_loss([IMAGES], LABELS, CLASS_DISTANCE, ZETA).item()
+    assert got == pytest.approx(2 * (cos_distance(60) - 0.3) ** 2 / 9, rel=1e-5)  # only u0-u1 passes
+
+
+def test_gap_loss_pairs_image_and_text_of_same_item():
+    expected = (cos_distance(30) + cos_distance(120) + cos_distance(15)) / 3
+    assert gap_loss(IMAGES, TEXTS).item() == pytest.approx(expected, rel=1e-6)
+    # Swapping the text rows changes the pairing, hence the loss: the term is per item.
+    assert gap_loss(IMAGES, TEXTS[[1, 0, 2]]).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_classification_loss_averages_modalities():
+    image_logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    text_logits = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    image_ce = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    text_ce = math.log(1 + math.e)
+    got = classification_loss([image_logits, text_logits], labels).item()
+    assert got == pytest.approx((image_ce + text_ce) / 2, rel=1e-6)
+
+
+def test_huse_loss_weights_and_skipped_terms():
+    embeddings = {"image": IMAGES, "text": TEXTS}
+    logits = {"image": torch.zeros(3, 3), "text": torch.zeros(3, 3)}
+    weights = LossWeights(alpha=2.0, beta=3.0, gamma=0.5, margin=ZETA)
+    parts = huse_loss(embeddings, logits, LABELS, CLASS_DISTANCE, weights)
+    assert parts["classification"].item() == pytest.approx(math.log(3), rel=1e-6)
+    expected = 2 * math.log(3) + 3 * parts["graph"].item() + 0.5 * gap_loss(IMAGES, TEXTS).item()
+    assert parts["total"].item() == pytest.approx(expected, rel=1e-6)
+    no_graph = huse_loss(embeddings, logits, LABELS, CLASS_DISTANCE, LossWeights(beta=0.0, margin=ZETA))
+    assert no_graph["graph"].item() == 0.0
+    single = huse_loss({"image": IMAGES}, {"image": logits["image"]}, LABELS, CLASS_DISTANCE, weights)
+    assert single["gap"].item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=-1.0), dict(margin=0.0), dict(margin=2.5), dict(graph_variant="x")])
+def test_loss_weights_reject_bad_values(bad):
+    with pytest.raises(ParameterError):
+        LossWeights(**bad)
+
+
+SMALL = HuseArchitecture(embedding_dim=8, hidden_dim=16)
+
+
+def test_model_shapes_unit_norms_and_shared_classifier():
+    model = HuseModel({"image": 5, "text": 7}, num_classes=4, architecture=SMALL)
+    image_linears = [m for m in model.towers["image"] if isinstance(m, torch.nn.Linear)]
+    text_linears = [m for m in model.towers["text"] if isinstance(m, torch.nn.Linear)]
+    assert len(image_linears) == 5 + 1 and len(text_linears) == 2 + 1  # hidden layers + output
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.towers["image"]) == 4  # between hidden layers
+    embeddings, logits = model({"image": torch.randn(6, 5), "text": torch.randn(6, 7)})
+    for modality in ("image", "text"):
+        assert embeddings[modality].shape == (6, 8)
+        assert torch.allclose(embeddings[modality].norm(dim=1), torch.ones(6), atol=1e-5)
+        assert logits[modality].shape == (6, 4)
+    model.eval()
+    assert torch.allclose(logits["text"], model.classifier(embeddings["text"]), atol=1e-6)
+    assert len([m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 4]) == 1
+
+
+def test_model_rejects_wrong_feature_width():
+    model = HuseModel({"image": 5, "text": 7}, num_classes=4, architecture=SMALL)
+    with pytest.raises(ParameterError, match="same extractor"):
+        model({"image": torch.randn(2, 6)})
+
+
+def test_split_rejects_mismatched_rows_and_nan():
+    with pytest.raises(ParameterError, match="one row per label"):
+        HuseSplit(torch.zeros(3, 2), torch.zeros(2, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(ParameterError, match="NaN"):
+        HuseSplit(torch.tensor([[float("nan")]]), None, torch.tensor([0]))
+
+
+def toy_split(n_per_class: int = 4, n_classes: int = 4, seed: int = 0) -> tuple[HuseSplit, torch.Tensor]:
+    """Features = class prototype + noise; the texts see a different random projection."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    prototypes = torch.randn(n_classes, 6, generator=generator)
+    image = prototypes[labels] + 0.3 * torch.randn(len(labels), 6, generator=generator)
+    text = (prototypes[labels] @ torch.randn(6, 10, generator=generator)) + 0.3 * torch.randn(len(labels), 10, generator=generator)
+    class_distance = class_distance_matrix(torch.randn(n_classes, 5, generator=generator))
+    return HuseSplit(image, text, labels), class_distance
+
+
+def test_batch_indices_cover_each_epoch_once():
+    batches = batch_indices(10, 4, torch.Generator().manual_seed(0))
+    first_epoch = torch.cat([next(batches) for _ in range(3)])  # 4 + 4 + 2
+    assert sorted(first_epoch.tolist()) == list(range(10))
+
+
+def test_tiny_batch_overfits():
+    split, class_distance = toy_split()
+    config = TrainConfig(num_steps=150, batch_size=16, learning_rate=2e-3, log_every=50, seed=0)
+    no_dropout = HuseArchitecture(embedding_dim=8, hidden_dim=16, dropout=0.0)  # memorising, not generalising
+    trained = train_huse(split, class_distance, LossWeights(margin=1.0), config, no_dropout, progress=False)
+    history = trained.history
+    assert list(history["step"]) == [50, 100, 150]
+    assert history["total"].iloc[-1] < 0.05 * history["total"].iloc[0]
+    outputs = embed_split(trained.model, split)
+    table = classification_table(outputs, image_weight=0.5)
+    assert table.loc["image", "accuracy"] == 100.0 and table.loc["text", "accuracy"] == 100.0
+    assert outputs.embeddings["image"].shape == (16, 8)
+
+
+def test_training_is_reproducible_with_a_seed():
+    split, class_distance = toy_split()
+    config = TrainConfig(num_steps=20, batch_size=8, learning_rate=1e-3, seed=3)
+    assert seeded_repeat_check(split, class_distance, config=config, architecture=SMALL)
+    a = train_huse(split, class_distance, config=config, architecture=SMALL, progress=False).model
+    b = train_huse(split, class_distance, config=TrainConfig(num_steps=20, batch_size=8, learning_rate=1e-3, seed=4),
+                   architecture=SMALL, progress=False).model
+    assert not torch.equal(a.classifier.weight, b.classifier.weight)
+
+
+def test_training_rejects_labels_outside_class_distance():
+    split, _ = toy_split()
+    with pytest.raises(ParameterError, match="class indices"):
+        train_huse(split, torch.zeros(2, 2), config=TrainConfig(num_steps=1), architecture=SMALL, progress=False)
+
+
+def test_separate_models_have_one_tower_each_and_evaluate():
+    split, class_distance = toy_split()
+    config = TrainConfig(num_steps=5, batch_size=8, learning_rate=1e-3)
+    models = train_separate(split, class_distance, config=config, architecture=SMALL, progress=False)
+    assert models["image"].model.modalities == ("image",) and models["text"].model.modalities == ("text",)
+    assert models["image"].history["gap"].eq(0).all()
+    outputs = embed_split({m: t.model for m, t in models.items()}, split)
+    evaluation = evaluate_huse(outputs, image_weight=0.5)
+    assert list(evaluation.retrieval.index) == ["image->image", "image->text", "text->image", "text->text"]
+
+
+def test_fusion_weight_choice_and_fusion():
+    # Item 0 is right only by the image, items 1-2 only by the text.
+    image = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    text = torch.tensor([[0.2, 0.8], [0.1, 0.9], [0.1, 0.9]])
+    labels = torch.tensor([0, 1, 1])
+    fused = fuse_probabilities(image, text, 0.25)
+    assert torch.allclose(fused[0], torch.tensor([0.375, 0.625]))
+    outputs = SplitOutputs({}, {"image": image, "text": text}, labels)
+    # Fused, item 0 is right iff 0.8w - 0.6(1-w) > 0 <=> w > 3/7; items 1-2 iff 0.8 - w > 0 <=> w < 0.8.
+    # Candidates 0.45 .. 0.75 are all perfect; the tie goes to the one closest to 0.5.
+    assert choose_fusion_weight(outputs) == pytest.approx(0.5)
+    assert classification_table(outputs, 0.5).loc["fusion", "accuracy"] == pytest.approx(100.0)
+    assert classification_table(outputs, 0.0).loc["fusion", "accuracy"] == pytest.approx(200 / 3)
+
+
+def test_grid_search_ranks_combinations_and_returns_best_weights():
+    split, class_distance = toy_split()
+    config = TrainConfig(num_steps=10, batch_size=8, learning_rate=1e-3)
+    table = grid_search(split, split, class_distance, {"beta": [0.0, 1.0], "margin": [0.5]}, config=config,
+                        architecture=SMALL)
+    assert len(table) == 2 and set(table["beta"]) == {0.0, 1.0}
+    assert table["mean_R@1"].is_monotonic_decreasing
+    best = best_weights(table)
+    assert isinstance(best, LossWeights) and best.beta == table.loc[0, "beta"]
+    with pytest.raises(ParameterError, match="not loss settings"):
+        grid_search(split, split, class_distance, {"lr": [1.0]}, config=config, architecture=SMALL)
