@@ -1,0 +1,207 @@
+"""Committed notebooks are clean and declare typed, commented parameters.
+
+The parameters cell is read with papermill's own inspection and its
+``--help-notebook`` command, so what is checked is what a user sees. The checker is
+itself tested on a deliberately dirty fixture notebook.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+from click.testing import CliRunner
+from papermill.cli import papermill as papermill_cli
+
+from zsl_utils import profiles
+from zsl_utils.errors import ParameterError
+
+REQUIRED_PARAMETERS = {"profile_name": "str", "seed": "int", "device": "str"}
+
+
+def _code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def output_problems(nb: nbformat.NotebookNode) -> list[str]:
+    """Code cells that carry outputs or execution counts."""
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if cell.get("outputs"):
+            problems.append(f"cell {index} has outputs")
+        if cell.get("execution_count") is not None:
+            problems.append(f"cell {index} has execution_count {cell.execution_count}")
+    return problems
+
+
+def parameters_cell_problems(path: Path) -> list[str]:
+    """Problems with the placement and content of the ``parameters`` cell."""
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    if nb.metadata.get("kernelspec", {}).get("name") != "python3":
+        problems.append("metadata.kernelspec.name must be 'python3' (papermill --help-notebook needs it)")
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    if len(tagged) != 1:
+        return problems + [f"{len(tagged)} cells are tagged 'parameters' (need exactly one)"]
+    if not code or tagged[0] != code[0]:
+        problems.append("the 'parameters' cell is not the first code cell")
+    source = nb.cells[tagged[0]].source
+    declared = _assigned_names(source, problems)
+    inferred = profiles.read_notebook_parameters(path)
+    if list(inferred) != declared:
+        dropped = [name for name in declared if name not in inferred]
+        problems.append(
+            f"papermill does not see {dropped or 'the same order'}: avoid '=' inside comments and "
+            f"annotations with '|' or quotes (use Optional[...], and '(one of: ...)' for choices)"
+        )
+    for parameter in inferred.values():
+        problems.extend(_parameter_problems(parameter))
+    for name, type_name in REQUIRED_PARAMETERS.items():
+        if name not in inferred or inferred[name].type_name != type_name:
+            problems.append(f"missing required parameter `{name}: {type_name}`")
+    if "profile_name" in inferred and inferred["profile_name"].default not in ('"demo"', "'demo'"):
+        problems.append('profile_name must default to "demo"')
+    return problems
+
+
+def _assigned_names(source: str, problems: list[str]) -> list[str]:
+    """Names of the cell's ``name: type = value`` lines; anything else is a problem."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        problems.append(f"parameters cell does not parse: {exc}")
+        return []
+    names = []
+    for statement in tree.body:
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value:
+            names.append(statement.target.id)
+        else:
+            problems.append(f"line {statement.lineno}: only `name: type = value  # comment` belongs in the parameters cell")
+    return names
+
+
+def _parameter_problems(parameter: profiles.NotebookParameter) -> list[str]:
+    name = parameter.name
+    if parameter.type_name == "None":
+        return [f"{name} has no type annotation"]
+    problems = [] if parameter.help else [f"{name} has no comment"]
+    try:
+        default = parameter.default_value()
+    except (ValueError, SyntaxError):
+        return problems + [f"{name}: default {parameter.default} is not a literal"]
+    try:
+        if not profiles.value_matches_type(default, parameter.type_name):
+            problems.append(f"{name}: default {default!r} is not a {parameter.type_name}")
+        choices = parameter.choices
+        if choices and not profiles.value_in_choices(default, choices):
+            problems.append(f"{name}: default {default!r} is not one of {choices}")
+    except ParameterError as exc:
+        problems.append(f"{name}: {exc}")
+    return problems
+
+
+def help_notebook_output(path: Path) -> str:
+    """What ``papermill --help-notebook <path>`` prints."""
+    result = CliRunner().invoke(papermill_cli, ["--help-notebook", str(path)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# --------------------------------------------------------------------------- the checker
+def _write(path: Path, cells: list[nbformat.NotebookNode], kernel: bool = True) -> Path:
+    nb = nbformat.v4.new_notebook()
+    if kernel:
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = cells
+    nbformat.write(nb, path)
+    return path
+
+
+GOOD_PARAMETERS = (
+    'profile_name: str = "demo"  # profile the runner was given\n'
+    "seed: int = 0  # random seed\n"
+    'device: str = "auto"  # torch device (one of: "auto", "cpu", "cuda", "cuda:*", "mps")\n'
+    "top_k: int = 5  # hits counted (one of: 1, 2, 5, 10)\n"
+)
+
+
+def test_checker_accepts_clean_notebook(tmp_path):
+    cells = [
+        nbformat.v4.new_markdown_cell("# Title"),
+        nbformat.v4.new_code_cell(GOOD_PARAMETERS, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print(seed)"),
+    ]
+    path = _write(tmp_path / "01_ok.ipynb", cells)
+    assert output_problems(nbformat.read(path, as_version=4)) == []
+    assert parameters_cell_problems(path) == []
+    shown = help_notebook_output(path)
+    assert "seed: int (default 0)" in shown and "random seed" in shown
+
+
+def test_checker_flags_every_kind_of_dirt(tmp_path):
+    dirty_parameters = (
+        "seed = 0  # untyped\n"
+        "top_k: int = 3  # hits (one of: 1, 5)\n"
+        "lr: float = 0.1  # step (lr=0.1 in the paper)\n"
+        "root: str | None = None  # data\n"
+        "size: int = 4\n"
+        "import os\n"
+    )
+    executed = nbformat.v4.new_code_cell("x = 1", execution_count=3)
+    executed.outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    cells = [
+        executed,
+        nbformat.v4.new_code_cell(dirty_parameters, metadata={"tags": ["parameters"]}),
+    ]
+    path = _write(tmp_path / "01_dirty.ipynb", cells, kernel=False)
+    assert output_problems(nbformat.read(path, as_version=4)) == ["cell 0 has outputs", "cell 0 has execution_count 3"]
+    problems = parameters_cell_problems(path)
+    expected_fragments = [
+        "kernelspec.name must be 'python3'",
+        "not the first code cell",
+        "line 1: only `name: type = value",  # seed has no annotation
+        "line 6: only `name: type = value",  # import
+        "papermill does not see ['lr', 'root']",  # '=' in a comment, '|' in an annotation
+        "size has no comment",
+        "top_k: default 3 is not one of (1, 5)",
+        "missing required parameter `profile_name: str`",
+        "missing required parameter `seed: int`",
+        "missing required parameter `device: str`",
+    ]
+    for fragment in expected_fragments:
+        assert any(fragment in problem for problem in problems), (fragment, problems)
+
+
+def test_checker_flags_second_parameters_cell(tmp_path):
+    cells = [nbformat.v4.new_code_cell(GOOD_PARAMETERS, metadata={"tags": ["parameters"]}) for _ in range(2)]
+    path = _write(tmp_path / "01_two.ipynb", cells)
+    assert parameters_cell_problems(path) == ["2 cells are tagged 'parameters' (need exactly one)"]
+
+
+# --------------------------------------------------------------------------- committed notebooks
+COMMITTED = profiles.list_notebooks()
+NOTEBOOK_PARAMS = [pytest.param(path, id=path.stem) for path in COMMITTED] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="no numbered notebooks committed yet"))
+]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_committed_notebook_has_no_outputs(notebook):
+    assert output_problems(nbformat.read(notebook, as_version=4)) == []
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_committed_notebook_parameters_are_typed_and_commented(notebook):
+    assert parameters_cell_problems(notebook) == []
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_help_notebook_lists_every_parameter_with_type_and_comment(notebook):
+    shown = help_notebook_output(notebook)
+    for parameter in profiles.read_notebook_parameters(notebook).values():
+        assert f"{parameter.name}: {parameter.type_name} (default {parameter.default})" in shown
+        assert parameter.help in shown
