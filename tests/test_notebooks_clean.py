@@ -205,3 +205,10 @@ def test_help_notebook_lists_every_parameter_with_type_and_comment(notebook):
     for parameter in profiles.read_notebook_parameters(notebook).values():
         assert f"{parameter.name}: {parameter.type_name} (default {parameter.default})" in shown
         assert parameter.help in shown
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_committed_notebook_marks_key_numbers_for_nbval(notebook):
+    cells = _code_cells(nbformat.read(notebook, as_version=4))
+    marked = [cell for cell in cells if cell.source.lstrip().startswith("# NBVAL_CHECK_OUTPUT")]
+    assert marked, f"{notebook.name}: mark a few key numeric cells with '# NBVAL_CHECK_OUTPUT' as first line"
