@@ -256,12 +256,13 @@ def load_classifier(
     name = name.strip()
     if weights is not None and not Path(weights).is_file():
         raise AssetUnavailableError(f"load_classifier(weights={str(weights)!r}): no such file.")
+    num_classes = len(wnids) if wnids is not None else None
     if name == DEFAULT_CLASSIFIER:
         loaded = _load_packaged_lite0(weights)
     elif name.startswith("torchvision:"):
-        loaded = _load_torchvision(name.split(":", 1)[1], weights)
+        loaded = _load_torchvision(name.split(":", 1)[1], weights, num_classes)
     else:
-        loaded = _load_timm(name.split(":", 1)[1] if name.startswith("timm:") else name, weights)
+        loaded = _load_timm(name.split(":", 1)[1] if name.startswith("timm:") else name, weights, num_classes)
     loaded.wnids = _resolve_wnids(loaded, wnids)
     loaded.model.eval().to(torch_device)
     loaded.device = torch_device
@@ -430,7 +431,7 @@ def _cached_timm_weights(model: nn.Module) -> Path | None:
     return None
 
 
-def _load_timm(architecture: str, weights: str | Path | None) -> LoadedClassifier:
+def _load_timm(architecture: str, weights: str | Path | None, num_classes: int | None) -> LoadedClassifier:
     import timm
 
     if not timm.is_model(architecture):
@@ -438,19 +439,38 @@ def _load_timm(architecture: str, weights: str | Path | None) -> LoadedClassifie
             f"load_classifier(name={architecture!r}): not a timm architecture. Accepted forms: "
             f"{'; '.join(ACCEPTED_FORMS)}. List timm names with timm.list_models('<pattern>')."
         )
-    probe = timm.create_model(architecture, pretrained=False)
-    path = Path(weights) if weights else _cached_timm_weights(probe)
-    if path is None:
-        raise AssetUnavailableError(
-            f"No local weights for timm model {architecture!r} (looked in the Hugging Face and torch-hub "
-            "caches). Download them once on a connected machine, or pass weights=<checkpoint file>."
-        )
-    model = timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    extra = {"num_classes": num_classes} if num_classes else {}
+    model = timm.create_model(architecture, pretrained=False, **extra)
+    if weights:
+        path = Path(weights)
+        _guarded_load(lambda: timm.models.load_checkpoint(model, str(path), strict=True), path, architecture)
+    else:
+        path = _cached_timm_weights(model)
+        if path is None:
+            raise AssetUnavailableError(
+                f"No local weights for timm model {architecture!r} (looked in the Hugging Face and torch-hub "
+                "caches). Download them once on a connected machine, or pass weights=<checkpoint file>."
+            )
+        # The cached release goes through timm's own loader, which applies its key conversions.
+        model = timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     preprocess = _timm_preprocess(timm.data.resolve_data_config({}, model=model))
     return LoadedClassifier(
         model, preprocess, _timm_default_wnids(model), f"timm:{architecture}",
         _fingerprint(f"timm:{architecture}", architecture, path, preprocess),
     )
+
+
+def _guarded_load(load: Callable[[], Any], path: Path, architecture: str) -> None:
+    """Run a state-dict load; turn torch's key/shape mismatch traceback into one actionable line."""
+    try:
+        load()
+    except (RuntimeError, KeyError, ValueError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        first_line = " ".join(lines[:2]) if lines else type(error).__name__
+        raise DataLayoutError(
+            f"Checkpoint {path} does not fit architecture {architecture!r} ({first_line[:300]}). Check the "
+            "architecture name, and pass wnids=[...] (one per output) if the model was trained on other classes."
+        ) from error
 
 
 def _timm_default_wnids(model: nn.Module) -> list[str] | None:
@@ -462,7 +482,7 @@ def _timm_default_wnids(model: nn.Module) -> list[str] | None:
 
 # -- torchvision
 
-def _load_torchvision(architecture: str, weights: str | Path | None) -> LoadedClassifier:
+def _load_torchvision(architecture: str, weights: str | Path | None, num_classes: int | None) -> LoadedClassifier:
     import torchvision
     from torchvision import transforms
 
@@ -478,8 +498,8 @@ def _load_torchvision(architecture: str, weights: str | Path | None) -> LoadedCl
             f"No local weights for torchvision model {architecture!r} (expected {path}). Download them once on a "
             "connected machine, or pass weights=<checkpoint file>."
         )
-    model = torchvision.models.get_model(architecture, weights=None)
-    model.load_state_dict(_read_state_dict(path), strict=True)
+    model = torchvision.models.get_model(architecture, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+    _guarded_load(lambda: model.load_state_dict(_read_state_dict(path), strict=True), path, architecture)
     tv_transform = default.transforms()
     config = {"torchvision_weights": str(default), "resize": tv_transform.resize_size,
               "crop": tv_transform.crop_size, "mean": tv_transform.mean, "std": tv_transform.std}
