@@ -291,3 +291,106 @@ def hierarchical_precision_sums(
             inside = sum(1 for j in top[row, :k].tolist() if sets.candidate_distance.get(j, r + 1) <= r)
             sums[k] += inside / k
     return sums
+
+
+# ============================================================================ retrieval (issue 5, HUSE)
+# Cross-modal retrieval metrics for embedding spaces: every query ranks a gallery by
+# cosine similarity. Written for HUSE (notebook 03) but model-agnostic.
+
+
+def retrieval_neighbours(
+    queries: "torch.Tensor | np.ndarray",
+    gallery: "torch.Tensor | np.ndarray",
+    k: int,
+    exclude_same_index: bool = False,
+    chunk_size: int = 1024,
+) -> "torch.Tensor":
+    """Indices ``(n_queries, k)`` of each query's ``k`` most cosine-similar gallery rows, best first.
+
+    ``exclude_same_index=True`` drops gallery row ``i`` from query ``i``'s ranking: use it
+    when queries and gallery describe the same items (an item must not retrieve itself
+    or its own paired text/image). Queries are processed in chunks so that the full
+    similarity matrix is never held in memory. Exact ties are ordered as ``torch.topk``
+    returns them.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .errors import ParameterError
+
+    queries = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
+    gallery = F.normalize(torch.as_tensor(gallery, dtype=torch.float32), dim=1).to(queries.device)
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ParameterError(
+            f"retrieval needs (n, D) queries and (m, D) gallery of the same D; got {tuple(queries.shape)} "
+            f"and {tuple(gallery.shape)}."
+        )
+    if exclude_same_index and len(queries) != len(gallery):
+        raise ParameterError(
+            f"exclude_same_index=True needs as many queries as gallery rows (same items); got "
+            f"{len(queries)} and {len(gallery)}."
+        )
+    available = len(gallery) - (1 if exclude_same_index else 0)
+    if not 1 <= k <= available:
+        raise ParameterError(f"k={k} must lie in [1, {available}] for a gallery of {len(gallery)} rows.")
+    parts = []
+    for start in range(0, len(queries), chunk_size):
+        similarity = queries[start : start + chunk_size] @ gallery.T
+        if exclude_same_index:
+            rows = torch.arange(len(similarity), device=similarity.device)
+            similarity[rows, rows + start] = float("-inf")
+        parts.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(parts) if parts else torch.empty((0, k), dtype=torch.long)
+
+
+def retrieval_recall_at_k(
+    queries: "torch.Tensor | np.ndarray",
+    gallery: "torch.Tensor | np.ndarray",
+    query_labels: "Sequence[int] | torch.Tensor | np.ndarray",
+    gallery_labels: "Sequence[int] | torch.Tensor | np.ndarray",
+    ks: "Sequence[int]" = (1, 5, 10),
+    exclude_same_index: bool = False,
+    chunk_size: int = 1024,
+) -> "dict[int, float]":
+    """Recall@K as in HUSE: fraction of queries with at least one same-class item in the top K.
+
+    Returns ``{K: recall}`` with recalls in [0, 1].
+    """
+    import torch
+
+    query_labels = torch.as_tensor(np.asarray(query_labels), dtype=torch.long)
+    gallery_labels = torch.as_tensor(np.asarray(gallery_labels), dtype=torch.long)
+    neighbours = retrieval_neighbours(queries, gallery, max(ks), exclude_same_index, chunk_size).cpu()
+    hits = gallery_labels[neighbours] == query_labels[:, None]
+    return {int(k): float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+def retrieval_hierarchical_precision_at_k(
+    queries: "torch.Tensor | np.ndarray",
+    gallery: "torch.Tensor | np.ndarray",
+    query_labels: "Sequence[int] | torch.Tensor | np.ndarray",
+    gallery_labels: "Sequence[int] | torch.Tensor | np.ndarray",
+    correct_sets: "Mapping[int, Sequence[frozenset[int]]]",
+    exclude_same_index: bool = False,
+    chunk_size: int = 1024,
+) -> "dict[int, float]":
+    """Hierarchical precision H@k of a retrieval: mean fraction of the top-k items whose class
+    is in the query class's correct set ``correct_sets[k][query_class]``.
+
+    ``correct_sets`` maps each k to one set per class, e.g.
+    ``{k: hierarchy_correct_sets(classes, parents, k) for k in (2, 5, 10)}``.
+    """
+    import torch
+
+    query_labels = torch.as_tensor(np.asarray(query_labels), dtype=torch.long)
+    gallery_labels = torch.as_tensor(np.asarray(gallery_labels), dtype=torch.long)
+    neighbours = retrieval_neighbours(queries, gallery, max(correct_sets), exclude_same_index, chunk_size).cpu()
+    neighbour_labels = gallery_labels[neighbours]
+    out = {}
+    for k, sets in correct_sets.items():
+        allowed = torch.zeros((len(sets), len(sets)), dtype=torch.bool)  # allowed[query_class, class]
+        for c, members in enumerate(sets):
+            allowed[c, list(members)] = True
+        top = neighbour_labels[:, :k]
+        out[int(k)] = float(allowed[query_labels[:, None], top].float().mean())
+    return out
