@@ -76,7 +76,8 @@ def imagenet_wnids(subset: str = "1k") -> list[str]:
 
     ``"1k"``: the 1,000 ILSVRC-2012 classes (sorted WNIDs, the order every ImageNet
     classifier uses); ``"21k"``: the 21,841 synsets of the fall-2011 ImageNet release
-    (``imagenet22k_synsets.txt``), the label space of the ConSE paper.
+    (``imagenet22k_synsets.txt``), the label space of the ConSE paper. One 1K class, teddy
+    bear (``n04399382``), is not among those 21,841.
     """
     files = {"1k": "imagenet_synsets.txt", "21k": "imagenet22k_synsets.txt"}
     if subset not in files:

@@ -1,0 +1,178 @@
+"""ConSE on hand-computed toys, plus invariants of the vectorised implementation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zsl_utils.conse import (
+    ConSE,
+    conse_embed,
+    generalised_candidates,
+    label_collisions,
+    rank,
+    softmax_vs_conse1,
+    summarise_conse1_check,
+)
+from zsl_utils.errors import ParameterError
+from zsl_utils.semantic import LabelEmbeddings
+
+# Toy: three training labels a, b, c in 2-d and three unseen labels u1, u2, u3.
+TRAIN = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)  # s(a), s(b), s(c)
+UNSEEN = np.array([[2.0, 1.0], [3.0, -1.0], [1.0, 2.0]], dtype=np.float32)  # u1, u2, u3
+PROBS = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], dtype=np.float32)
+
+# Image 0 by hand:
+#   T=1: f = s(a) = (1, 0)
+#   T=2: f = (0.5*(1,0) + 0.3*(0,1)) / 0.8 = (0.625, 0.375),  |f| = sqrt(0.53125)
+#   T=3: f = (0.5*(1,0) + 0.3*(0,1) + 0.2*(1,1)) / 1 = (0.7, 0.5), |f| = sqrt(0.74)
+# Image 1: T=1: f = s(c) = (1, 1), |f| = sqrt(2).
+EXPECTED_F0 = {1: (1.0, 0.0), 2: (0.625, 0.375), 3: (0.7, 0.5)}
+# Cosines of image 0's f with u1=(2,1), u2=(3,-1), u3=(1,2):
+#   T=1: 2/sqrt5=.8944, 3/sqrt10=.9487, 1/sqrt5=.4472          -> u2, u1, u3
+#   T=2: 1.625/(sqrt5*.72887)=.9971, 1.5/(sqrt10*.72887)=.6508,
+#        1.375/(sqrt5*.72887)=.8437                             -> u1, u3, u2
+#   T=3: 1.9/(sqrt5*.86023)=.9878, 1.6/(sqrt10*.86023)=.5882,
+#        1.7/(sqrt5*.86023)=.8838                               -> u1, u3, u2
+EXPECTED_ZSL = {
+    1: ([1, 0, 2], [3 / math.sqrt(10), 2 / math.sqrt(5), 1 / math.sqrt(5)]),
+    2: ([0, 2, 1], [0.99705, 0.84366, 0.65079]),
+    3: ([0, 2, 1], [0.98777, 0.88379, 0.58817]),
+}
+# Generalised (candidates a, b, c, u1, u2, u3 -> positions 0..5), image 0:
+#   T=1: a 1, u2 .9487, u1 .8944, c .7071, u3 .4472, b 0
+#   T=2: u1 .9971, c 1/(sqrt2*.72887)=.9701, a .625/.72887=.8575, u3 .8437, u2 .6508, b .5145
+#   T=3: u1 .9878, c 1.2/(sqrt2*.86023)=.9864, u3 .8838, a .8137, u2 .5882, b .5812
+EXPECTED_GZSL = {1: [0, 4, 3, 2, 5, 1], 2: [3, 2, 0, 5, 4, 1], 3: [3, 2, 5, 0, 4, 1]}
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_embedding_matches_hand_computation(T):
+    emb, norms = conse_embed(PROBS, TRAIN, T=T)
+    np.testing.assert_allclose(emb[0], EXPECTED_F0[T], rtol=1e-6)
+    assert norms[0] == pytest.approx(math.hypot(*EXPECTED_F0[T]), rel=1e-6)
+
+
+def test_second_image_top1_is_c():
+    emb, norms = conse_embed(PROBS, TRAIN, T=1)
+    np.testing.assert_allclose(emb[1], [1.0, 1.0])
+    assert norms[1] == pytest.approx(math.sqrt(2))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_zero_shot_ranking_matches_hand_computation(T):
+    prediction = ConSE(TRAIN, UNSEEN, T=T, candidate_labels=["u1", "u2", "u3"]).predict(PROBS, k=3)
+    order, cosines = EXPECTED_ZSL[T]
+    assert prediction.indices[0].tolist() == order
+    np.testing.assert_allclose(prediction.scores[0], cosines, atol=2e-5)
+    assert prediction.labels(0) == [["u1", "u2", "u3"][j] for j in order]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_generalised_ranking_matches_hand_computation(T):
+    candidates = np.concatenate([TRAIN, UNSEEN])
+    prediction = ConSE(TRAIN, candidates, T=T).predict(PROBS, k=6)
+    assert prediction.indices[0].tolist() == EXPECTED_GZSL[T]
+
+
+def test_large_T_path_equals_gather_path():
+    """T above the gather threshold uses a scatter + matmul; both must give the same f(x)."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(100), size=7).astype(np.float32)
+    vectors = rng.normal(size=(100, 8)).astype(np.float32)
+    emb, _ = conse_embed(probs, vectors, T=40)
+    top = np.argsort(-probs, axis=1)[:, :40]
+    weights = np.take_along_axis(probs, top, axis=1)
+    manual = np.einsum("bt,btd->bd", weights, vectors[top]) / weights.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, manual, rtol=1e-4, atol=1e-5)
+
+
+def test_T1_is_nearest_candidate_to_top1_label_embedding():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(30, 6)).astype(np.float32)
+    candidates = rng.normal(size=(50, 6)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(30) * 0.3, size=40).astype(np.float32)
+    indices, _ = rank(conse_embed(probs, train, T=1)[0], candidates, k=1)
+    top1 = train[probs.argmax(axis=1)]
+    cosine = (top1 / np.linalg.norm(top1, axis=1, keepdims=True)) @ (
+        candidates / np.linalg.norm(candidates, axis=1, keepdims=True)).T
+    assert indices[:, 0].tolist() == cosine.argmax(axis=1).tolist()
+
+
+def test_chunking_and_input_kinds_agree(tmp_path):
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(12), size=25).astype(np.float32)
+    train, candidates = rng.normal(size=(12, 4)), rng.normal(size=(9, 4))
+    memmap = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=probs.shape)
+    memmap[:] = probs
+    reference = ConSE(train, candidates, T=3).predict(probs, k=4, batch_size=1000)
+    chunked = ConSE(train, candidates, T=3).predict(memmap, k=4, batch_size=4)
+    assert np.array_equal(reference.indices, chunked.indices)
+    np.testing.assert_allclose(reference.norms, chunked.norms, rtol=1e-6)
+    emb_t, norm_t = conse_embed(torch.from_numpy(probs), train, T=3, chunk_size=5)
+    assert isinstance(emb_t, torch.Tensor) and isinstance(norm_t, torch.Tensor)
+    idx_t, _ = rank(emb_t, candidates, k=4, chunk_size=3)
+    assert idx_t.numpy().tolist() == reference.indices.tolist()
+
+
+def test_masked_training_label_is_skipped():
+    """A training label without an embedding cannot be a top-T label: the next one is used."""
+    emb, _ = conse_embed(PROBS[:1], TRAIN, T=1, train_mask=np.array([False, True, True]))
+    np.testing.assert_allclose(emb[0], TRAIN[1])  # b, the best embedded label (0.3)
+
+
+def test_with_T_shares_vectors_and_changes_answer():
+    model = ConSE(TRAIN, UNSEEN, T=1)
+    assert model.predict(PROBS, k=1).indices[0, 0] == 1
+    assert model.with_T(2).predict(PROBS, k=1).indices[0, 0] == 0
+    assert model.T == 1
+
+
+def test_bad_inputs_raise_parameter_errors():
+    with pytest.raises(ParameterError, match="T=0"):
+        ConSE(TRAIN, UNSEEN, T=0)
+    with pytest.raises(ParameterError, match="between 1 and"):
+        conse_embed(PROBS, TRAIN, T=4)
+    with pytest.raises(ParameterError, match="not logits"):
+        conse_embed(np.log(PROBS), TRAIN, T=1)
+    with pytest.raises(ParameterError, match="shape"):
+        conse_embed(PROBS[:, :2], TRAIN, T=1)
+    with pytest.raises(ParameterError, match="semantic dimension"):
+        rank(np.ones((2, 3)), UNSEEN, k=1)
+    with pytest.raises(ParameterError, match="k=4"):
+        rank(np.ones((2, 2)), UNSEEN, k=4)
+
+
+def _embeddings(labels, vectors, found=None):
+    vectors = np.asarray(vectors, dtype=np.float32)
+    found = np.ones(len(labels), bool) if found is None else np.asarray(found)
+    lemmas = [(label,) for label in labels]
+    return LabelEmbeddings(list(labels), vectors, found, lemmas, lemmas, "toy")
+
+
+def test_from_embeddings_drops_missing_candidates_and_generalised_dedups():
+    train = _embeddings(["a", "b", "c"], TRAIN)
+    unseen = _embeddings(["u1", "u2", "u3", "zz"], np.vstack([UNSEEN, np.zeros((1, 2))]), [1, 1, 1, 0])
+    model = ConSE.from_embeddings(train, unseen, T=2)
+    assert model.candidate_labels == ["u1", "u2", "u3"]
+    both = generalised_candidates(train, unseen.concat(train.take([0])))
+    assert both.labels == ["a", "b", "c", "u1", "u2", "u3", "zz"]
+
+
+def test_collisions_and_conse1_sanity_check():
+    # 'crane' (bird) and 'crane' (machine) share their only lemma, so their vectors coincide.
+    train = _embeddings(["bird_crane", "machine_crane", "dog", "kuvasz"],
+                        [[1, 1], [1, 1], [0, 1], [0, 0]], [1, 1, 1, 0])
+    assert label_collisions(train) == [["bird_crane", "machine_crane"]]
+    probs = np.array([[0.1, 0.7, 0.1, 0.1],  # machine_crane: ties with bird_crane, first wins
+                      [0.1, 0.1, 0.7, 0.1],  # dog: agrees
+                      [0.1, 0.1, 0.2, 0.6]], dtype=np.float32)  # kuvasz has no vector
+    table = softmax_vs_conse1(probs, train, true_labels=["machine_crane", "dog", "kuvasz"])
+    assert table.case.tolist() == ["collision (same vector)", "agree", "softmax top-1 has no embedding"]
+    assert table.conse1_top1.tolist()[1:] == ["dog", "dog"]
+    summary = summarise_conse1_check(table).set_index("quantity")
+    assert summary.loc["hit@1 % softmax", "ours"] == pytest.approx(100.0)
+    assert summary.loc["hit@1 % ConSE(1)", "ours"] == pytest.approx(100.0 / 3)
+    assert summary.loc["hit@1 % softmax", "paper"] == 55.6
