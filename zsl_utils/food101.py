@@ -1,0 +1,395 @@
+"""Multimodal item tables for HUSE: UPMC Food-101 (two layouts), ETHZ Food-101, the
+Tux Paint demo, stratified splits, and the class taxonomies used for H@k.
+
+Every reader returns a :class:`ReadResult`: ``items`` (one row per usable item, columns
+``item_id, image_path, text, label``) and ``skipped`` (``item_id, image_path, reason``
+for every row left out: missing or unreadable image, empty text, unknown class).
+
+UPMC Food-101 comes in two layouts::
+
+    mirror (the common re-distribution)        original release
+    <root>/images/train/<class>/<file>.jpg     <root>/images/train/<class>/<class>_<n>.jpg
+    <root>/images/test/<class>/<file>.jpg      <root>/images/test/<class>/<class>_<n>.jpg
+    <root>/texts/train_titles.csv              <root>/texts_txt/<class>/<class>_<n>.txt
+    <root>/texts/test_titles.csv
+
+The mirror's CSVs have no header; their columns are image file name, text, class.
+In the original release the text of ``images/<split>/<class>/X.jpg`` is
+``texts_txt/<class>/X.txt``.
+
+ETHZ Food-101 (torchvision's ``food-101`` folder) is image-only:
+``<root>/images/<class>/<id>.jpg`` plus ``<root>/meta/{train,test}.json``
+(``{class: ["<class>/<id>", ...]}``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import config
+from .errors import DataLayoutError, ParameterError
+
+FOOD101_CLASSES: tuple[str, ...] = tuple(
+    """apple_pie baby_back_ribs baklava beef_carpaccio beef_tartare beet_salad beignets bibimbap bread_pudding
+    breakfast_burrito bruschetta caesar_salad cannoli caprese_salad carrot_cake ceviche cheese_plate cheesecake
+    chicken_curry chicken_quesadilla chicken_wings chocolate_cake chocolate_mousse churros clam_chowder
+    club_sandwich crab_cakes creme_brulee croque_madame cup_cakes deviled_eggs donuts dumplings edamame
+    eggs_benedict escargots falafel filet_mignon fish_and_chips foie_gras french_fries french_onion_soup
+    french_toast fried_calamari fried_rice frozen_yogurt garlic_bread gnocchi greek_salad grilled_cheese_sandwich
+    grilled_salmon guacamole gyoza hamburger hot_and_sour_soup hot_dog huevos_rancheros hummus ice_cream lasagna
+    lobster_bisque lobster_roll_sandwich macaroni_and_cheese macarons miso_soup mussels nachos omelette
+    onion_rings oysters pad_thai paella pancakes panna_cotta peking_duck pho pizza pork_chop poutine prime_rib
+    pulled_pork_sandwich ramen ravioli red_velvet_cake risotto samosa sashimi scallops seaweed_salad
+    shrimp_and_grits spaghetti_bolognese spaghetti_carbonara spring_rolls steak strawberry_shortcake sushi tacos
+    takoyaki tiramisu tuna_tartare waffles""".split()
+)
+WORDNET_TABLE = config.TABLES_DIR / "food101_wordnet.csv"
+# Coarse groups for colouring plots: a class belongs to the first group whose synset is
+# among its WordNet ancestors (checked in this order, most specific first).
+FOOD101_SUPERCLASSES: tuple[tuple[str, str], ...] = (
+    ("soup", "n07583197"),
+    ("salad", "n07806221"),
+    ("sandwich", "n07695965"),
+    ("dessert", "n07609840"),
+    ("pasta & dumplings", "n07863374"),
+    ("pasta & dumplings", "n07698915"),
+    ("baked goods", "n07622061"),
+    ("seafood", "n07776866"),
+    ("seafood", "n07775375"),  # fish (as food)
+    ("meat", "n07649854"),
+    ("starters & spreads", "n07581346"),  # appetizer
+    ("starters & spreads", "n07810907"),  # condiment (dips, spreads, pate)
+    ("vegetables", "n07705711"),
+    ("other dishes", "n07557434"),
+)
+OTHER_FOOD = "other food"  # classes under none of the groups above (cheese, rice)
+SPLITS = ("train", "test")
+ITEM_COLUMNS = ("item_id", "image_path", "text", "label")
+SKIP_COLUMNS = ("item_id", "image_path", "reason")
+
+MIRROR_TREE = """<root>/
+  images/train/<class>/<class>_<n>.jpg
+  images/test/<class>/<class>_<n>.jpg
+  texts/train_titles.csv   (no header: image file name, text, class)
+  texts/test_titles.csv"""
+ORIGINAL_TREE = """<root>/
+  images/train/<class>/<class>_<n>.jpg
+  images/test/<class>/<class>_<n>.jpg
+  texts_txt/<class>/<class>_<n>.txt"""
+ETHZ_TREE = """<root>/            (torchvision's food-101 folder, or its parent)
+  images/<class>/<id>.jpg
+  meta/train.json, meta/test.json   ({class: ["<class>/<id>", ...]})"""
+
+
+@dataclass
+class ReadResult:
+    """Usable items and the rows that were skipped (with why)."""
+
+    items: pd.DataFrame
+    skipped: pd.DataFrame
+
+    def summary(self) -> str:
+        reasons = self.skipped["reason"].value_counts().to_dict() if len(self.skipped) else {}
+        return f"{len(self.items)} items kept, {len(self.skipped)} skipped {reasons or ''}".strip()
+
+
+def _result(rows: list[tuple], skipped: list[tuple]) -> ReadResult:
+    items = pd.DataFrame(rows, columns=list(ITEM_COLUMNS))
+    return ReadResult(items.reset_index(drop=True), pd.DataFrame(skipped, columns=list(SKIP_COLUMNS)))
+
+
+def clean_text(text: str) -> str:
+    """Collapse runs of whitespace (titles and web text carry newlines and tabs)."""
+    return re.sub(r"\s+", " ", text or "").strip()
+
+
+def image_is_readable(path: Path) -> bool:
+    """True when PIL can identify and verify the file (header + structure, no full decode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "unreadable" here
+        return False
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ParameterError(f"split={split!r}; UPMC/ETHZ Food-101 splits are {SPLITS}.")
+
+
+# ---------------------------------------------------------------------------- UPMC Food-101
+def detect_upmc_layout(root: Path, split: str) -> str:
+    """``"mirror"`` or ``"original"``; a clear error with both expected trees otherwise."""
+    root = Path(root)
+    if (root / "texts" / f"{split}_titles.csv").is_file():
+        return "mirror"
+    if (root / "texts_txt").is_dir():
+        return "original"
+    raise DataLayoutError(
+        f"{root} is not a UPMC Food-101 folder: found neither texts/{split}_titles.csv nor texts_txt/.\n"
+        f"Expected the mirror layout\n{MIRROR_TREE}\nor the original release\n{ORIGINAL_TREE}\n"
+        "Pass the folder that contains images/ (set data_root in the profile)."
+    )
+
+
+def _images_dir(root: Path, split: str, tree: str) -> Path:
+    directory = root / "images" / split
+    if not directory.is_dir():
+        raise DataLayoutError(f"{directory} is missing; expected\n{tree}")
+    return directory
+
+
+def _read_titles_csv(path: Path) -> tuple[list[list[str]], list[str]]:
+    """Rows of a headerless 3-column CSV and the raw text of malformed lines."""
+    bad: list[str] = []
+    frame = pd.read_csv(
+        path, header=None, dtype=str, keep_default_na=False, engine="python",
+        on_bad_lines=lambda line: bad.append(",".join(line)) or None,
+    )
+    if frame.shape[1] < 3:
+        raise DataLayoutError(f"{path} has {frame.shape[1]} column(s); expected 3 (image file name, text, class).")
+    rows = frame.iloc[:, :3].values.tolist()
+    if rows and not re.search(r"\.(jpe?g|png)$", rows[0][0], re.I) and rows[0][2] not in FOOD101_CLASSES:
+        rows = rows[1:]  # a header line some copies carry
+    return rows, bad
+
+
+def read_upmc_mirror(root: Path, split: str, verify_images: bool = False) -> ReadResult:
+    """The mirror layout: rows of ``texts/<split>_titles.csv`` whose image exists and text is not empty."""
+    root = Path(root)
+    images = _images_dir(root, split, MIRROR_TREE)
+    csv_rows, bad_lines = _read_titles_csv(root / "texts" / f"{split}_titles.csv")
+    rows, skipped = [], [(line[:80], "", "malformed CSV line") for line in bad_lines]
+    for file_name, text, label in tqdm(csv_rows, desc=f"UPMC {split} rows", disable=len(csv_rows) < 5000):
+        path = images / label / file_name
+        item_id = f"{split}/{label}/{Path(file_name).stem}"
+        reason = _skip_reason(path, text, label, verify_images)
+        if reason:
+            skipped.append((item_id, str(path), reason))
+        else:
+            rows.append((item_id, str(path), clean_text(text), label))
+    return _result(rows, skipped)
+
+
+def read_upmc_original(root: Path, split: str, verify_images: bool = False) -> ReadResult:
+    """The original layout: each ``images/<split>/<class>/X.jpg`` with ``texts_txt/<class>/X.txt``."""
+    root = Path(root)
+    images = _images_dir(root, split, ORIGINAL_TREE)
+    rows, skipped = [], []
+    paths = sorted(p for p in images.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    for path in tqdm(paths, desc=f"UPMC {split} files", disable=len(paths) < 5000):
+        label = path.parent.name
+        item_id = f"{split}/{label}/{path.stem}"
+        text_path = root / "texts_txt" / label / f"{path.stem}.txt"
+        text = text_path.read_text(encoding="utf-8", errors="replace") if text_path.is_file() else None
+        reason = "missing text file" if text is None else _skip_reason(path, text, label, verify_images)
+        if reason:
+            skipped.append((item_id, str(path), reason))
+        else:
+            rows.append((item_id, str(path), clean_text(text), label))
+    return _result(rows, skipped)
+
+
+def _skip_reason(path: Path, text: str, label: str, verify_images: bool) -> str:
+    if label not in FOOD101_CLASSES:
+        return f"unknown class {label!r}"
+    if not clean_text(text):
+        return "empty text"
+    if not path.is_file():
+        return "missing image"
+    if path.stat().st_size == 0 or (verify_images and not image_is_readable(path)):
+        return "unreadable image"
+    return ""
+
+
+def read_upmc_food101(root: Path | str, split: str, layout: str = "auto", verify_images: bool = False) -> ReadResult:
+    """UPMC Food-101 items of ``split`` in either layout (``layout="auto"`` detects it).
+
+    Missing images, empty texts and unknown classes are always skipped; pass
+    ``verify_images=True`` to also open every image (slow on 90k files; otherwise
+    unreadable images are caught, and reported, by the feature extraction).
+    """
+    _check_split(split)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataLayoutError(f"UPMC Food-101 folder {root} does not exist; expected\n{MIRROR_TREE}\nor\n{ORIGINAL_TREE}")
+    layout = detect_upmc_layout(root, split) if layout == "auto" else layout
+    readers = {"mirror": read_upmc_mirror, "original": read_upmc_original}
+    if layout not in readers:
+        raise ParameterError(f"layout={layout!r}; choose 'auto', 'mirror' or 'original'.")
+    return readers[layout](root, split, verify_images)
+
+
+# ---------------------------------------------------------------------------- ETHZ Food-101
+def read_ethz_food101(root: Path | str, split: str) -> ReadResult:
+    """ETHZ Food-101 images of ``split`` (no texts: the ``text`` column is empty)."""
+    _check_split(split)
+    root = Path(root).expanduser()
+    if (root / "food-101").is_dir():
+        root = root / "food-101"
+    meta = root / "meta" / f"{split}.json"
+    if not meta.is_file() or not (root / "images").is_dir():
+        raise DataLayoutError(f"{root} is not an ETHZ Food-101 folder (missing {meta} or images/); expected\n{ETHZ_TREE}")
+    listing: Mapping[str, Sequence[str]] = json.loads(meta.read_text())
+    rows, skipped = [], []
+    for label, entries in listing.items():
+        for entry in entries:
+            path = root / "images" / f"{entry}.jpg"
+            item_id = f"{split}/{entry}"
+            reason = f"unknown class {label!r}" if label not in FOOD101_CLASSES else ("" if path.is_file() else "missing image")
+            if reason:
+                skipped.append((item_id, str(path), reason))
+            else:
+                rows.append((item_id, str(path), "", label))
+    return _result(rows, skipped)
+
+
+# ---------------------------------------------------------------------------- Tux Paint demo
+def tuxpaint_items(stamps: pd.DataFrame, min_items_per_class: int = 6) -> tuple[ReadResult, pd.DataFrame]:
+    """The Tux Paint stamps as HUSE items: image, English description, class = category folder.
+
+    Stamps without a description are skipped; classes with fewer than
+    ``min_items_per_class`` stamps cannot be split three ways and are dropped.
+    Returns the items and a per-class count table (``items``, ``kept``).
+    """
+    rows, skipped = [], []
+    for stamp in stamps.itertuples(index=False):
+        item_id = str(Path(stamp.category) / stamp.name)
+        if not clean_text(stamp.description):
+            skipped.append((item_id, str(stamp.path), "empty text"))
+        else:
+            rows.append((item_id, str(stamp.path), clean_text(stamp.description), stamp.category))
+    result = _result(rows, skipped)
+    counts = result.items["label"].value_counts().rename("items").to_frame().rename_axis("class")
+    counts["kept"] = counts["items"] >= min_items_per_class
+    small = result.items["label"].isin(counts.index[~counts["kept"]])
+    dropped = result.items[small]
+    result.skipped = pd.concat(
+        [result.skipped, pd.DataFrame({"item_id": dropped["item_id"], "image_path": dropped["image_path"],
+                                       "reason": f"class has < {min_items_per_class} items"})],
+        ignore_index=True,
+    )
+    result.items = result.items[~small].reset_index(drop=True)
+    return result, counts.sort_index()
+
+
+# ---------------------------------------------------------------------------- splits
+def stratified_holdout(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into (kept, held out), holding out ``fraction`` of every class.
+
+    Each class with at least two items keeps at least one and holds out at least one
+    (rounded share otherwise); a singleton class stays in ``kept``. The draw depends
+    only on ``seed`` and the labels, so it is the same on every machine.
+    """
+    if not 0 < fraction < 1:
+        raise ParameterError(f"held-out fraction={fraction!r} must lie strictly between 0 and 1.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for label in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue
+        n_held = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
+        held.extend(rng.permutation(members)[:n_held].tolist())
+    held_mask = np.zeros(len(labels), dtype=bool)
+    held_mask[held] = True
+    return np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
+
+
+def assign_splits(
+    items: pd.DataFrame, val_fraction: float, test_fraction: float | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Add a ``split`` column: carve ``test`` (if ``test_fraction``) then ``val`` out of the rest, per class.
+
+    Items that already have a ``split`` column (UPMC: train/test) keep their test rows;
+    validation is carved from ``train`` only.
+    """
+    items = items.copy()
+    if test_fraction is not None:
+        _, test = stratified_holdout(items["label"], test_fraction, seed)
+        items["split"] = "train"
+        items.loc[items.index[test], "split"] = "test"
+    elif "split" not in items:
+        raise ParameterError("items have no 'split' column; pass test_fraction to carve a test split.")
+    train_rows = items.index[items["split"] == "train"]
+    _, val = stratified_holdout(items.loc[train_rows, "label"], val_fraction, seed + 1)
+    items.loc[train_rows[val], "split"] = "val"
+    return items
+
+
+# ---------------------------------------------------------------------------- taxonomies
+@dataclass(frozen=True)
+class ClassTaxonomy:
+    """A class hierarchy: ``parents`` (node -> parent nodes; classes are leaves) and a coarse
+    ``superclass`` per class (for colouring plots)."""
+
+    classes: tuple[str, ...]
+    parents: Mapping[str, tuple[str, ...]]
+    superclass: Mapping[str, str]
+
+    def correct_sets(self, ks: Iterable[int] = (2, 5, 10)) -> dict[int, list[frozenset[int]]]:
+        """``{k: [S_k(c) for c in classes]}``: the classes H@k counts right, per class."""
+        from .metrics import hierarchy_correct_sets
+
+        return {int(k): hierarchy_correct_sets(self.classes, self.parents, int(k)) for k in ks}
+
+
+def tuxpaint_taxonomy(classes: Sequence[str]) -> ClassTaxonomy:
+    """The stamps' folder tree: ``animals/mammals`` -> ``animals`` -> ``stamps``."""
+    parents: dict[str, tuple[str, ...]] = {}
+    for name in classes:
+        top = name.split("/")[0]
+        parents[name] = (top,)
+        parents[top] = ("stamps",)
+    return ClassTaxonomy(tuple(classes), parents, {c: c.split("/")[0] for c in classes})
+
+
+def load_food101_wordnet_table(path: Path | None = None) -> pd.DataFrame:
+    """The reviewed class -> WNID table (``class_name, wnid, lemma, match, note``), checked."""
+    path = Path(path) if path else WORDNET_TABLE
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = sorted(set(FOOD101_CLASSES) - set(table["class_name"]))
+    bad = table[~table["wnid"].str.fullmatch(r"n\d{8}")]
+    if missing or len(table) != len(FOOD101_CLASSES) or len(bad):
+        raise DataLayoutError(
+            f"{path} must map each of the 101 Food-101 classes once to a WNID 'n' + 8 digits; "
+            f"missing {missing[:5]}, {len(table)} rows, malformed WNIDs {bad['wnid'].tolist()[:5]}."
+        )
+    return table.set_index("class_name").loc[list(FOOD101_CLASSES)].reset_index()
+
+
+def food101_taxonomy(wordnet=None, table: pd.DataFrame | None = None) -> ClassTaxonomy:
+    """Food-101 classes as leaves under their mapped synsets, then WordNet's hypernym graph."""
+    from .wordnet import WordNet
+
+    wordnet = wordnet or WordNet.load()
+    table = load_food101_wordnet_table() if table is None else table
+    parents: dict[str, tuple[str, ...]] = {}
+    superclass: dict[str, str] = {}
+    for row in table.itertuples(index=False):
+        parents[row.class_name] = (row.wnid,)
+        lineage = wordnet.ancestors(row.wnid) | {row.wnid}
+        for wnid in lineage:
+            parents.setdefault(wnid, tuple(wordnet.hypernyms(wnid)))
+        superclass[row.class_name] = next((name for name, s in FOOD101_SUPERCLASSES if s in lineage), OTHER_FOOD)
+    return ClassTaxonomy(tuple(table["class_name"]), parents, superclass)
+
+
+def class_phrase(name: str) -> str:
+    """Text to embed for a class name: ``apple_pie`` -> ``apple pie``; ``animals/mammals`` -> ``mammals (animals)``."""
+    if "/" in name:
+        top, sub = name.split("/", 1)
+        sub = sub.replace("_", " ")
+        return top if sub == "misc" else f"{sub} ({top})"
+    return name.replace("_", " ")
