@@ -542,3 +542,9 @@ def _last_linear_input_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Te
         return captured[0]
 
     return features
+
+
+def wnid_names(wnids: Iterable[str]) -> dict[str, str]:
+    """``{wnid: readable name}``: the first lemma with spaces (``'tabby'``), for tables and plots."""
+    table = _all_wnid_lemmas()
+    return {w: (table[w][0].replace("_", " ") if table.get(w) else w) for w in wnids}

@@ -18,7 +18,7 @@ memory stays bounded, on any torch device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -332,3 +332,77 @@ def summarise_conse1_check(per_image) -> "pd.DataFrame":
             hit = 100.0 * float((per_image[column] == per_image["true_label"]).mean())
             rows.append({"quantity": f"hit@1 % {method}", "ours": hit, "paper": PAPER_1K_HIT1[method]})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- analysis helpers
+
+def classifier_confidence(probs) -> "pd.DataFrame":
+    """Per-image max probability and entropy (nats) of softmax outputs ``[N, n]``."""
+    import pandas as pd
+
+    p = np.asarray(probs, dtype=np.float64)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+    return pd.DataFrame({"max_prob": p.max(axis=1), "entropy": entropy})
+
+
+def top_training_labels(probs_row, names: Sequence[str], n: int = 5) -> list[tuple[str, float]]:
+    """The ``n`` most probable training labels of one image as ``(name, probability)``."""
+    row = np.asarray(probs_row, dtype=np.float64)
+    order = np.argsort(-row, kind="stable")[:n]
+    return [(names[j], float(row[j])) for j in order]
+
+
+def predictions_by_T(model: ConSE, probs, T_values: Sequence[int], k: int) -> dict[int, ConSEPrediction]:
+    """The same probabilities ranked by ConSE(T) for each ``T`` (vectors are shared)."""
+    return {int(T): model.with_T(int(T)).predict(probs, k=k) for T in T_values}
+
+
+def hit_at_k_by_T(predictions: dict[int, ConSEPrediction], true_labels: Sequence[str],
+                  ks: Sequence[int] = (1, 2, 5, 10)) -> "pd.DataFrame":
+    """Flat hit@k (%) per ``T``; a true label absent from the candidates is never a hit."""
+    import pandas as pd
+
+    from .metrics import flat_hit_at_k
+
+    rows = []
+    for T, prediction in predictions.items():
+        position = {label: i for i, label in enumerate(prediction.candidate_labels)}
+        true_index = [position.get(label, -1) for label in true_labels]
+        hits = flat_hit_at_k(prediction.indices, true_index, ks)
+        rows.append({"T": T, **{f"hit@{k} %": 100.0 * hits[k] for k in ks}})
+    return pd.DataFrame(rows).set_index("T")
+
+
+def top1_by_T(predictions: dict[int, ConSEPrediction], row_names: Sequence[str],
+              label_names: Mapping[str, str] | None = None) -> "pd.DataFrame":
+    """Table of ConSE's top-1 label (rows: images, columns: T)."""
+    import pandas as pd
+
+    label_names = label_names or {}
+    columns = {f"T={T}": [label_names.get(l, l) for l in (p.candidate_labels[i] for i in p.indices[:, 0])]
+               for T, p in predictions.items()}
+    return pd.DataFrame(columns, index=list(row_names))
+
+
+# --------------------------------------------------------------------------- demo images
+
+def stamps_with_wnids(stamps: "pd.DataFrame", wordnet, photos_only: bool = True,
+                      top_categories: Sequence[str] | None = None, under: str | None = None) -> "pd.DataFrame":
+    """Tux Paint stamps labelled with the first WordNet noun sense of their file name.
+
+    ``photos_only`` drops the drawings Tux Paint keeps in ``cartoon/`` folders;
+    ``top_categories`` keeps e.g. ``("animals",)``; ``under`` keeps synsets below that WNID
+    (e.g. ``n00015388``, animal), which also weeds out names whose first sense is another
+    thing (a *ram* the animal vs. RAM the memory). Adds a ``wnid`` column; unnamed stamps drop.
+    """
+    table = stamps
+    if photos_only:
+        table = table[~table["path"].astype(str).str.contains("/cartoon/", regex=False)]
+    if top_categories is not None:
+        table = table[table["top_category"].isin(list(top_categories))]
+    first_sense = [next(iter(wordnet.lookup(name)), None) for name in table["name"]]
+    table = table.assign(wnid=first_sense).dropna(subset=["wnid"])
+    if under is not None:
+        keep = [w == under or under in wordnet.ancestors(w) for w in table["wnid"]]
+        table = table[keep]
+    return table.reset_index(drop=True)
