@@ -1,0 +1,98 @@
+"""Image folders by WNID and the Tux Paint name -> WNID mapping."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from zsl_utils.datasets import (
+    image_folder_by_wnid,
+    load_tuxpaint_table,
+    map_name_to_wnid,
+    normalise_stamp_name,
+    tuxpaint_by_wnid,
+)
+from zsl_utils.errors import DataLayoutError
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def test_image_folder_by_wnid(tmp_path):
+    for rel in ["n00000002/b.JPEG", "n00000002/a.jpg", "n00000002/notes.txt", "n00000001/z.png",
+                "README/x.jpg", "n00000003/c.jpeg"]:
+        _touch(tmp_path / rel)
+    frame = image_folder_by_wnid(tmp_path)
+    assert [p.split("/")[-2:] for p in frame["path"]] == [
+        ["n00000001", "z.png"], ["n00000002", "a.jpg"], ["n00000002", "b.JPEG"], ["n00000003", "c.jpeg"]]
+    assert frame["wnid"].tolist() == ["n00000001", "n00000002", "n00000002", "n00000003"]
+    assert frame.attrs["ignored_folders"] == ["README"]
+    limited = image_folder_by_wnid(tmp_path, wnids=["n00000002", "n00000009"], max_per_class=1)
+    assert limited["path"].str.endswith("a.jpg").tolist() == [True]
+    assert limited.attrs["missing_wnids"] == ["n00000009"]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        image_folder_by_wnid(tmp_path / "absent")
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(DataLayoutError, match="no images found.*found folders \\['cats'\\]"):
+        image_folder_by_wnid(tmp_path)
+
+
+@pytest.mark.parametrize("raw, normal", [("rainbow-lorikeet", "rainbow_lorikeet"), ("lion-2", "lion"),
+                                         ("Strawberry2", "strawberry"), ("towTruck", "towtruck"),
+                                         ("Candy_cane_photo_1", "candy_cane_photo"), ("747", "747")])
+def test_normalise_stamp_name(raw, normal):
+    assert normalise_stamp_name(raw) == normal
+
+
+class _FakeWordNet:
+    index = {"bat": ["n1", "n2", "n3"], "fox": ["n4", "n5"], "cherry": ["n6"], "grape": ["n7"]}
+
+    def lookup(self, word):
+        return list(self.index.get(word, []))
+
+
+TABLE = pd.DataFrame({"name": ["bat", "tooth", "moon"], "wnid": ["n2", "", "n99"],
+                      "note": ["the animal", "sense not in ImageNet", "not in space"]})
+SPACE = {"n1", "n2", "n4", "n5", "n6", "n7"}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("bat-2", ("n2", "table")),           # reviewed table wins
+    ("tooth", (None, "excluded")),        # reviewed and excluded
+    ("moon", (None, "excluded")),         # reviewed WNID outside the label space
+    ("fox", (None, "ambiguous")),         # two senses in the label space, not reviewed
+    ("cherries", ("n6", "lookup")),       # plural -> singular, one sense
+    ("grapes", ("n7", "lookup")),
+    ("unicorn", (None, "unmapped")),
+])
+def test_map_name_rules(name, expected):
+    wnid, how, _ = map_name_to_wnid(name, _FakeWordNet(), SPACE, TABLE)
+    assert (wnid, how) == expected
+
+
+def test_reviewed_table_is_well_formed(wordnet):
+    table = load_tuxpaint_table()
+    from zsl_utils import imagenet
+
+    space = set(imagenet.imagenet21k_wnids()) | set(imagenet.ilsvrc2012_wnids())
+    listed = table[table["wnid"] != ""]
+    assert listed["wnid"].isin(space).all()
+    assert all(w in wordnet for w in listed["wnid"])
+    assert (table["note"].str.len() > 0).all()  # every decision carries its reason
+    assert (table["name"] == table["name"].map(normalise_stamp_name)).all()  # keys are normalised
+
+
+def test_tuxpaint_mapping_on_real_stamps(wordnet, tuxpaint_root):
+    from zsl_utils.tuxpaint import load_stamps
+
+    frame = tuxpaint_by_wnid(load_stamps(tuxpaint_root), wordnet)
+    assert "ambiguous" not in set(frame["how"])  # the reviewed table covers every ambiguous name
+    mapped = frame[frame["wnid"].notna()]
+    assert len(mapped) > 300 and mapped["seen"].sum() > 50 and (~mapped["seen"]).sum() > 150
+    row = frame.set_index("name").loc["pink_flamingo"]
+    assert (row["wnid"], row["seen"], row["how"]) == ("n02007558", True, "table")
+    assert frame.set_index("name").loc["badger", "how"] == "lookup"

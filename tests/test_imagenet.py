@@ -1,0 +1,148 @@
+"""Label sets (hand-built graph and real WordNet), WNID lists, ConSE evaluation by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zsl_utils import imagenet
+from zsl_utils.cache import ShardedCache
+from zsl_utils.errors import DataLayoutError, ParameterError
+from zsl_utils.imagenet import EvalTask, build_label_sets, evaluate_conse, load_wnid_list
+from zsl_utils.metrics import Hierarchy
+from zsl_utils.semantic import LabelEmbeddings
+
+# Hand-built is-a graph. Training labels: T1, T2.
+#   root -> X -> T1 -> c_child ; X -> c_sib ; root -> Y -> T2 ; Y -> Z -> c_far ; root -> c_top
+#   c_dag has parents T2 and c_top.
+PARENTS = {"X": ["root"], "Y": ["root"], "T1": ["X"], "c_child": ["T1"], "c_sib": ["X"], "T2": ["Y"],
+           "Z": ["Y"], "c_far": ["Z"], "c_top": ["root"], "c_dag": ["T2", "c_top"]}
+
+
+def test_label_sets_on_hand_built_graph():
+    tree = Hierarchy.from_parents(PARENTS)
+    release = ["T1", "T2", "X", "c_child", "c_sib", "c_far", "c_top", "c_dag", "Z", "c_lost"]
+    sets = build_label_sets(tree, training=["T1", "T2"], release=release, hop_edges={"near": 1, "mid": 2})
+    assert sets.candidates == ["X", "c_child", "c_sib", "c_far", "c_top", "c_dag", "Z", "c_lost"]
+    by_label = dict(zip(sets.candidates, sets.distance.tolist()))
+    # X parent of T1 (1); c_child child (1); c_sib sibling (2); Z sibling of T2 (2); c_far (3);
+    # c_dag child of T2 (1); c_top: T1 -> X -> root -> c_top (3); c_lost not in the graph (-1).
+    assert by_label == {"X": 1, "c_child": 1, "c_sib": 2, "c_far": 3, "c_top": 3, "c_dag": 1, "Z": 2, "c_lost": -1}
+    assert sets.test_sets["near"] == ["X", "c_child", "c_dag"]
+    assert sets.test_sets["mid"] == ["X", "c_child", "c_sib", "c_dag", "Z"]
+    assert sets.test_sets["all"] == sets.candidates
+    assert sets.test_set("near", generalised=True) == ["T1", "T2", "X", "c_child", "c_dag"]
+    with pytest.raises(ParameterError, match="unknown test set"):
+        sets.test_set("4-hop")
+
+
+def test_published_list_replaces_derived_set(tmp_path):
+    tree = Hierarchy.from_parents({"n00000003": ["n00000001"], "n00000004": ["n00000002"],
+                                   "n00000001": ["n00000009"], "n00000002": ["n00000009"]})
+    listing = tmp_path / "2-hops.txt"
+    listing.write_text("# published\nn00000004\nn00000003 a name is fine\nn00000004\n")
+    release = ["n00000001", "n00000002", "n00000003", "n00000004"]
+    sets = build_label_sets(tree, ["n00000001"], release, published_lists={"2-hop": listing})
+    assert sets.test_sets["2-hop"] == ["n00000004", "n00000003"]
+    assert "published" in sets.sizes().set_index("test set").loc["2-hop", "rule"]
+
+
+def test_load_wnid_list_errors(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("n01440764\ntench\n")
+    with pytest.raises(DataLayoutError, match="bad.txt:2: 'tench' is not a WNID"):
+        load_wnid_list(bad)
+    good = tmp_path / "good.txt"
+    good.write_text("n01440764, n01443537\n")
+    assert load_wnid_list(good) == ["n01440764", "n01443537"]
+    with pytest.raises(DataLayoutError, match="1 WNIDs are not in the label space"):
+        load_wnid_list(good, known={"n01440764"})
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        load_wnid_list(tmp_path / "nope.txt")
+
+
+def test_real_label_sets(wordnet):
+    """Invariants on WordNet 3.0 + timm's lists; sizes are those documented in the module."""
+    hierarchy = imagenet.wordnet_hierarchy(wordnet)
+    sets = build_label_sets(hierarchy)
+    assert len(sets.training) == 1000 and len(imagenet.imagenet21k_wnids()) == 21841
+    assert len(sets.candidates) == 20842  # n04399382 (teddy bear) is not in the 2011 release
+    two, three = set(sets.test_sets["2-hop"]), set(sets.test_sets["3-hop"])
+    assert two < three < set(sets.test_sets["all"])
+    assert (len(two), len(three)) == (1548, 5982)
+    training = set(sets.training)
+    for wnid in sorted(two)[::97]:  # every 2-hop label is a parent or child of a training label
+        synset = wordnet.synset(wnid)
+        assert training & (set(synset.hypernyms) | set(synset.hyponyms)), wnid
+    assert (sets.distance >= 1).all()  # every candidate is connected to some training label
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _embeddings(labels, vectors, found=None):
+    vectors = np.asarray(vectors, np.float32)
+    found = np.ones(len(labels), bool) if found is None else np.asarray(found)
+    return LabelEmbeddings(list(labels), vectors, found, [(l,) for l in labels], [(l,) for l in labels], "toy")
+
+
+TRAIN = _embeddings(["A", "B"], [[1, 0], [0, 1]])
+LABELS = _embeddings(["A", "B", "c1", "c2", "c3", "c4"],
+                     [[1, 0], [0, 1], [1, 0.1], [0.1, 1], [1, 1], [0, 0]], [1, 1, 1, 1, 1, 0])
+# c1, c3 under X (with A); c2, c4 under Y (with B)
+TOY_TREE = Hierarchy.from_parents({"A": ["X"], "c1": ["X"], "c3": ["X"], "B": ["Y"], "c2": ["Y"], "c4": ["Y"],
+                                   "X": ["root"], "Y": ["root"]})
+PROBS = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]], np.float32)
+TRUE = ["c1", "c3", "c4", "A"]  # the last image is of a training label: in no zero-shot test set
+TASKS = [EvalTask("zsl", ["c1", "c2", "c3", "c4"], frozenset({"c1", "c2", "c3", "c4"})),
+         EvalTask("zsl +1K", ["A", "B", "c1", "c2", "c3", "c4"], frozenset({"c1", "c2", "c3", "c4"}))]
+
+
+def test_evaluate_conse_hand_case():
+    # ConSE(1) embeds each image as A or B's vector:
+    #   img0 -> A: ranks c1, c3, c2        img1 -> B: ranks c2, c3, c1      img2 -> B: c2, c3, c1
+    # zero-shot: hit@1 = 1/3 (img0), hit@2 = 2/3 (img0, img1); c4 has no vector: never predicted.
+    # hp@2: S_2(c1) = {c1, c3} -> 1 ; S_2(c3) = {c3, c1} -> top c2, c3 -> 1/2 ; S_2(c4) = {c4, c2} -> 1/2.
+    result = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, TASKS, T_values=(1,), ks=(1, 2), hierarchy=TOY_TREE,
+                            batch_size=2, keep_top=2, progress=False)
+    table = result.table.set_index("test set")
+    zsl = table.loc["zsl"]
+    assert zsl["images"] == 3 and zsl["unembedded candidates"] == 1
+    assert zsl["hit@1"] == pytest.approx(100 / 3) and zsl["hit@2"] == pytest.approx(200 / 3)
+    assert zsl["hp@1"] == pytest.approx(100 / 3) and zsl["hp@2"] == pytest.approx(100 * 2 / 3)
+    # +1K: A and B win their own images first; only img0 has its label (c1) second.
+    generalised = table.loc["zsl +1K"]
+    assert generalised["hit@1"] == 0 and generalised["hit@2"] == pytest.approx(100 / 3)
+    assert result.rows["zsl"].tolist() == [0, 1, 2]
+    top = result.top_predictions[("zsl", 1)]
+    assert [[TASKS[0].candidates[j] for j in row] for row in top] == [["c1", "c3"], ["c2", "c3"], ["c2", "c3"]]
+
+
+def test_evaluate_from_cache_equals_array_and_skips_unreadable(tmp_path):
+    cache = ShardedCache(tmp_path / "probs", {"toy": 1}, n_items=4, shard_size=3)
+    ok = np.array([True, True, False, True])
+    cache.write_shard(0, probs=PROBS[:3].astype(np.float16), ok=ok[:3])
+    cache.write_shard(1, probs=PROBS[3:].astype(np.float16), ok=ok[3:])
+    from_cache = evaluate_conse(cache, TRUE, TRAIN, LABELS, TASKS[:1], T_values=(1, 2), ks=(1, 2),
+                                hierarchy=TOY_TREE, progress=False).table
+    assert from_cache["images"].tolist() == [2, 2]  # img2 unreadable, img3 is a training label
+    subset = evaluate_conse(PROBS[[0, 1]], ["c1", "c3"], TRAIN, LABELS, TASKS[:1], T_values=(1, 2), ks=(1, 2),
+                            hierarchy=TOY_TREE, progress=False).table
+    np.testing.assert_allclose(from_cache[["hit@1", "hit@2", "hp@2"]], subset[["hit@1", "hit@2", "hp@2"]])
+
+
+def test_evaluate_rejects_missing_candidate_rows_and_small_sets():
+    with pytest.raises(ParameterError, match="no row in label_embeddings"):
+        evaluate_conse(PROBS, TRUE, TRAIN, LABELS.take([0, 1, 2]), TASKS[:1], T_values=(1,), ks=(1,),
+                       hierarchy=TOY_TREE, progress=False)
+    with pytest.raises(ParameterError, match="fewer than k=5"):
+        evaluate_conse(PROBS, TRUE, TRAIN, LABELS, TASKS[:1], T_values=(1,), ks=(1, 5), hierarchy=TOY_TREE,
+                       progress=False)
+
+
+def test_paper_table_has_known_rows_and_nan_elsewhere():
+    paper = imagenet.paper_results()
+    assert set(paper["metric"]) == {"hit", "hp"}
+    row = paper[(paper["metric"] == "hit") & (paper["test set"] == "2-hop") & (paper["model"] == "ConSE(10)")]
+    assert row[["at1", "at20"]].values.tolist() == [[9.4, 41.8]]
+    values = paper[["at1", "at2", "at5", "at10", "at20"]]
+    filled = values.dropna()
+    assert (filled.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # hit@k never decreases with k
+    assert (values.isna().all(axis=1) | values.notna().all(axis=1)).all()  # rows are all-or-nothing

@@ -1,0 +1,187 @@
+"""Evaluation images labelled by WordNet id (WNID).
+
+Two sources, one output shape (a DataFrame with at least ``path`` and ``wnid``):
+
+* :func:`image_folder_by_wnid` -- any folder of images arranged as
+  ``<root>/<wnid>/<image>`` (ImageNet fall-2011 extracted per synset, ILSVRC-2012 val
+  arranged by class). The label is read from the folder name.
+* :func:`tuxpaint_by_wnid` -- the Tux Paint stamps (the offline demo data) whose names
+  denote WordNet noun synsets in the ImageNet label space.
+
+How a stamp name becomes a WNID (in this order):
+
+1. The name is normalised: lower case, ``-`` -> ``_``, a trailing number dropped
+   (``lion-2`` -> ``lion``, ``Strawberry2`` -> ``strawberry``).
+2. If the reviewed table ``zsl_utils/tables/tuxpaint_wnids.csv`` lists the name, its
+   WNID is used (an empty WNID there means "reviewed and excluded", with the reason).
+   The table covers every name that is ambiguous within ImageNet and compound names
+   (``heron_greatblue``) whose synset WordNet cannot find by itself.
+3. Otherwise the name (or its singular: ``-ies`` -> ``-y``, ``-es``/``-s`` dropped) is looked
+   up in WordNet; if exactly one of its noun senses is in the label space, that is the
+   label. Several senses in the label space is ``ambiguous`` (left out and reported: add
+   the name to the table), none is ``unmapped``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Collection, Iterable
+
+import pandas as pd
+
+from . import config
+from .errors import DataLayoutError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+WNID_PATTERN = re.compile(r"^n\d{8}$")
+TUXPAINT_TABLE = config.TABLES_DIR / "tuxpaint_wnids.csv"
+
+
+# ----------------------------------------------------------------------------- image folders
+def image_folder_by_wnid(
+    root: str | os.PathLike,
+    wnids: Collection[str] | None = None,
+    max_per_class: int | None = None,
+    extensions: Collection[str] = IMAGE_EXTENSIONS,
+) -> pd.DataFrame:
+    """Images under ``<root>/<wnid>/`` as a DataFrame ``path, wnid``, sorted by path.
+
+    Args:
+        root: folder whose sub-folders are named by WNID (``n01440764`` ...). Folders
+            with other names are ignored and counted in ``frame.attrs['ignored_folders']``.
+        wnids: keep only these classes (e.g. a test set); classes without a folder are
+            listed in ``frame.attrs['missing_wnids']``.
+        max_per_class: keep the first ``n`` images (sorted by name) of every class, for a
+            quick run; None keeps everything.
+        extensions: file suffixes (lower case) that count as images. Whether a file is a
+            readable image is checked later, when it is decoded (bad ones are skipped).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataLayoutError(
+            f"image folder {root} does not exist; pass the folder that holds one sub-folder per WNID "
+            f"(<root>/n01440764/*.JPEG), e.g. an extracted ImageNet release or ILSVRC-2012 val by class."
+        )
+    if max_per_class is not None and max_per_class < 1:
+        raise DataLayoutError(f"max_per_class must be >= 1 or None, got {max_per_class}.")
+    wanted = set(wnids) if wnids is not None else None
+    rows, ignored = [], []
+    with os.scandir(root) as entries:
+        folders = sorted((e for e in entries if e.is_dir()), key=lambda e: e.name)
+    for folder in folders:
+        if not WNID_PATTERN.match(folder.name):
+            ignored.append(folder.name)
+            continue
+        if wanted is not None and folder.name not in wanted:
+            continue
+        with os.scandir(folder.path) as files:
+            names = sorted(f.name for f in files if f.is_file() and Path(f.name).suffix.lower() in extensions)
+        rows.extend((os.path.join(folder.path, n), folder.name) for n in names[:max_per_class])
+    if not rows and not wanted:
+        raise DataLayoutError(
+            f"no images found under {root}: expected sub-folders named by WNID (n + 8 digits) holding "
+            f"images with suffixes {sorted(extensions)}; found folders {[f.name for f in folders[:5]]}."
+        )
+    frame = pd.DataFrame(rows, columns=["path", "wnid"])
+    frame.attrs["ignored_folders"] = ignored
+    frame.attrs["missing_wnids"] = sorted(wanted - set(frame["wnid"])) if wanted is not None else []
+    return frame
+
+
+# ----------------------------------------------------------------------------- Tux Paint
+def normalise_stamp_name(name: str) -> str:
+    """``'rainbow-lorikeet'`` -> ``'rainbow_lorikeet'``; ``'lion-2'`` -> ``'lion'``; ``'towTruck'`` -> ``'towtruck'``."""
+    text = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return re.sub(r"_?\d+$", "", text) or text
+
+
+def _singular_forms(word: str) -> list[str]:
+    forms = []
+    if word.endswith("ies"):
+        forms.append(word[:-3] + "y")
+    if word.endswith("es"):
+        forms.append(word[:-2])
+    if word.endswith("s"):
+        forms.append(word[:-1])
+    return forms
+
+
+def load_tuxpaint_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The reviewed name -> WNID table (columns ``name, wnid, note``; empty wnid = excluded)."""
+    path = Path(path) if path else TUXPAINT_TABLE
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as error:
+        raise DataLayoutError(f"reviewed Tux Paint table {path} is missing; reinstall the package.") from error
+    if list(table.columns[:3]) != ["name", "wnid", "note"]:
+        raise DataLayoutError(f"{path} must have the columns name, wnid, note; found {list(table.columns)}.")
+    bad = table[(table["wnid"] != "") & ~table["wnid"].str.match(WNID_PATTERN.pattern)]
+    if len(bad):
+        raise DataLayoutError(f"{path}: malformed WNIDs {bad['wnid'].tolist()[:5]} (expected n + 8 digits).")
+    duplicated = table["name"][table["name"].duplicated()].tolist()
+    if duplicated:
+        raise DataLayoutError(f"{path}: names listed twice: {duplicated[:5]}; keep one row per name.")
+    return table
+
+
+def map_name_to_wnid(
+    name: str, wordnet, label_space: Collection[str], table: pd.DataFrame
+) -> tuple[str | None, str, str]:
+    """``(wnid or None, how, detail)`` for one stamp name, by the rule in the module docstring.
+
+    ``how`` is one of ``table``, ``excluded``, ``lookup``, ``ambiguous``, ``unmapped``.
+    """
+    key = normalise_stamp_name(name)
+    reviewed = table.set_index("name") if "name" in table.columns else table
+    if key in reviewed.index:
+        wnid, note = reviewed.at[key, "wnid"], reviewed.at[key, "note"]
+        if not wnid:
+            return None, "excluded", note
+        if wnid not in label_space:
+            return None, "excluded", f"reviewed as {wnid}, which is outside the label space"
+        return wnid, "table", note
+    for word in [key, *_singular_forms(key)]:
+        senses = [s for s in wordnet.lookup(word) if s in label_space]
+        if len(senses) == 1:
+            return senses[0], "lookup", word
+        if len(senses) > 1:
+            return None, "ambiguous", f"{word}: {', '.join(senses)}"
+    return None, "unmapped", ""
+
+
+def tuxpaint_by_wnid(
+    stamps: pd.DataFrame | None = None,
+    wordnet=None,
+    label_space: Collection[str] | None = None,
+    seen_wnids: Iterable[str] | None = None,
+    table_path: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Every Tux Paint stamp with its WNID decision.
+
+    Returns the stamps frame (``path, name, description, category, top_category``) plus
+    ``wnid`` (None when not mapped), ``how`` (see :func:`map_name_to_wnid`), ``detail``,
+    ``lemma`` (first WordNet lemma) and ``seen`` (the WNID is a training label). Defaults:
+    all stamps, WordNet 3.0, the ImageNet fall-2011 release plus the ILSVRC-2012 labels
+    as label space, and the ILSVRC-2012 labels as the seen set. Keep the mapped rows with
+    ``frame[frame.wnid.notna()]``.
+    """
+    from . import imagenet
+    from .tuxpaint import load_stamps
+    from .wordnet import WordNet
+
+    stamps = load_stamps() if stamps is None else stamps
+    wordnet = WordNet.load() if wordnet is None else wordnet
+    seen = set(imagenet.ilsvrc2012_wnids() if seen_wnids is None else seen_wnids)
+    space = set(label_space) if label_space is not None else set(imagenet.imagenet21k_wnids()) | seen
+    table = load_tuxpaint_table(table_path).set_index("name")
+    decisions = [map_name_to_wnid(name, wordnet, space, table) for name in stamps["name"]]
+    frame = stamps.copy()
+    wnids = [d[0] for d in decisions]
+    frame["wnid"] = pd.Series(wnids, index=frame.index, dtype=object)
+    frame["how"] = [d[1] for d in decisions]
+    frame["detail"] = [d[2] for d in decisions]
+    frame["lemma"] = pd.Series([wordnet.synset(w).lemmas[0] if w else None for w in wnids], index=frame.index,
+                               dtype=object)
+    frame["seen"] = [w is not None and w in seen for w in wnids]
+    return frame
