@@ -74,3 +74,62 @@ def plot_norm_vs_confidence(norms, confidence, correlations=None):
     axes[0].set_ylabel("||f(x)||  (ConSE embedding norm)")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- ImageNet evaluation (notebook 02)
+
+def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
+    """One panel per test set: ``metric``@k (%) against k, one line per model.
+
+    ``table``: rows with columns ``test set``, ``model`` and ``<metric>@<k>`` (as returned by
+    ``zsl_utils.imagenet.evaluate_conse(...).table``).
+    """
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(table["test set"]))
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for axis, name in zip(axes.ravel(), names):
+        part = table[table["test set"] == name]
+        for _, row in part.iterrows():
+            axis.plot(ks, [row[f"{metric}@{k}"] for k in ks], marker="o", label=row["model"])
+        axis.set_xscale("log")
+        axis.set_xticks(list(ks), [str(k) for k in ks])
+        axis.set_title(f"{name} ({int(part['images'].iloc[0])} images)", fontsize=10)
+        axis.set_xlabel("k")
+        axis.set_ylabel(f"{metric}@k (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in axes.ravel()[len(names):]:
+        axis.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: str = ""):
+    """A grid of images, each with its true label and top predictions; the true label green if hit.
+
+    ``predicted_names``: per image, a list of label names best first; ``hit_ranks``: per image
+    the 1-based rank of the true label among them (0 = miss).
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    columns = min(4, max(n, 1))
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.9 * rows), squeeze=False)
+    for axis, image, truth, predictions, rank in zip(axes.ravel(), images, true_names, predicted_names, hit_ranks):
+        axis.imshow(image)
+        lines = [("> " if i + 1 == rank else "  ") + f"{i + 1}. {name[:26]}" for i, name in enumerate(predictions)]
+        axis.set_title(f"true: {truth[:28]}", fontsize=9, color="green" if rank else "firebrick")
+        axis.text(0.0, -0.02, "\n".join(lines), transform=axis.transAxes, va="top", ha="left",
+                  family="monospace", fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    for axis in axes.ravel()[n:]:
+        axis.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
