@@ -146,3 +146,14 @@ def test_paper_table_has_known_rows_and_nan_elsewhere():
     filled = values.dropna()
     assert (filled.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # hit@k never decreases with k
     assert (values.isna().all(axis=1) | values.notna().all(axis=1)).all()  # rows are all-or-nothing
+
+
+def test_examples_and_classifier_hit_at_k():
+    result = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, TASKS[:1], T_values=(1,), ks=(1, 2), hierarchy=TOY_TREE,
+                            keep_top=2, progress=False)
+    examples = result.examples("zsl", 1, TRUE, n_hits=5, n_misses=5)
+    assert sorted(examples["row"]) == [0, 1, 2]  # every evaluated image is either a hit or a miss
+    assert examples.set_index("row").loc[1, "rank"] == 2 and examples.set_index("row").loc[2, "rank"] == 0
+    # softmax over outputs A, B: image 3 (label A, p = 0.6 / 0.4) is the only one of a training class
+    assert imagenet.classifier_hit_at_k(PROBS, TRUE, ["A", "B"], ks=(1, 2)).to_dict() == \
+        {"images": 1, "hit@1": 100.0, "hit@2": 100.0}

@@ -213,15 +213,46 @@ class EvalTask:
 
 
 def paper_tasks(label_sets: LabelSets, names: Sequence[str] = ("2-hop", "3-hop", "all"),
-                generalised: bool = True) -> list[EvalTask]:
-    """The paper's tasks: each test set alone and, if ``generalised``, with the training labels (+1K)."""
+                generalised: bool = True, seen_images: bool = False) -> list[EvalTask]:
+    """The paper's tasks: each test set alone and, if ``generalised``, with the training labels (+1K).
+
+    ``seen_images`` adds, per test set, the +1K ranking evaluated on images of the
+    *training* classes (``"<name> +1K, seen images"``): how often ConSE still names a
+    seen class correctly once unseen labels compete with it.
+    """
     tasks = []
     for name in names:
         labels = label_sets.test_set(name)
         tasks.append(EvalTask(name, labels, frozenset(labels)))
         if generalised:
             tasks.append(EvalTask(f"{name} +1K", label_sets.test_set(name, generalised=True), frozenset(labels)))
+        if seen_images:
+            tasks.append(EvalTask(f"{name} +1K, seen images", label_sets.test_set(name, generalised=True),
+                                  frozenset(label_sets.training)))
     return tasks
+
+
+def classifier_hit_at_k(probs_source, image_wnids: Sequence[str], output_wnids: Sequence[str],
+                        ks: Sequence[int] = (1, 5), batch_size: int = 4096) -> pd.Series:
+    """Plain softmax hit@k (percent) on the images whose label is a classifier output.
+
+    The supervised reference point for the seen images: ConSE(1) with the training
+    labels as the only candidates cannot do better than this.
+    """
+    position = {w: j for j, w in enumerate(output_wnids)}
+    image_wnids = np.asarray(image_wnids, dtype=object)
+    hits, count = np.zeros(len(ks)), 0
+    for start, probs, ok in _probability_batches(probs_source, batch_size):
+        labels = image_wnids[start : start + len(probs)]
+        select = np.flatnonzero(ok & np.array([w in position for w in labels], dtype=bool))
+        if not len(select):
+            continue
+        true = np.array([position[w] for w in labels[select]])
+        top = np.argsort(-probs[select], axis=1, kind="stable")[:, : max(ks)]
+        hits += [(top[:, :k] == true[:, None]).any(axis=1).sum() for k in ks]
+        count += len(select)
+    values = {f"hit@{k}": (100 * h / count if count else np.nan) for k, h in zip(ks, hits)}
+    return pd.Series({"images": count, **values})
 
 
 @dataclass
@@ -231,6 +262,23 @@ class EvalResult:
     table: pd.DataFrame
     top_predictions: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # image rows evaluated per task
+    candidates: dict[str, list[str]] = field(default_factory=dict)  # candidate list per task
+
+    def examples(self, task: str, T: int, image_wnids: Sequence[str], n_hits: int = 4, n_misses: int = 4,
+                 seed: int = 0) -> pd.DataFrame:
+        """Random hits and misses of ConSE(T) on ``task`` (needs ``keep_top``): image row, true
+        WNID, predicted WNIDs best first, and the rank of the true label (0 = miss)."""
+        if (task, T) not in self.top_predictions:
+            raise ParameterError(f"no kept predictions for ({task!r}, T={T}); run evaluate_conse with keep_top > 0.")
+        rows, top, labels = self.rows[task], self.top_predictions[(task, T)], self.candidates[task]
+        predicted = [[labels[j] for j in ranked] for ranked in top]
+        truth = [image_wnids[r] for r in rows]
+        rank = np.array([p.index(t) + 1 if t in p else 0 for p, t in zip(predicted, truth)], dtype=int)
+        rng = np.random.default_rng(seed)
+        hits, misses = np.flatnonzero(rank > 0), np.flatnonzero(rank == 0)
+        chosen = np.concatenate([rng.permutation(hits)[:n_hits], rng.permutation(misses)[:n_misses]]).astype(int)
+        return pd.DataFrame({"row": rows[chosen], "true": [truth[i] for i in chosen],
+                             "predicted": [predicted[i] for i in chosen], "rank": rank[chosen]})
 
 
 class _TaskModels:
@@ -343,7 +391,7 @@ def evaluate_conse(
             for k in ks:
                 row[f"hp@{k}"] = 100 * hp[(task.name, T)][int(k)] / n if n else np.nan
             rows.append(row)
-    result = EvalResult(pd.DataFrame(rows))
+    result = EvalResult(pd.DataFrame(rows), candidates={t.name: list(t.candidates) for t in tasks})
     if keep_top:
         result.top_predictions = {key: np.concatenate(v) if v else np.zeros((0, keep_top), int) for key, v in kept.items()}
         result.rows = {name: np.concatenate(v) if v else np.zeros(0, int) for name, v in kept_rows.items()}
