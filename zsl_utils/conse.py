@@ -345,9 +345,15 @@ def classifier_confidence(probs) -> "pd.DataFrame":
     return pd.DataFrame({"max_prob": p.max(axis=1), "entropy": entropy})
 
 
-def top_training_labels(probs_row, names: Sequence[str], n: int = 5) -> list[tuple[str, float]]:
-    """The ``n`` most probable training labels of one image as ``(name, probability)``."""
+def top_training_labels(probs_row, names: Sequence[str], n: int = 5, mask=None) -> list[tuple[str, float]]:
+    """The ``n`` most probable training labels of one image as ``(name, probability)``.
+
+    With ``mask`` (e.g. ``LabelEmbeddings.found``) only labels where it is True are
+    considered: exactly the labels ConSE(T = n) combines.
+    """
     row = np.asarray(probs_row, dtype=np.float64)
+    if mask is not None:
+        row = np.where(np.asarray(mask, dtype=bool), row, -np.inf)
     order = np.argsort(-row, kind="stable")[:n]
     return [(names[j], float(row[j])) for j in order]
 

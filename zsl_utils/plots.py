@@ -43,11 +43,13 @@ def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str
     return fig
 
 
-def plot_hit_vs_T(table):
+def plot_hit_vs_T(table, title: str | None = None):
     """Zero-shot hit@k (%) against T (log axis); ``table``: index T, columns 'hit@k %'."""
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(5.5, 3.6))
+    if title:
+        axis.set_title(title, fontsize=10)
     for column in table.columns:
         axis.plot(table.index, table[column], marker="o", label=column.replace(" %", ""))
     axis.set_xscale("log")
