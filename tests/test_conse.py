@@ -176,3 +176,63 @@ def test_collisions_and_conse1_sanity_check():
     assert summary.loc["hit@1 % softmax", "ours"] == pytest.approx(100.0)
     assert summary.loc["hit@1 % ConSE(1)", "ours"] == pytest.approx(100.0 / 3)
     assert summary.loc["hit@1 % softmax", "paper"] == 55.6
+
+
+# --------------------------------------------------------------------------- analysis helpers
+
+def test_classifier_confidence_by_hand():
+    from zsl_utils.conse import classifier_confidence
+
+    table = classifier_confidence(np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]]))
+    np.testing.assert_allclose(table.max_prob, [0.5, 1.0, 0.5])
+    # H = -sum p ln p: ln 2; 0; 2 * 0.25 ln 4 + 0.5 ln 2 = 1.5 ln 2
+    np.testing.assert_allclose(table.entropy, [math.log(2), 0.0, 1.5 * math.log(2)], atol=1e-12)
+
+
+def test_top_training_labels_respects_mask():
+    from zsl_utils.conse import top_training_labels
+
+    assert top_training_labels(PROBS[0], ["a", "b", "c"], n=2) == [("a", 0.5), ("b", pytest.approx(0.3))]
+    masked = top_training_labels(PROBS[0], ["a", "b", "c"], n=2, mask=[False, True, True])
+    assert [name for name, _ in masked] == ["b", "c"]
+
+
+def test_hit_at_k_and_top1_by_T_on_the_toy():
+    from zsl_utils.conse import hit_at_k_by_T, predictions_by_T, top1_by_T
+
+    model = ConSE(TRAIN, UNSEEN, T=1, candidate_labels=["u1", "u2", "u3"])
+    by_T = predictions_by_T(model, PROBS[:1], [1, 2], k=3)
+    # Image 0 ranks u2, u1, u3 at T=1 and u1, u3, u2 at T=2 (see EXPECTED_ZSL); truth u1.
+    hits = hit_at_k_by_T(by_T, ["u1"], ks=(1, 2))
+    assert hits.loc[1].tolist() == [0.0, 100.0] and hits.loc[2].tolist() == [100.0, 100.0]
+    assert hit_at_k_by_T(by_T, ["not-a-candidate"], ks=(3,)).loc[2, "hit@3 %"] == 0.0
+    table = top1_by_T(by_T, ["img0"], {"u1": "first unseen"})
+    assert table.loc["img0"].tolist() == ["u2", "first unseen"]
+
+
+def test_stamps_with_wnids_filters_drawings_senses_and_categories():
+    import pandas as pd
+
+    from zsl_utils.conse import stamps_with_wnids
+
+    class FakeWordNet:
+        senses = {"giraffe": ["n1"], "ram": ["n9", "n2"], "owl": ["n3"]}
+        parents = {"n1": {"n0"}, "n2": {"n0"}, "n3": {"n0"}, "n9": {"n8"}}
+
+        def lookup(self, word):
+            return self.senses.get(word, [])
+
+        def ancestors(self, wnid):
+            return self.parents[wnid]
+
+    stamps = pd.DataFrame({
+        "path": ["s/animals/a/giraffe.png", "s/animals/a/ram.png", "s/animals/a/cartoon/owl.png",
+                 "s/animals/a/zzz.png", "s/seasonal/b/owl.png"],
+        "name": ["giraffe", "ram", "owl", "zzz", "owl"],
+        "top_category": ["animals", "animals", "animals", "animals", "seasonal"],
+    })
+    wordnet = FakeWordNet()
+    assert stamps_with_wnids(stamps, wordnet).name.tolist() == ["giraffe", "ram", "owl"]
+    animals = stamps_with_wnids(stamps, wordnet, top_categories=("animals",), under="n0")
+    assert animals.name.tolist() == ["giraffe"]  # ram's first sense is not under n0
+    assert len(stamps_with_wnids(stamps, wordnet, photos_only=False, top_categories=("animals",))) == 3
