@@ -135,3 +135,88 @@ def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: 
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- HUSE (notebook 03)
+
+def plot_huse_losses(history, title: str = "HUSE training losses"):
+    """Loss curves (total and its three parts) against the training step; log y axis."""
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 3.6))
+    for column in ("total", "classification", "graph", "gap"):
+        values = history[column].clip(lower=1e-6)
+        axis.plot(history["step"], values, label=column, lw=2 if column == "total" else 1.2)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (mean over logging window)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_embedding_projection(coords, groups, title: str = "HUSE space (shared 2-D PCA)"):
+    """One panel per modality (``coords``: {modality: (N, 2)}), points coloured by ``groups``
+    (one superclass name per item, the same items in every modality), shared axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = sorted(set(groups))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    groups = np.asarray(groups)
+    fig, axes = plt.subplots(1, len(coords), figsize=(5.2 * len(coords) + 1.8, 4.6), sharex=True, sharey=True,
+                             squeeze=False)
+    for axis, (modality, points) in zip(axes[0], coords.items()):
+        for i, name in enumerate(names):
+            mask = groups == name
+            axis.scatter(points[mask, 0], points[mask, 1], s=10, alpha=0.75, color=colours(i % colours.N), label=name)
+        axis.set_title(f"{modality} embeddings", fontsize=10)
+        axis.set_xlabel("PC 1")
+        axis.grid(alpha=0.2)
+    axes[0, 0].set_ylabel("PC 2")
+    axes[0, -1].legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_huse_retrievals(image_queries, text_queries, max_chars: int = 48):
+    """Cross-modal retrieval examples.
+
+    ``image_queries``: list of ``(image, label, [(text, label), ...])`` — an image query and
+    the texts it retrieves; ``text_queries``: list of ``(text, label, [(image, label), ...])``.
+    Retrieved items of the query's class are marked green (and ✓), others red.
+    """
+    import matplotlib.pyplot as plt
+
+    k = max([len(r) for _, _, r in image_queries + text_queries] or [1])
+    rows = len(image_queries) + len(text_queries)
+    fig, axes = plt.subplots(rows, k + 1, figsize=(2.1 * (k + 1), 2.2 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for row, (image, label, retrieved) in enumerate(image_queries):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(f"image query\n[{label}]", fontsize=8)
+        lines = [(("✓ " if l == label else "✗ ") + text[:max_chars], "green" if l == label else "red")
+                 for text, l in retrieved]
+        for i, (line, colour) in enumerate(lines):
+            axes[row, 1].text(0.0, 0.92 - i * 0.2, f"{i + 1}. {line}", color=colour, fontsize=8,
+                              transform=axes[row, 1].transAxes, va="top", ha="left", clip_on=False)
+    for offset, (text, label, retrieved) in enumerate(text_queries):
+        row = len(image_queries) + offset
+        axes[row, 0].text(0.5, 0.5, f"text query\n\"{text[:max_chars]}\"\n[{label}]", ha="center", va="center",
+                          fontsize=8, wrap=True, transform=axes[row, 0].transAxes)
+        for i, (image, l) in enumerate(retrieved):
+            axis = axes[row, i + 1]
+            axis.imshow(image)
+            axis.axis("on")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            for spine in axis.spines.values():
+                spine.set_edgecolor("green" if l == label else "red")
+                spine.set_linewidth(3)
+            axis.set_title(f"{i + 1}. [{l}]", fontsize=7, color="green" if l == label else "red")
+    fig.tight_layout()
+    return fig
