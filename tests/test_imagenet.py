@@ -157,3 +157,13 @@ def test_examples_and_classifier_hit_at_k():
     # softmax over outputs A, B: image 3 (label A, p = 0.6 / 0.4) is the only one of a training class
     assert imagenet.classifier_hit_at_k(PROBS, TRUE, ["A", "B"], ks=(1, 2)).to_dict() == \
         {"images": 1, "hit@1": 100.0, "hit@2": 100.0}
+
+
+def test_with_paper_numbers_puts_paper_rows_first():
+    ours = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, [EvalTask("2-hop", ["c1", "c2", "c3", "c4"],
+                                                                frozenset({"c1", "c2", "c3", "c4"}))],
+                          T_values=(1, 2), ks=(1, 2), hierarchy=TOY_TREE, progress=False).table
+    table = imagenet.with_paper_numbers(ours, "hit", ks=(1, 2))
+    two_hop = table[table["test set"] == "2-hop"]
+    assert two_hop["source"].tolist() == ["paper"] * 4 + ["ours"] * 2
+    assert two_hop.set_index(["source", "model"]).loc[("paper", "DeViSE"), "hit@1"] == 6.0

@@ -424,7 +424,9 @@ def with_paper_numbers(ours: pd.DataFrame, metric: str = "hit", ks: Sequence[int
     order = {name: i for i, name in enumerate(dict.fromkeys(list(ours["test set"]) + list(paper["test set"])))}
     table = pd.concat([paper, mine], ignore_index=True)
     table["_order"] = table["test set"].map(order)
-    return table.sort_values(["_order", "source", "model"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    table["_source"] = table["source"].map({"paper": 0, "ours": 1})
+    table = table.sort_values(["_order", "_source"], kind="stable")  # paper rows first, models in given order
+    return table.drop(columns=["_order", "_source"]).reset_index(drop=True)
 
 
 def correct_set_example(label: str, candidates: Sequence[str], k: int, hierarchy: Hierarchy | None = None) -> list[str]:
