@@ -9,6 +9,7 @@ from zsl_utils.classifiers import imagenet_wnids, wnid_lemmas
 from zsl_utils.conse import label_collisions
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 from zsl_utils.semantic import (
+    embed_labels,
     guess_vector_kind,
     label_embeddings,
     lemma_vector,
@@ -155,3 +156,13 @@ def test_minilm_sentence_embeddings():
     np.testing.assert_allclose(emb.vectors[0], singles.vectors.mean(axis=0), atol=1e-5)
     unit = emb.vectors / np.linalg.norm(emb.vectors, axis=1, keepdims=True)
     assert unit[0] @ unit[2] > unit[0] @ unit[1]  # a cat is closer to a kitty than to a truck
+
+
+def test_embed_labels_dispatches_on_the_space_name(tmp_path):
+    table = {"n1": ["tabby_cat"], "n2": ["truck"]}
+    glove = embed_labels("glove-6b-50d", table)
+    assert glove.dim == 50 and glove.found.all()
+    np.testing.assert_allclose(glove.vectors[1], load_word_vectors()["truck"])
+    assert embed_labels("minilm", table).dim == 384
+    with pytest.raises(AssetUnavailableError, match="no such file"):
+        embed_labels(str(tmp_path / "vectors.bin"), table)

@@ -343,3 +343,20 @@ def sentence_label_embeddings(
     used = [tuple(group) for group in groups]
     return LabelEmbeddings([str(l) for l in labels], vectors, np.ones(len(labels), dtype=bool), used, used,
                            MINILM_SPACE)
+
+
+SEMANTIC_SPACES = (PACKAGED_GLOVE, "minilm", "<path to a word2vec/GloVe/fastText/gensim file>")
+
+
+def embed_labels(space: str, lemmas: Mapping[str, Sequence[str]], device: str = "cpu",
+                 on_missing: str = "ignore") -> LabelEmbeddings:
+    """Label embeddings in a named semantic space (one switch for notebooks and profiles).
+
+    ``space``: ``"glove-6b-50d"`` (default word vectors), ``"minilm"`` (the sentence encoder,
+    lemmas encoded as phrases and averaged) or a word-vector file for :func:`load_word_vectors`.
+    """
+    if not isinstance(space, str) or not space.strip():
+        raise ParameterError(f"semantic space {space!r}: expected one of {SEMANTIC_SPACES}.")
+    if space.strip().lower() == "minilm":
+        return sentence_label_embeddings(lemmas, device=device)
+    return label_embeddings(load_word_vectors(space), lemmas, on_missing=on_missing)

@@ -17,7 +17,7 @@ seed: int = 0  # random seed
 device: str = "auto"  # compute device (one of: "auto", "cpu", "cuda", "cuda:*", "mps")
 classifier_name: str = "efficientnet_lite0"  # classifier: efficientnet_lite0, timm:<arch> or torchvision:<arch>
 classifier_weights: str = ""  # optional local checkpoint for the classifier; empty means its default weights
-word_vectors: str = "glove-6b-50d"  # semantic space: the packaged GloVe or a word2vec/GloVe/fastText file
+semantic_space: str = "glove-6b-50d"  # label embeddings: "glove-6b-50d", "minilm" (sentence encoder) or a word-vector file
 conse_T: int = 10  # how many top training labels ConSE combines (the paper tries 1, 10 and 1000)
 T_values: list[int] = [1, 2, 5, 10, 100, 1000]  # values of T compared in section 6
 top_k: int = 5  # unseen labels listed per image
@@ -39,7 +39,7 @@ from zsl_utils.classifiers import imagenet_wnids, load_classifier, to_rgb, wnid_
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.errors import ParameterError
 from zsl_utils.extract import classifier_outputs
-from zsl_utils.semantic import label_embeddings, load_word_vectors
+from zsl_utils.semantic import embed_labels, load_word_vectors
 from zsl_utils.tuxpaint import load_stamps
 from zsl_utils.wordnet import WordNet
 
@@ -110,9 +110,10 @@ print("preprocessing:", classifier.preprocess.config)'''),
     ("md", """\
 **The semantic space.** GloVe places 400,000 words in 50 dimensions so that words used in
 similar contexts get similar vectors. The classic check: *king − man + woman* should be
-close to *queen*."""),
+close to *queen*. (The parameter `semantic_space` can swap GloVe for another word-vector
+file or for the MiniLM sentence encoder; this illustration always uses GloVe.)"""),
     ("code", '''\
-word_space = load_word_vectors(word_vectors)
+word_space = load_word_vectors()
 print(f"{len(word_space.index_to_key):,} words, {word_space.vector_size} dimensions")
 word_space.most_similar(positive=["king", "woman"], negative=["man"], topn=3)'''),
     ("md", """\
@@ -124,9 +125,9 @@ lemmas are in the vocabulary are *missing*; they are listed, never given a zero 
 secret. For the 1,000 training labels, a missing label simply cannot take part in $f(x)$."""),
     ("code", '''\
 # NBVAL_CHECK_OUTPUT
-train = label_embeddings(word_space, wnid_lemmas(classifier.wnids), on_missing="ignore")
+train = embed_labels(semantic_space, wnid_lemmas(classifier.wnids), device=device)
 unseen_wnids = [w for w in imagenet_wnids("21k") if w not in set(classifier.wnids)]
-unseen_all = label_embeddings(word_space, wnid_lemmas(unseen_wnids), on_missing="ignore")
+unseen_all = embed_labels(semantic_space, wnid_lemmas(unseen_wnids), device=device)
 unseen = unseen_all.only_found()
 print("training labels:", train.report(max_names=13))
 print("unseen ImageNet-21K labels:", unseen_all.report(max_names=8))
