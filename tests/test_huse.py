@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from zsl_utils.errors import ParameterError
-from zsl_utils.huse import (
-    HuseArchitecture,
-    HuseModel,
-    HuseSplit,
-    SplitOutputs,
+from zsl_utils.huse import HuseArchitecture, HuseModel, HuseSplit, SplitOutputs, build_splits, embed_split
+from zsl_utils.huse_eval import (
     choose_fusion_weight,
     classification_table,
-    embed_split,
     evaluate_huse,
     fuse_probabilities,
+    paper_numbers,
+    project_2d,
+    side_by_side,
 )
 from zsl_utils.huse_losses import (
     LossWeights,
@@ -268,3 +268,46 @@ def test_grid_search_ranks_combinations_and_returns_best_weights():
     assert isinstance(best, LossWeights) and best.beta == table.loc[0, "beta"]
     with pytest.raises(ParameterError, match="not loss settings"):
         grid_search(split, split, class_distance, {"lr": [1.0]}, config=config, architecture=SMALL)
+
+
+def test_build_splits_aligns_rows_and_drops_unusable_items():
+    import pandas as pd
+
+    items = pd.DataFrame({"label": ["b", "a", "b", "a"], "split": ["train", "train", "test", "train"],
+                          "item_id": ["w", "x", "y", "z"]})
+    image = np.arange(8, dtype=np.float32).reshape(4, 2)
+    text = -image
+    splits, dropped = build_splits(items, ["a", "b"], image, text, usable=np.array([True, True, True, False]))
+    assert splits["train"].labels.tolist() == [1, 0] and splits["test"].labels.tolist() == [1]
+    assert splits["train"].image.tolist() == [[0, 1], [2, 3]] and splits["test"].text.tolist() == [[-4, -5]]
+    assert splits["train"].items["item_id"].tolist() == ["w", "x"]
+    assert dropped["item_id"].tolist() == ["z"]
+    with pytest.raises(ParameterError, match="not in the class list"):
+        build_splits(items, ["a"], image, text)
+
+
+def test_project_2d_shared_axes_hand_case():
+    coords = project_2d({"image": torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]),
+                         "text": torch.tensor([[0, 2.0, 0], [0, -2.0, 0]])})
+    # PC1 is the y axis (variance 8 vs 2), PC2 the x axis; signs make the largest loading positive.
+    assert np.allclose(coords["image"], [[0, 1], [0, -1]], atol=1e-9)
+    assert np.allclose(coords["text"], [[2, 0], [-2, 0]], atol=1e-9)
+
+
+def test_side_by_side_puts_paper_value_after_each_metric():
+    import pandas as pd
+
+    ours = pd.DataFrame({"accuracy": {"image": 50.0, "fusion": 80.0}})
+    paper = pd.DataFrame({"table": ["classification"], "row": ["fusion"], "metric": ["accuracy"], "value": [92.3],
+                          "source": ["x"], "note": [""]})
+    table = side_by_side(ours, "classification", paper)
+    assert list(table.columns) == ["accuracy (ours)", "accuracy (paper)"]
+    assert table.loc["fusion", "accuracy (paper)"] == 92.3 and np.isnan(table.loc["image", "accuracy (paper)"])
+
+
+def test_committed_paper_table_cites_a_table_for_every_row():
+    table = paper_numbers()
+    assert set(table["table"]) == {"classification", "retrieval", "hierarchical"}
+    assert table["source"].str.contains(r"arXiv:1911\.05978\), Table \d").all()
+    assert table["value"].dropna().between(0, 100).all()
+    assert (table["note"].str.len() > 0).all()  # every entry says how sure it is

@@ -7,14 +7,16 @@ each embedding separately. Training (``huse_train``) combines a classification l
 semantic-graph loss that makes embedding distances mirror class-name distances, and a
 gap loss that pulls an item's image and text together (``huse_losses``).
 
-This module holds the data container, the model and the evaluation:
+This module holds the data container, the model and the assembly helpers:
 
 * ``HuseSplit`` — frozen image/text features and class indices of one split.
 * ``HuseArchitecture`` / ``HuseModel`` — towers (paper: image 5 x 512, text 2 x 512,
   dropout 0.15 between hidden layers) and the shared classifier.
 * ``embed_split`` — embeddings and softmax scores of a split.
-* ``classification_table``, ``retrieval_table``, ``hierarchical_table`` and
-  ``evaluate_huse`` — the paper's Tables 1-3 as DataFrames.
+* ``semantic_class_distance`` — the semantic graph from class-name phrases.
+* ``build_splits`` — item table + cached features -> one ``HuseSplit`` per split.
+
+Evaluation lives in ``huse_eval``, training in ``huse_train``, the losses in ``huse_losses``.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class HuseSplit:
     text: torch.Tensor | None
     labels: torch.Tensor
     class_names: tuple[str, ...] = field(default=())
+    items: pd.DataFrame | None = field(default=None, repr=False)  # the item table rows, aligned
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
@@ -88,7 +91,8 @@ class HuseSplit:
         """The items at ``index`` (order kept)."""
         index = torch.as_tensor(np.asarray(index), dtype=torch.long)
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return HuseSplit(pick(self.image), pick(self.text), self.labels[index], self.class_names)
+        rows = None if self.items is None else self.items.iloc[index.numpy()].reset_index(drop=True)
+        return HuseSplit(pick(self.image), pick(self.text), self.labels[index], self.class_names, rows)
 
 
 # ---------------------------------------------------------------------------- model
@@ -214,100 +218,42 @@ def embed_split(
     return SplitOutputs(embeddings, probabilities, split.labels.cpu())
 
 
-def fuse_probabilities(image_probs: torch.Tensor, text_probs: torch.Tensor, image_weight: float) -> torch.Tensor:
-    """Weighted average ``w * p_image + (1 - w) * p_text`` of the two softmax scores."""
-    if not 0 <= image_weight <= 1:
-        raise ParameterError(f"fusion image_weight={image_weight!r} must lie in [0, 1].")
-    return image_weight * image_probs + (1 - image_weight) * text_probs
+# ---------------------------------------------------------------------------- assembly
+def semantic_class_distance(phrases: Sequence[str], device: str = "cpu") -> torch.Tensor:
+    """The semantic graph ``A`` from class-name phrases embedded by the packaged MiniLM.
 
-
-def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of score rows against labels."""
-    return float((probabilities.argmax(dim=1) == labels).float().mean())
-
-
-def choose_fusion_weight(outputs: SplitOutputs, candidates: Sequence[float] | None = None) -> float:
-    """The image weight (from ``candidates``, default 0, 0.05 .. 1) with the best fused accuracy.
-
-    Meant for the validation split. Ties go to the candidate closest to 0.5 (the
-    least committal), so equal accuracies do not silently favour one modality.
+    The paper embeds class names with the Universal Sentence Encoder; MiniLM is the
+    sentence encoder shipped with this project.
     """
-    candidates = np.linspace(0, 1, 21) if candidates is None else np.asarray(candidates, dtype=float)
-    probs = outputs.probabilities
-    scores = [accuracy(fuse_probabilities(probs["image"], probs["text"], w), outputs.labels) for w in candidates]
-    best = max(scores)
-    tied = [w for w, s in zip(candidates, scores) if s == best]
-    return float(min(tied, key=lambda w: abs(w - 0.5)))
+    from .huse_losses import class_distance_matrix
+    from .semantic import sentence_label_embeddings
+
+    vectors = sentence_label_embeddings(list(phrases), device=device).vectors
+    return class_distance_matrix(torch.as_tensor(vectors, dtype=torch.float32))
 
 
-# ---------------------------------------------------------------------------- tables
-def classification_table(outputs: SplitOutputs, image_weight: float) -> pd.DataFrame:
-    """Accuracy (%) of the image softmax, the text softmax and their weighted fusion."""
-    probs = outputs.probabilities
-    rows = {m: accuracy(probs[m], outputs.labels) for m in MODALITIES if m in probs}
-    if set(MODALITIES) <= set(probs):
-        rows["fusion"] = accuracy(fuse_probabilities(probs["image"], probs["text"], image_weight), outputs.labels)
-    return pd.DataFrame({"accuracy": {k: 100 * v for k, v in rows.items()}}).rename_axis("input")
+def build_splits(
+    items: pd.DataFrame,
+    classes: Sequence[str],
+    image_features: np.ndarray | None,
+    text_features: np.ndarray | None,
+    usable: np.ndarray | None = None,
+) -> tuple[dict[str, HuseSplit], pd.DataFrame]:
+    """One ``HuseSplit`` per value of ``items["split"]``, rows aligned with ``items``.
 
-
-def retrieval_table(outputs: SplitOutputs, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> pd.DataFrame:
-    """Recall@K (%) for the four query -> gallery directions; each item is excluded from its own gallery."""
-    from . import metrics
-
-    rows = {}
-    for query, gallery in DIRECTIONS:
-        if query in outputs.embeddings and gallery in outputs.embeddings:
-            recall = metrics.retrieval_recall_at_k(
-                outputs.embeddings[query], outputs.embeddings[gallery], outputs.labels, outputs.labels,
-                ks=ks, exclude_same_index=True, chunk_size=chunk_size,
-            )
-            rows[f"{query}->{gallery}"] = {f"R@{k}": 100 * v for k, v in recall.items()}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("direction")
-
-
-def hierarchical_table(
-    outputs: SplitOutputs,
-    correct_sets: Mapping[int, Sequence[frozenset[int]]],
-    chunk_size: int = 1024,
-) -> pd.DataFrame:
-    """Hierarchical precision H@k (%) per direction; ``correct_sets[k][c]`` = classes counted right for class c."""
-    from . import metrics
-
-    rows = {}
-    for query, gallery in DIRECTIONS:
-        if query in outputs.embeddings and gallery in outputs.embeddings:
-            precision = metrics.retrieval_hierarchical_precision_at_k(
-                outputs.embeddings[query], outputs.embeddings[gallery], outputs.labels, outputs.labels,
-                correct_sets, exclude_same_index=True, chunk_size=chunk_size,
-            )
-            rows[f"{query}->{gallery}"] = {f"H@{k}": 100 * v for k, v in precision.items()}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("direction")
-
-
-@dataclass
-class HuseEvaluation:
-    """The three result tables of one model on one split."""
-
-    classification: pd.DataFrame
-    retrieval: pd.DataFrame
-    hierarchical: pd.DataFrame
-
-    def summary(self) -> dict[str, float]:
-        """A few headline numbers (fusion accuracy, mean R@1 and mean H@ smallest k)."""
-        out = {f"accuracy_{k}": float(v) for k, v in self.classification["accuracy"].items()}
-        if len(self.retrieval):
-            out["mean_R@1"] = float(self.retrieval.iloc[:, 0].mean())
-        if len(self.hierarchical):
-            out[f"mean_{self.hierarchical.columns[0]}"] = float(self.hierarchical.iloc[:, 0].mean())
-        return out
-
-
-def evaluate_huse(
-    outputs: SplitOutputs,
-    image_weight: float,
-    correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
-    ks: Sequence[int] = (1, 5, 10),
-) -> HuseEvaluation:
-    """Classification, retrieval and (if ``correct_sets``) hierarchical-precision tables."""
-    hierarchical = hierarchical_table(outputs, correct_sets) if correct_sets else pd.DataFrame()
-    return HuseEvaluation(classification_table(outputs, image_weight), retrieval_table(outputs, ks), hierarchical)
+    ``usable`` (bool per item, e.g. image ``ok`` & text ``ok``) drops items whose features
+    could not be computed; they are returned as a table so the notebook can list them.
+    """
+    position = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(items["label"]) - set(position))
+    if unknown:
+        raise ParameterError(f"{len(unknown)} item labels are not in the class list, e.g. {unknown[:5]}.")
+    usable = np.ones(len(items), dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
+    labels = items["label"].map(position).to_numpy()
+    splits = {}
+    for name in items["split"].unique():
+        rows = np.flatnonzero((items["split"].to_numpy() == name) & usable)
+        pick = lambda x: None if x is None else torch.as_tensor(np.asarray(x)[rows], dtype=torch.float32)  # noqa: E731
+        splits[str(name)] = HuseSplit(pick(image_features), pick(text_features), labels[rows], tuple(classes),
+                                      items.iloc[rows].reset_index(drop=True))
+    return splits, items[~usable]

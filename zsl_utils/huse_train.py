@@ -17,16 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ParameterError
-from .huse import (
-    MODALITIES,
-    HuseArchitecture,
-    HuseEvaluation,
-    HuseModel,
-    HuseSplit,
-    choose_fusion_weight,
-    embed_split,
-    evaluate_huse,
-)
+from .huse import MODALITIES, HuseArchitecture, HuseModel, HuseSplit, embed_split
+from .huse_eval import HuseEvaluation, choose_fusion_weight, evaluate_huse
 from .huse_losses import LossWeights, huse_loss
 
 
