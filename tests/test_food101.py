@@ -197,3 +197,23 @@ def test_tuxpaint_items_drop_small_classes(tuxpaint_root):
     assert result.items["label"].value_counts().min() >= 6
     assert (result.items["text"].str.len() > 0).all()
     assert len(result.items) + len(result.skipped) == len(stamps)
+
+
+def test_load_huse_dataset_upmc_mirror_carves_validation_from_train(mirror_root, wordnet):
+    from zsl_utils.food101 import load_huse_dataset
+
+    test_images = mirror_root / "images" / "test"
+    write_jpeg(test_images / "sushi" / "sushi_7.jpg")
+    (mirror_root / "texts" / "test_titles.csv").write_text("sushi_7.jpg,Sushi platter,sushi\n")
+    for i in range(4, 7):  # more sushi training rows so validation can take one
+        write_jpeg(mirror_root / "images" / "train" / "sushi" / f"sushi_{i}.jpg")
+    with open(mirror_root / "texts" / "train_titles.csv", "a") as handle:
+        handle.write("".join(f"sushi_{i}.jpg,Sushi number {i},sushi\n" for i in range(4, 7)))
+    data = load_huse_dataset("upmc_food101", mirror_root, seed=0, val_fraction=0.25)
+    assert data.classes == ("apple_pie", "sushi")
+    assert data.taxonomy.classes == data.classes
+    counts = data.items.groupby(["split", "label"]).size().to_dict()
+    assert counts == {("train", "apple_pie"): 1, ("train", "sushi"): 4, ("val", "sushi"): 1, ("test", "sushi"): 1}
+    assert len(data.skipped) == 5 and data.phrases == ("apple pie", "sushi")
+    with pytest.raises(ParameterError, match="data_root"):
+        load_huse_dataset("upmc_food101", "")

@@ -393,3 +393,69 @@ def class_phrase(name: str) -> str:
         sub = sub.replace("_", " ")
         return top if sub == "misc" else f"{sub} ({top})"
     return name.replace("_", " ")
+
+
+# ---------------------------------------------------------------------------- one call per notebook step
+DATASETS = ("tuxpaint", "upmc_food101")
+
+
+@dataclass
+class HuseDataset:
+    """Items with a ``split`` column (train/val/test), the class list, phrases for the
+    semantic graph, the taxonomy for H@k, and every skipped row with its reason."""
+
+    name: str
+    items: pd.DataFrame
+    classes: tuple[str, ...]
+    phrases: tuple[str, ...]
+    taxonomy: ClassTaxonomy
+    skipped: pd.DataFrame
+
+    def split_counts(self) -> pd.DataFrame:
+        """Items per split, and how many classes each split covers."""
+        grouped = self.items.groupby("split", sort=False)
+        return pd.DataFrame({"items": grouped.size(), "classes": grouped["label"].nunique()}).loc[
+            [s for s in ("train", "val", "test") if s in set(self.items["split"])]
+        ]
+
+
+def load_huse_dataset(
+    dataset: str = "tuxpaint",
+    data_root: str | Path = "",
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.25,
+    min_items_per_class: int = 6,
+    verify_images: bool = False,
+) -> HuseDataset:
+    """The demo (``"tuxpaint"``) or UPMC Food-101 (``"upmc_food101"``, at ``data_root``) as a
+    ``HuseDataset`` with seeded, class-stratified splits.
+
+    Tux Paint: stamps with a description; classes of fewer than ``min_items_per_class``
+    stamps dropped; ``test_fraction`` then ``val_fraction`` held out per class.
+    UPMC: the official train/test split; ``val_fraction`` of each class's train items
+    becomes validation.
+    """
+    if dataset == "tuxpaint":
+        from .tuxpaint import load_stamps
+
+        stamps = load_stamps(Path(data_root) if str(data_root) else None)
+        read, _ = tuxpaint_items(stamps, min_items_per_class)
+        items = assign_splits(read.items, val_fraction, test_fraction, seed)
+        classes = tuple(sorted(items["label"].unique()))
+        taxonomy = tuxpaint_taxonomy(classes)
+    elif dataset == "upmc_food101":
+        if not str(data_root):
+            raise ParameterError("dataset='upmc_food101' needs data_root=<folder with images/ and texts/ or texts_txt/>.")
+        parts = [read_upmc_food101(data_root, split, verify_images=verify_images) for split in SPLITS]
+        read = ReadResult(
+            pd.concat([p.items.assign(split=s) for p, s in zip(parts, SPLITS)], ignore_index=True),
+            pd.concat([p.skipped for p in parts], ignore_index=True),
+        )
+        items = assign_splits(read.items, val_fraction, seed=seed)
+        classes = tuple(c for c in FOOD101_CLASSES if c in set(items["label"]))
+        full = food101_taxonomy()
+        taxonomy = ClassTaxonomy(classes, full.parents, full.superclass)  # H@k over the classes present
+    else:
+        raise ParameterError(f"dataset={dataset!r}; choose one of {DATASETS}.")
+    return HuseDataset(dataset, items, classes, tuple(class_phrase(c) for c in classes), taxonomy, read.skipped)
