@@ -227,10 +227,10 @@ def test_typos_in_sections_common_and_overrides(project):
     with pytest.raises(ParameterError, match=r"section '01_alfa' names no notebook.*01_alpha, 02_beta"):
         plan(project, "p")
     write_profile(project, "q", "common:\n  sed: 1\n")
-    with pytest.raises(ParameterError, match=r"\[common\]: no notebook declares a parameter 'sed'"):
+    with pytest.raises(ParameterError, match=r"\[common\]: no notebook declares a parameter 'sed'. Did you mean 'seed'"):
         plan(project, "q")
     write_profile(project, "ok", "")
-    with pytest.raises(ParameterError, match=r"--set sed: no notebook declares 'sed'"):
+    with pytest.raises(ParameterError, match=r"--set sed: no notebook declares 'sed'. Did you mean 'seed'"):
         plan(project, "ok", overrides=["sed=1"])
     with pytest.raises(ParameterError, match=r"--set 02_beta.batch_size: no notebook declares"):
         plan(project, "ok", overrides=["02_beta.batch_size=1"])
@@ -267,8 +267,19 @@ def test_notebook_selection(project):
     all_notebooks = profiles.list_notebooks(project["notebooks"])
     assert [nb.stem for nb in all_notebooks] == ["01_alpha", "02_beta"]
     assert profiles.select_notebooks(all_notebooks, ["02", "01_alpha"]) == all_notebooks
-    with pytest.raises(ParameterError, match=r"--notebooks '07' matches no notebook"):
+    with pytest.raises(ParameterError, match=r"selection '07' .*matches no notebook. Available: 01_alpha, 02_beta"):
         profiles.select_notebooks(all_notebooks, ["07"])
+
+
+def test_profile_notebooks_key_is_the_default_selection(project):
+    write_profile(project, "only2", "notebooks: [\"02\"]\n01_alpha:\n  stamps_root: /path/to/stamps\n")
+    # 01 is not selected, so its placeholder path is not checked; its names still are
+    assert [run.notebook.stem for run in plan(project, "only2")] == ["02_beta"]
+    with pytest.raises(ParameterError, match="'stamps_root'.*does not exist"):
+        plan(project, "only2", notebooks=["01"])  # --notebooks wins over the profile
+    write_profile(project, "bad", "notebooks: 02\n")
+    with pytest.raises(ParameterError, match="'notebooks' must be a list"):
+        plan(project, "bad")
 
 
 # --------------------------------------------------------------------------- running
@@ -382,4 +393,4 @@ def test_full_profile_placeholder_path_stops_before_running(profile_name):
     if missing:
         pytest.skip(f"notebooks not committed yet: {missing}")
     with pytest.raises(ParameterError, match=r"/path/to/.*does not exist.*--set"):
-        profiles.plan_runs(profile_name, notebooks=list(profile.sections))
+        profiles.plan_runs(profile_name)

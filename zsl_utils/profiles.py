@@ -5,6 +5,7 @@ parameters for one kind of run (``demo``: CPU, minutes, Tux Paint stamps;
 ``imagenet_full`` / ``food101_full``: the real data sets at paths the user gives)::
 
     description: "one line shown by `python -m zsl_utils profiles`"   # optional
+    notebooks: ["02"]            # optional; what `run` executes by default (else all)
     common:                      # optional; applied to every notebook declaring the name
       seed: 0
       device: auto
@@ -57,7 +58,7 @@ RUNNER_PARAMETERS = ("profile_name",)  # set by the runner, never by a profile
 KERNEL_NAME = "python3"
 NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
 _CHOICES_RE = re.compile(r"\(one of:\s*(?P<items>[^)]*)\)")
-_RESERVED_KEYS = ("common", "description")
+_RESERVED_KEYS = ("common", "description", "notebooks")
 
 
 class NotebookExecutionError(ZslError):
@@ -267,6 +268,7 @@ class Profile:
     name: str
     path: Path
     description: str = ""
+    notebooks: tuple[str, ...] = ()  # default selection (numbers or stems); empty: all
     common: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -304,13 +306,17 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path | None = None) -> 
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ParameterError(f"{path}: 'description' must be a string.")
+    notebooks = data.get("notebooks") or []
+    if not isinstance(notebooks, list) or not all(isinstance(n, (str, int)) for n in notebooks):
+        raise ParameterError(f"{path}: 'notebooks' must be a list of notebook numbers or stems, e.g. [\"02\"].")
     common = _section_mapping(data.get("common"), path, "common")
     sections = {
         str(key): _section_mapping(value, path, str(key))
         for key, value in data.items()
         if str(key) not in _RESERVED_KEYS
     }
-    return Profile(path.stem, path, description, common, sections)
+    selection = tuple(f"{n:02d}" if isinstance(n, int) else n for n in notebooks)
+    return Profile(path.stem, path, description, selection, common, sections)
 
 
 def _section_mapping(value: Any, path: Path, section: str) -> dict[str, Any]:
@@ -461,7 +467,10 @@ def select_notebooks(all_notebooks: list[Path], wanted: Sequence[str] | None) ->
         matches = [nb for nb in all_notebooks if nb.stem == item or nb.stem.split("_", 1)[0] == item]
         if not matches:
             known = ", ".join(nb.stem for nb in all_notebooks) or "none"
-            raise ParameterError(f"--notebooks {item!r} matches no notebook. Available: {known}.")
+            raise ParameterError(
+                f"Notebook selection {item!r} (from --notebooks or the profile's 'notebooks' list) "
+                f"matches no notebook. Available: {known}."
+            )
         selected.extend(nb for nb in matches if nb not in selected)
     return sorted(selected)
 
@@ -479,18 +488,23 @@ def _check_profile_names(profile: Profile, all_notebooks: list[Path], notebooks_
     declared_anywhere = {name for nb in all_notebooks for name in read_notebook_parameters(nb)}
     for name in profile.common:
         if name not in declared_anywhere:
+            close = difflib.get_close_matches(name, list(declared_anywhere), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ParameterError(
-                f"{profile.path} [common]: no notebook declares a parameter {name!r}. "
+                f"{profile.path} [common]: no notebook declares a parameter {name!r}.{hint} "
                 f"Known parameters: {', '.join(sorted(declared_anywhere)) or 'none'}."
             )
     for section, name, _ in overrides:
         if section is not None and section not in by_stem:
             raise ParameterError(f"--set {section}.{name}: no notebook {section!r}. Notebooks: {known}.")
         owners = [by_stem[section]] if section else all_notebooks
-        if not any(name in read_notebook_parameters(nb) for nb in owners):
+        names = sorted({n for nb in owners for n in read_notebook_parameters(nb)})
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ParameterError(
-                f"--set {(section + '.') if section else ''}{name}: no notebook declares {name!r}. "
-                f"Known parameters: {', '.join(sorted(declared_anywhere)) or 'none'}."
+                f"--set {(section + '.') if section else ''}{name}: no notebook declares {name!r}.{hint} "
+                f"Known parameters: {', '.join(names) or 'none'}."
             )
 
 
@@ -505,7 +519,8 @@ def plan_runs(
 ) -> list[NotebookRun]:
     """Validate everything and return the executions to perform, without running any.
 
-    Every section and parameter is checked against every notebook present (a typo
+    ``notebooks`` (numbers or stems) defaults to the profile's ``notebooks`` list, else
+    all. Every section and parameter is checked against every notebook present (a typo
     fails even for a notebook not selected); paths are checked for selected ones.
     """
     if not isinstance(profile, Profile):
@@ -516,7 +531,7 @@ def plan_runs(
         raise ParameterError(f"No numbered notebooks (NN_*.ipynb) in {notebooks_dir}.")
     parsed_overrides = [parse_override(text) for text in overrides]
     _check_profile_names(profile, all_notebooks, notebooks_dir, parsed_overrides)
-    selected = set(select_notebooks(all_notebooks, notebooks))
+    selected = set(select_notebooks(all_notebooks, notebooks or profile.notebooks))
     output_dir = (Path(runs_dir) if runs_dir else config.RUNS_DIR) / profile.name
     plan = []
     for notebook in all_notebooks:
