@@ -103,3 +103,18 @@ def test_image_features_pooled_and_unreadable_skipped(tmp_path):
     assert result.skipped["row"].tolist() == [1] and "b.jpg" in result.skipped["item"].iloc[0]
     assert np.all(result.features[1] == 0) and np.all(np.isfinite(result.features))
     assert not np.allclose(result.features[0], result.features[2])
+
+
+def test_default_cache_dirs_differ_by_content(monkeypatch, tmp_path):
+    from zsl_utils import config
+    from zsl_utils.features import default_cache_dir
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    a = default_cache_dir("toy", "text_tfidf", {"fit": "aaa"})
+    b = default_cache_dir("toy", "text_tfidf", {"fit": "bbb"})
+    assert a != b and a.parent == b.parent == tmp_path / "huse" / "toy"
+    assert a == default_cache_dir("toy", "text_tfidf", {"fit": "aaa"})
+    first = text_features(["soup", "salad"], "toy", kind="tfidf", fit_texts=["soup"], device="cpu", progress=False)
+    second = text_features(["soup", "salad"], "toy", kind="tfidf", fit_texts=["salad"], device="cpu", progress=False)
+    assert first.cache_dir != second.cache_dir  # no StaleCacheError: another fit gets its own folder
+    assert first.features[0].tolist() == [1.0] and second.features[1].tolist() == [1.0]

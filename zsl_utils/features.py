@@ -28,6 +28,7 @@ and are listed in ``FeatureSet.skipped``.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,19 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def default_cache_dir(dataset_id: str, what: str) -> Path:
-    """``<CACHE_DIR>/huse/<dataset_id>/<what>`` (``what`` names model and kind)."""
+def default_cache_dir(dataset_id: str, what: str, fingerprint: dict | None = None) -> Path:
+    """``<CACHE_DIR>/huse/<dataset_id>/<what>[_<hash>]``.
+
+    ``what`` names the model and kind; the short hash of the fingerprint (when given)
+    keeps caches of different weights, item lists or fitting texts apart, so switching
+    back and forth reuses each instead of tripping over a stale one.
+    """
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
+    if fingerprint is not None:
+        from .cache import normalise_fingerprint
+
+        digest = hashlib.sha256(json.dumps(normalise_fingerprint(fingerprint), sort_keys=True).encode()).hexdigest()
+        safe = f"{safe}_{digest[:10]}"
     return config.CACHE_DIR / "huse" / dataset_id / safe
 
 
@@ -131,7 +142,7 @@ def image_features(
         "dataset": dataset_fingerprint(paths),
         "alpha_background": "white",
     }
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}")
+    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}", fingerprint)
     return _cached(paths, ImageLoader(classifier.preprocess), _PooledEncoder(classifier), directory, fingerprint,
                    batch_size, num_workers, shard_size, f"{model} features", progress)
 
@@ -268,7 +279,7 @@ def text_features(
         fingerprint.update(model=str(model_dir.resolve()), weights=_folder_signature(model_dir),
                            fit=texts_fingerprint(fitting), max_words=max_words, layers=4)
         encoder = _BertStyleEncoder(model_dir, torch_device)
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}")
+    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}", fingerprint)
     return _cached(items, non_empty_text, encoder, directory, fingerprint, batch_size, 0, shard_size,
                    f"{kind} text features", progress)
 

@@ -163,6 +163,7 @@ def grid_search(
     correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
     selection: str = "mean_R@1",
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Train one model per combination of ``grid`` values and score it on ``val``.
 
@@ -175,7 +176,7 @@ def grid_search(
     base_weights = base_weights or LossWeights()
     rows = []
     combos = _grid(grid)
-    for combo in tqdm(combos, desc="grid search", disable=len(combos) < 2):
+    for combo in tqdm(combos, desc="grid search", disable=not progress or len(combos) < 2):
         weights = replace(base_weights, **combo)
         trained = train_huse(train, class_distance, weights, config, architecture, device, progress=False)
         evaluation, fusion_weight = validate(trained.model, val, correct_sets, device)
