@@ -311,3 +311,25 @@ def test_committed_paper_table_cites_a_table_for_every_row():
     assert table["source"].str.contains(r"arXiv:1911\.05978\), Table \d").all()
     assert table["value"].dropna().between(0, 100).all()
     assert (table["note"].str.len() > 0).all()  # every entry says how sure it is
+
+
+def test_retrieval_examples_exclude_the_query_pair(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from zsl_utils.huse_eval import retrieval_examples
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (4, 4), (80 * i, 0, 0)).save(paths[-1])
+    items = pd.DataFrame({"image_path": [str(p) for p in paths], "text": ["t0", "t1", "t2"], "label": ["a", "b", "a"]})
+    # Item 0's image is closest to text 0 (excluded), then text 2, then text 1.
+    outputs = SplitOutputs({"image": IMAGES[[0, 1, 2]], "text": torch.tensor([unit(0), unit(120), unit(20)])},
+                           {}, torch.tensor([0, 1, 0]))
+    image_queries, text_queries = retrieval_examples(outputs, items, n_queries=3, k=2, seed=0)
+    first = next(q for q in image_queries if q[0].getpixel((0, 0)) == (0, 0, 0))
+    assert [t for t, _ in first[2]] == ["t2", "t1"] and first[1] == "a"
+    assert len(image_queries) == len(text_queries) == 3
+    text_zero = next(q for q in text_queries if q[0] == "t0")  # text 0 (0 deg): images at 60 and 90 deg, own image excluded
+    assert [label for _, label in text_zero[2]] == ["b", "a"]
