@@ -89,6 +89,13 @@ def test_notebook_without_parameters_cell_is_rejected(tmp_path):
         profiles.read_notebook_parameters(path)
 
 
+def test_broken_notebook_file_is_named(tmp_path):
+    path = tmp_path / "01_broken.ipynb"
+    path.write_text('{"cells": [\n<<<<<<< HEAD\n')
+    with pytest.raises(ParameterError, match=r"Cannot read notebook .*01_broken.ipynb.*valid notebook JSON"):
+        profiles.read_notebook_parameters(path)
+
+
 @pytest.mark.parametrize(
     "value, type_name, expected",
     [
@@ -125,6 +132,8 @@ def test_value_matches_type(value, type_name, expected):
 def test_unsupported_annotation_is_named():
     with pytest.raises(ParameterError, match="Unsupported annotation 'Path'"):
         profiles.value_matches_type("x", "Path")
+    with pytest.raises(ParameterError, match=r"dict\[\.\.\.\] with 1 argument"):
+        profiles.value_matches_type({}, "dict[str]")
 
 
 def test_choices_and_patterns():
@@ -135,6 +144,7 @@ def test_choices_and_patterns():
     assert not profiles.value_in_choices("gpu", choices)
     assert profiles.parse_choices("k (one of: 1, 5, 10)") == (1, 5, 10)
     assert not profiles.value_in_choices(True, (1, 5))  # True == 1 must not pass
+    assert profiles.value_in_choices(1.0, (0.5, 1)) and not profiles.value_in_choices(2.0, (0.5, 1))
     assert profiles.parse_choices("plain comment") is None
     with pytest.raises(ParameterError, match="allowed values"):
         profiles.parse_choices("bad (one of: auto, cpu)")

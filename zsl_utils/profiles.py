@@ -122,7 +122,13 @@ def _read_parameters_cached(notebook: Path, _mtime_ns: int) -> tuple[tuple[str, 
     from papermill.iorw import load_notebook_node
     from papermill.utils import find_first_tagged_cell_index
 
-    nb = load_notebook_node(str(notebook))  # papermill's reader: fills in missing tags
+    try:
+        nb = load_notebook_node(str(notebook))  # papermill's reader: fills in missing tags
+    except Exception as exc:  # nbformat raises several unrelated types for a broken file
+        raise ParameterError(
+            f"Cannot read notebook {notebook}: {type(exc).__name__}: {exc}. Check that it is "
+            f"valid notebook JSON (an unresolved merge conflict?) or regenerate it."
+        ) from exc
     if find_first_tagged_cell_index(nb, "parameters") < 0:
         raise ParameterError(
             f"{notebook} has no cell tagged 'parameters': tag its first code cell "
@@ -199,6 +205,8 @@ def _matches_generic(value: Any, outer: str, args: list[ast.expr]) -> bool:
     if outer in ("tuple", "Tuple"):
         return _matches_tuple(value, args)
     if outer in ("dict", "Dict"):
+        if len(args) != 2:
+            raise ParameterError(f"Unsupported annotation {outer}[...] with {len(args)} argument(s): use dict[K, V].")
         key_type, value_type = args
         return isinstance(value, dict) and all(
             _matches(k, key_type) and _matches(v, value_type) for k, v in value.items()
@@ -222,7 +230,13 @@ def value_in_choices(value: Any, choices: Sequence[Any]) -> bool:
                 return True
         elif type(choice) is type(value) and choice == value:
             return True
+        elif _is_number(choice) and _is_number(value) and choice == value:
+            return True  # 1 and 1.0 are the same choice; True is never 1
     return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------- profiles
