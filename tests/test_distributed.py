@@ -8,6 +8,7 @@ path (``timm:<arch>`` + ``weights=``).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -185,6 +186,34 @@ def test_in_process_cache_is_the_cache_of_classifier_outputs(reference, tmp_path
     _assert_same_cache(cache_dir, fresh.directory)
 
 
+def test_image_features_are_the_classifier_pooled_features(tmp_path, image_folder, tiny_weights):
+    from zsl_utils.classifiers import load_classifier
+
+    summary = extract(_spec(tmp_path / "feats", image_folder, tiny_weights, kind="image_features"), progress=False)
+    cache = summary.open_cache()
+    features, ok = cache.load("features"), cache.load("ok")
+    assert features.dtype == np.float32 and features.shape == (N_GOOD + len(BAD_FILES), 256)
+    classifier = load_classifier("timm:test_efficientnet", tiny_weights)
+    good = [p for p, keep in zip(list_image_files(image_folder), ok) if keep]
+    expected = classifier.pooled_features(classifier.preprocess_images(good)).numpy()
+    np.testing.assert_allclose(features[ok], expected, rtol=1e-5, atol=1e-6)
+    assert len(summary.skipped) == len(BAD_FILES)
+
+
+@pytest.mark.slow  # loads the MiniLM sentence encoder (~10 s on 2 busy cores)
+def test_text_features_are_the_sentence_encoder_outputs(tmp_path):
+    from zsl_utils.semantic import load_sentence_encoder
+
+    texts = ["a bowl of ramen", "chocolate cake with berries", "", "fried rice", "apple pie"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    spec = ExtractionSpec("text_features", str(tmp_path / "text"), texts_file=str(tmp_path / "texts.txt"),
+                          batch_size=2, shard_size=3, device="cpu")
+    features = extract(spec, progress=False).open_cache().load("features")
+    expected = load_sentence_encoder("cpu").encode(texts, convert_to_numpy=True)
+    assert features.shape == (5, 384)
+    np.testing.assert_allclose(features, expected, atol=1e-5)  # batches of 2 vs 5: padding round-off only
+
+
 def test_two_gloo_processes_build_the_single_process_cache(reference, tmp_path, image_folder, tiny_weights):
     cache_dir, single = reference
     summary = run_distributed_extraction(2, _spec(tmp_path / "probs", image_folder, tiny_weights), timeout_s=240)
@@ -228,20 +257,49 @@ def test_a_failing_rank_fails_the_run_with_its_error(tmp_path, image_folder, tin
     assert caught.value.rank_errors[0]["type"] == "RuntimeError"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permission bits")
+_READ_ONLY_PROBE = """
+import json, sys, time
+from zsl_utils.dist_extract import ExtractionSpec, extract, run_distributed_extraction
+spec = ExtractionSpec(**json.loads(sys.argv[1]))
+results = []
+for call in (lambda: run_distributed_extraction(2, spec), lambda: extract(spec, progress=False)):
+    began = time.monotonic()
+    try:
+        call()
+        results.append(["no error", "", 0.0])
+    except Exception as error:
+        results.append([type(error).__name__, str(error), time.monotonic() - began])
+print(json.dumps(results))
+"""
+
+
+def _drop_root_privileges() -> list[str]:
+    """A command prefix under which root obeys permission bits (no CAP_DAC_OVERRIDE), or [] for users."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv(1): root ignores permission bits")
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
 def test_read_only_cache_dir_fails_before_any_process_starts(tmp_path, image_folder, tiny_weights):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
+    spec = _spec(locked / "probs", image_folder, tiny_weights)
+    settings = {k: v for k, v in vars(spec).items()}
+    command = [*_drop_root_privileges(), sys.executable, "-c", _READ_ONLY_PROBE, json.dumps(settings)]
     try:
-        began = time.monotonic()
-        with pytest.raises(CacheError, match=r"locked.*not writable.*Nothing was computed"):
-            run_distributed_extraction(2, _spec(locked / "probs", image_folder, tiny_weights))
-        assert time.monotonic() - began < 2.0  # no torchrun, no model
-        with pytest.raises(CacheError, match="not writable"):
-            extract(_spec(locked / "probs", image_folder, tiny_weights), progress=False)
+        output = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     finally:
         locked.chmod(0o755)
+    (launcher_type, launcher_message, launcher_s), (in_process_type, in_process_message, _) = json.loads(output)
+    assert launcher_type == in_process_type == "CacheError"
+    assert "locked/probs is not writable (Permission denied)" in launcher_message
+    assert "Nothing was computed" in launcher_message and in_process_message == launcher_message
+    assert launcher_s < 1.0  # refused before torchrun or any model was started
+    assert not (locked / "probs").exists()
 
 
 def test_uncreatable_cache_dir_fails_before_any_process_starts(tmp_path, image_folder, tiny_weights):

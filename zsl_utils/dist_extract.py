@@ -415,7 +415,9 @@ def _text_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
         return torch.as_tensor(encoder_model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
                                                     show_progress_bar=False))
 
-    width = encoder_model.get_sentence_embedding_dimension() or 384
+    # sentence-transformers renamed this method; ask whichever exists.
+    dimension = getattr(encoder_model, "get_embedding_dimension", None) or encoder_model.get_sentence_embedding_dimension
+    width = dimension() or 384
     encoder = _BatchEncoder(forward, "features", ctx.device, spec.storage_dtype, None, ctx.rank, spec)
     itemsize = np.dtype(_STORAGE_DTYPES[spec.storage_dtype]).itemsize
     return _Job(fingerprint, _identity, encoder, width * itemsize, f"rank {ctx.rank}: {MINILM_SPACE} on {dataset_id}")
@@ -585,7 +587,8 @@ class ExtractionSummary:
     computed_shards: dict[int, list[int]]  # rank -> shards it computed in this run
     arrays: dict[str, list]
     skipped: list[dict]
-    seconds_per_rank: dict[int, float]
+    seconds_per_rank: dict[int, float]  # whole rank, including model loading
+    extract_seconds_per_rank: dict[int, float]  # extract_to_cache only
     wall_seconds: float
     fingerprint: dict
 
@@ -611,7 +614,8 @@ class ExtractionSummary:
     def from_json(cls, text: str) -> "ExtractionSummary":
         data = json.loads(text)
         data["computed_shards"] = {int(k): v for k, v in data["computed_shards"].items()}
-        data["seconds_per_rank"] = {int(k): v for k, v in data["seconds_per_rank"].items()}
+        for key in ("seconds_per_rank", "extract_seconds_per_rank"):
+            data[key] = {int(k): v for k, v in data[key].items()}
         return cls(**data)
 
     def __str__(self) -> str:
@@ -628,7 +632,8 @@ def _summarise(spec: ExtractionSpec, reports: list[dict], fingerprint: dict, ite
     return ExtractionSummary(
         spec.cache_dir, len(reports), check.n_items, check.n_shards,
         {r["rank"]: r["computed_shards"] for r in reports}, check.arrays, check.skipped,
-        {r["rank"]: r["seconds"] for r in reports}, time.perf_counter() - began, fingerprint,
+        {r["rank"]: r["seconds"] for r in reports}, {r["rank"]: r["extract_seconds"] for r in reports},
+        time.perf_counter() - began, fingerprint,
     )
 
 

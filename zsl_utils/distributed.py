@@ -395,6 +395,10 @@ def launch_torchrun(
     log_path = run_dir / "torchrun.log"
     command = torchrun_command(module, [*args, "--error-dir", str(error_dir)], nproc, extra_torchrun_args)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    # Workers import this package by module name, whatever the caller's working directory
+    # (a notebook runs in notebooks/): put the package's parent folder on their path.
+    package_parent = str(Path(__file__).resolve().parents[1])
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, child_env.get("PYTHONPATH")]))
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, start_new_session=True,
     )
