@@ -164,7 +164,11 @@ def _rank_with_unit(embeddings, unit_candidates: torch.Tensor, k: int, chunk_siz
 
 @dataclass
 class ConSEPrediction:
-    """Top-``k`` candidate positions and cosine scores per image, plus ``||f(x)||``."""
+    """Top-``k`` candidate positions and cosine scores per image, plus ``||f(x)||``.
+
+    A row of all-zero probabilities (an image the extractor skipped) gives ``f(x) = 0``,
+    norm 0 and meaningless ranks: filter such rows with the cache's ``ok`` mask.
+    """
 
     indices: np.ndarray  # [N, k] positions in ConSE.candidate_labels
     scores: np.ndarray  # [N, k] cosine similarities, descending
