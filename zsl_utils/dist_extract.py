@@ -6,6 +6,11 @@ fill in-process, on 1 process or on N processes of one or several machines::
     torchrun --nproc_per_node 4 -m zsl_utils.dist_extract --kind probs \\
         --images-root /data/imagenet21k --cache-dir /scratch/cache/probs_21k
 
+Kinds, and the in-process function whose cache each one fills (same fingerprint, same
+bytes; tested): ``probs`` = ``extract.classifier_outputs`` (ConSE notebooks),
+``image_features`` = ``features.image_features`` and ``text_features`` =
+``features.text_features(kind="minilm")`` (HUSE notebook).
+
 How the work is split: shard ``s`` of the cache belongs to rank ``s % world_size``
 (:meth:`ShardedCache.shards_for_rank`), so ranks never write the same file and the
 split is a pure function of the shard index. Each rank lists the dataset itself; the
