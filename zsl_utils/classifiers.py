@@ -16,7 +16,7 @@ Accepted ``name`` forms (see :data:`ACCEPTED_FORMS`):
   batch-norm epsilon 1e-3) with TF's input scaling (mean = std = 0.5). We checked this
   choice on 14 photos (chelsea + Tux Paint animals of ImageNet classes): mean top-1
   probability 0.58 in the TF twin with [-1, 1] inputs, against 0.38 in the plain
-  ``efficientnet_lite0`` with ImageNet mean/std, and more correct top-1 labels.
+  ``efficientnet_lite0`` with ImageNet mean/std, with as many correct top-1 labels (9).
 * ``"timm:<architecture>"`` (or a bare timm architecture name) - weights found in the
   local Hugging Face / torch-hub cache, or given as ``weights=<file>``. Nothing is
   downloaded.
