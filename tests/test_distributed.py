@@ -39,6 +39,7 @@ from zsl_utils.dist_extract import (
     CacheVerificationError,
     ExtractionSpec,
     extract,
+    fill_cache,
     list_image_files,
     run_distributed_extraction,
     verify_cache,
@@ -184,6 +185,11 @@ def test_in_process_cache_is_the_cache_of_classifier_outputs(reference, tmp_path
     fresh = classifier_outputs(classifier, paths, tmp_path / "co", "tiny", batch_size=2, device="cpu",
                                shard_size=SHARD_SIZE, progress=False)
     _assert_same_cache(cache_dir, fresh.directory)
+    # ... so the notebook's own call reads a cache we filled without recomputing anything.
+    shutil.copytree(cache_dir, tmp_path / "ours")
+    before = _shard_files(tmp_path / "ours")
+    classifier_outputs(classifier, paths, tmp_path / "ours", "tiny", shard_size=SHARD_SIZE, device="cpu", progress=False)
+    assert _shard_files(tmp_path / "ours") == before
 
 
 def test_image_features_cache_is_the_cache_of_features_image_features(tmp_path, image_folder, tiny_weights):
@@ -215,7 +221,11 @@ def test_text_features_cache_is_the_cache_of_features_text_features(tmp_path):
 
 def test_two_gloo_processes_build_the_single_process_cache(reference, tmp_path, image_folder, tiny_weights):
     cache_dir, single = reference
-    summary = run_distributed_extraction(2, _spec(tmp_path / "probs", image_folder, tiny_weights), timeout_s=240)
+    # The notebooks' route: their item list, written to a file list, extracted by 2 ranks.
+    settings = {k: v for k, v in vars(_spec(tmp_path, image_folder, tiny_weights)).items()
+                if k not in ("kind", "cache_dir", "images_root", "dataset_id", "file_list", "texts_file")}
+    summary = fill_cache("probs", list_image_files(image_folder), tmp_path / "probs", "tiny", processes=2,
+                         timeout_s=240, progress=False, **settings)
     _assert_same_cache(cache_dir, tmp_path / "probs")
     assert summary.processes == 2
     assert summary.computed_shards == {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}  # shard s -> rank s % 2

@@ -667,6 +667,40 @@ def extract(spec: ExtractionSpec, processes: int = 1, progress: bool = True, tim
     return _summarise(spec, [asdict(report)], fingerprint, items, began)
 
 
+def fill_cache(
+    kind: str, items: Sequence[str | os.PathLike], cache_dir: str | os.PathLike, dataset_id: str, processes: int,
+    timeout_s: float | None = None, progress: bool = True, **spec_fields: Any,
+) -> ExtractionSummary:
+    """Fill, on ``processes`` processes, the cache that a notebook's in-process call then reads.
+
+    ``items`` are the exact rows the notebook passes to ``classifier_outputs`` /
+    ``features.image_features`` (image paths) or ``features.text_features`` (texts), and
+    ``dataset_id`` / ``cache_dir`` / model settings the same values: the fingerprints then
+    match, so the notebook's own call finds the cache complete and only reads it. Other
+    :class:`ExtractionSpec` fields (``classifier``, ``weights``, ``batch_size``,
+    ``shard_size``, ``device``...) go in ``spec_fields``.
+    """
+    items = [str(item) for item in items]
+    if not items:
+        raise ParameterError(f"fill_cache({kind!r}): no items to extract.")
+    listing = Path(tempfile.mkdtemp(prefix="zsl_fill_cache_"))
+    if kind == "text_features":
+        texts_file = listing / "texts.jsonl"
+        texts_file.write_text("".join(json.dumps(t) + "\n" for t in items), encoding="utf-8")
+        spec = ExtractionSpec(kind, str(cache_dir), texts_file=str(texts_file), dataset_id=dataset_id, **spec_fields)
+    else:
+        file_list = listing / "files.txt"
+        file_list.write_text("".join(os.path.abspath(item) + "\n" for item in items), encoding="utf-8")
+        root = os.path.commonpath([os.path.abspath(item) for item in items])
+        root = root if os.path.isdir(root) else os.path.dirname(root)
+        spec = ExtractionSpec(kind, str(cache_dir), images_root=root, file_list=str(file_list),
+                              dataset_id=dataset_id, **spec_fields)
+    try:
+        return extract(spec, processes, progress, timeout_s)
+    finally:
+        shutil.rmtree(listing, ignore_errors=True)
+
+
 def run_distributed_extraction(
     nproc: int,
     spec: ExtractionSpec,
