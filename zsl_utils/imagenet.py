@@ -358,17 +358,23 @@ def evaluate_conse(
     kept: dict[tuple[str, int], list[np.ndarray]] = {(t.name, T): [] for t in tasks for T in T_values}
     kept_rows: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
     correct_cache: dict[str, dict] = {t.name: {} for t in tasks}
-    batches = list(_probability_batches(probs_source, batch_size))
-    for start, probs, ok in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+    # Which images each task evaluates, and where their labels sit in its candidate list:
+    # computed once with set lookups (np.isin on strings would redo it every batch).
+    true_position = {t.name: np.array([positions[t.name].get(w, -1) if w in t.test_labels else -1
+                                       for w in image_wnids], dtype=np.int64) for t in tasks}
+    n_batches = -(-len(image_wnids) // batch_size)
+    for start, probs, ok in tqdm(_probability_batches(probs_source, batch_size), total=n_batches,
+                                 desc="evaluating", unit="batch", disable=not progress):
         labels = image_wnids[start : start + len(probs)]
         for task in tasks:
-            select = np.flatnonzero(ok & np.isin(labels, list(task.test_labels)))
+            task_position = true_position[task.name][start : start + len(probs)]
+            select = np.flatnonzero(ok & (task_position >= 0))
             if not len(select):
                 continue
             counts[task.name] += len(select)
             kept_rows[task.name].append(start + select)
-            true_pos = np.array([positions[task.name][w] for w in labels[select]])
-            true_labels = list(labels[select])
+            true_pos = task_position[select]
+            true_labels = labels[select].tolist()
             entry = models[task.name]
             for T, model in entry.models.items():
                 ranked = entry.usable[model.predict(probs[select], k=k_max).indices]

@@ -31,7 +31,7 @@ The retrieval metrics of HUSE (recall@K, H@k) live in this module too.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,18 +126,20 @@ class Hierarchy:
             self._up = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
         return self._up
 
-    def distances_from(self, label: str, max_distance: int | None = None) -> dict[int, int]:
-        """Tree distance from ``label`` to every node within ``max_distance`` (node index -> d).
+    def rings(self, label: str) -> Iterator[tuple[int, list[int]]]:
+        """Yield ``(d, nodes first reached at tree distance d)`` for d = 0, 1, 2, ...
 
         Breadth-first search over states (node, phase): phase "up" may step to a parent
         or turn down to a child; phase "down" may only step to children. This yields the
-        climb-then-descend distance of the module docstring.
+        climb-then-descend distance of the module docstring, one ring at a time, so a
+        caller can stop as soon as it has seen enough.
         """
         start = self.index[label]
-        best = {start: 0}
+        reached = {start}
         up_seen, down_seen = {start}, set()
         up_frontier, down_frontier, distance = [start], [], 0
-        while (up_frontier or down_frontier) and (max_distance is None or distance < max_distance):
+        yield 0, [start]
+        while up_frontier or down_frontier:
             distance += 1
             next_up, next_down = [], []
             for node in up_frontier:
@@ -146,9 +148,19 @@ class Hierarchy:
             for node in up_frontier + down_frontier:
                 next_down.extend(c for c in self.child_lists[node] if c not in down_seen)
                 down_seen.update(self.child_lists[node])
-            for node in next_up + next_down:
-                best.setdefault(node, distance)
+            ring = [n for n in dict.fromkeys(next_up + next_down) if n not in reached]
+            reached.update(ring)
             up_frontier, down_frontier = next_up, next_down
+            if ring:
+                yield distance, ring
+
+    def distances_from(self, label: str, max_distance: int | None = None) -> dict[int, int]:
+        """Tree distance from ``label`` to every node within ``max_distance`` (node index -> d)."""
+        best: dict[int, int] = {}
+        for distance, ring in self.rings(label):
+            if max_distance is not None and distance > max_distance:
+                break
+            best.update(dict.fromkeys(ring, distance))
         return best
 
     def distance_to_nearest(self, sources: Sequence[str], max_distance: int = 64) -> np.ndarray:
@@ -211,23 +223,15 @@ def correct_sets(
         return CorrectSets(own, {int(k): 0 for k in ks})
     k_max = max(ks)
     found: dict[int, int] = {}
-    by_distance: dict[int, int] = {}
-    # Grow the search radius one step at a time until k_max candidates are inside.
-    radius_needed, distances, limit = None, {}, 0
-    while radius_needed is None:
-        limit = max(1, 2 * limit)
-        distances = hierarchy.distances_from(true_label, limit)
-        found = {position[hierarchy.nodes[n]]: d for n, d in distances.items() if hierarchy.nodes[n] in position}
-        by_distance = {}
-        for d in found.values():
-            by_distance[d] = by_distance.get(d, 0) + 1
-        cumulative, total = {}, 0
-        for d in sorted(by_distance):
-            total += by_distance[d]
-            cumulative[d] = total
-        exhausted = max(distances.values(), default=0) < limit
-        if total >= k_max or exhausted:
-            radius_needed = cumulative
+    cumulative: dict[int, int] = {}
+    for distance, ring in hierarchy.rings(true_label):  # stop at the first ring reaching k_max
+        inside = [position[hierarchy.nodes[n]] for n in ring if hierarchy.nodes[n] in position]
+        if inside:
+            found.update(dict.fromkeys(inside, distance))
+            cumulative[distance] = len(found)
+            if len(found) >= k_max:
+                break
+    radius_needed = cumulative
     radius = {}
     for k in ks:
         within = [d for d, total in radius_needed.items() if total >= k]

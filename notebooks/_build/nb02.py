@@ -116,11 +116,12 @@ file `ImageNet_w2v.zip`).
 
 The **generalised** variants ("+1K") rank the 1,000 training labels as candidates too."""),
     ("code", '''\
-# NBVAL_CHECK_OUTPUT
 started = time.perf_counter()
 label_sets = imagenet.build_label_sets(hierarchy, published_lists=published)
-print(f"label sets built in {time.perf_counter() - started:.1f} s: {len(label_sets.training)} training labels, "
-      f"{len(label_sets.candidates):,} candidates")
+print(f"label sets built in {time.perf_counter() - started:.1f} s")'''),
+    ("code", '''\
+# NBVAL_CHECK_OUTPUT
+print(f"{len(label_sets.training)} training labels, {len(label_sets.candidates):,} candidates")
 label_sets.sizes()'''),
     ("code", '''\
 # NBVAL_CHECK_OUTPUT
