@@ -51,6 +51,7 @@ def mirror_root(tmp_path: Path) -> Path:
         "sushi_9.jpg,Missing image,sushi\n"
         "sushi_3.jpg,Wrong class,sashimi_bowl\n"
         "sushi_3.jpg,too,many,fields,here\n"
+        "sushi_3.jpg,two fields only\n"
     )
     return tmp_path
 
@@ -65,9 +66,9 @@ def test_mirror_layout_keeps_good_rows_and_lists_bad_ones(mirror_root):
     assert reasons["train/sushi/sushi_1"] == "unreadable image"
     assert reasons["train/sushi/sushi_9"] == "missing image"
     assert reasons["train/sashimi_bowl/sushi_3"] == "unknown class 'sashimi_bowl'"
-    assert (result.skipped["reason"] == "malformed CSV line").sum() == 1
-    assert len(result.skipped) == 5
-    assert "3 items kept, 5 skipped" in result.summary()
+    assert (result.skipped["reason"] == "malformed CSV line").sum() == 2
+    assert len(result.skipped) == 6
+    assert "3 items kept, 6 skipped" in result.summary()
 
 
 def test_verify_images_catches_corrupt_files(mirror_root):
@@ -214,6 +215,6 @@ def test_load_huse_dataset_upmc_mirror_carves_validation_from_train(mirror_root,
     assert data.taxonomy.classes == data.classes
     counts = data.items.groupby(["split", "label"]).size().to_dict()
     assert counts == {("train", "apple_pie"): 1, ("train", "sushi"): 4, ("val", "sushi"): 1, ("test", "sushi"): 1}
-    assert len(data.skipped) == 5 and data.phrases == ("apple pie", "sushi")
+    assert len(data.skipped) == 6 and data.phrases == ("apple pie", "sushi")
     with pytest.raises(ParameterError, match="data_root"):
         load_huse_dataset("upmc_food101", "")

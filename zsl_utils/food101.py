@@ -158,7 +158,9 @@ def _read_titles_csv(path: Path) -> tuple[list[list[str]], list[str]]:
     )
     if frame.shape[1] < 3:
         raise DataLayoutError(f"{path} has {frame.shape[1]} column(s); expected 3 (image file name, text, class).")
-    rows = frame.iloc[:, :3].values.tolist()
+    short = frame.iloc[:, :3].isna().any(axis=1)  # a line with fewer than 3 fields
+    bad.extend(",".join(str(v) for v in row if isinstance(v, str)) for row in frame[short].values.tolist())
+    rows = frame[~short].iloc[:, :3].values.tolist()
     if rows and not re.search(r"\.(jpe?g|png)$", rows[0][0], re.I) and rows[0][2] not in FOOD101_CLASSES:
         rows = rows[1:]  # a header line some copies carry
     return rows, bad
