@@ -119,7 +119,7 @@ class ExtractionSpec:
     debug_fail_after_batches: int = 0
 
     def __post_init__(self) -> None:
-        self.cache_dir = str(self.cache_dir)
+        self.cache_dir, self.device = str(self.cache_dir), str(self.device)
         if self.extensions is not None:
             self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions)
         self.validate()

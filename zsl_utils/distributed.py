@@ -115,6 +115,10 @@ def _rank_device(preference: str, local_rank: int) -> torch.device:
     from .device import pick_device
 
     choice = (preference or "auto").strip().lower()
+    if choice.startswith("cuda:"):
+        # A notebook resolves "auto" to "cuda:0"; under torchrun each rank owns the GPU of its
+        # LOCAL_RANK instead (choose the GPUs with CUDA_VISIBLE_DEVICES).
+        choice = "cuda"
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         count = torch.cuda.device_count()
         if local_rank >= count:
@@ -123,11 +127,6 @@ def _rank_device(preference: str, local_rank: int) -> torch.device:
                 f"--nproc_per_node {count} or fewer, or device='cpu'."
             )
         return torch.device(f"cuda:{local_rank}")
-    if choice.startswith("cuda:"):
-        raise ParameterError(
-            f"device={preference!r}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
-            f"device='cuda' (or 'auto') and select GPUs with CUDA_VISIBLE_DEVICES."
-        )
     device = pick_device(choice)
     return torch.device("cpu") if device.type == "mps" else device  # no MPS collective backend
 
@@ -136,8 +135,9 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
     """Join the torchrun process group (or return a single-process context outside torchrun).
 
     Args:
-        device: ``auto``/``cuda`` -> ``cuda:LOCAL_RANK`` when CUDA is present, else CPU;
-            ``cpu`` forces CPU ranks with the Gloo backend.
+        device: ``auto``/``cuda``/``cuda:N`` -> ``cuda:LOCAL_RANK`` when CUDA is present
+            (pick GPUs with ``CUDA_VISIBLE_DEVICES``), else CPU; ``cpu`` forces CPU ranks
+            with the Gloo backend. Outside torchrun the preference is used as given.
         timeout_s: limit for every collective; a peer that died or hangs makes the
             collective raise after this long instead of blocking forever.
     """
