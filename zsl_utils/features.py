@@ -73,9 +73,10 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
 def default_cache_dir(dataset_id: str, what: str, fingerprint: dict | None = None) -> Path:
     """``<CACHE_DIR>/huse/<dataset_id>/<what>[_<hash>]``.
 
-    ``what`` names the model and kind; the short hash of the fingerprint (when given)
-    keeps caches of different weights, item lists or fitting texts apart, so switching
-    back and forth reuses each instead of tripping over a stale one.
+    ``what`` names the model and kind; the short hash of the fingerprint (when given, with
+    the shard size) keeps caches of different weights, item lists, fitting texts or
+    shard sizes apart, so switching back and forth reuses each instead of tripping
+    over a stale one.
     """
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
     if fingerprint is not None:
@@ -142,7 +143,7 @@ def image_features(
         "dataset": dataset_fingerprint(paths),
         "alpha_background": "white",
     }
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}", fingerprint)
+    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}", {**fingerprint, "shard_size": shard_size})
     return _cached(paths, ImageLoader(classifier.preprocess), _PooledEncoder(classifier), directory, fingerprint,
                    batch_size, num_workers, shard_size, f"{model} features", progress)
 
@@ -279,7 +280,7 @@ def text_features(
         fingerprint.update(model=str(model_dir.resolve()), weights=_folder_signature(model_dir),
                            fit=texts_fingerprint(fitting), max_words=max_words, layers=4)
         encoder = _BertStyleEncoder(model_dir, torch_device)
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}", fingerprint)
+    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}", {**fingerprint, "shard_size": shard_size})
     return _cached(items, non_empty_text, encoder, directory, fingerprint, batch_size, 0, shard_size,
                    f"{kind} text features", progress)
 
