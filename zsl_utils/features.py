@@ -143,7 +143,8 @@ def image_features(
         "dataset": dataset_fingerprint(paths),
         "alpha_background": "white",
     }
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}", {**fingerprint, "shard_size": shard_size})
+    layout = {**fingerprint, "shard_size": shard_size}
+    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}", layout)
     return _cached(paths, ImageLoader(classifier.preprocess), _PooledEncoder(classifier), directory, fingerprint,
                    batch_size, num_workers, shard_size, f"{model} features", progress)
 
@@ -280,7 +281,8 @@ def text_features(
         fingerprint.update(model=str(model_dir.resolve()), weights=_folder_signature(model_dir),
                            fit=texts_fingerprint(fitting), max_words=max_words, layers=4)
         encoder = _BertStyleEncoder(model_dir, torch_device)
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}", {**fingerprint, "shard_size": shard_size})
+    layout = {**fingerprint, "shard_size": shard_size}
+    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}", layout)
     return _cached(items, non_empty_text, encoder, directory, fingerprint, batch_size, 0, shard_size,
                    f"{kind} text features", progress)
 
