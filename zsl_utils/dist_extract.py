@@ -69,7 +69,7 @@ from .distributed import (
     rank_failure_guard,
     shutdown_distributed,
 )
-from .errors import DataLayoutError, ParameterError
+from .errors import DataLayoutError, ParameterError, ZslError
 from .extract import ImageLoader, dataset_fingerprint, extract_to_cache
 
 KINDS = ("probs", "image_features", "text_features")
@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--images-root", help="image folder, listed recursively in sorted order")
     parser.add_argument("--file-list", help="text file of image paths (one per line, relative to --images-root)")
     parser.add_argument("--extensions", help="comma-separated suffixes to keep, e.g. .png,.jpg (default: all files)")
-    parser.add_argument("--texts-file", help="text_features: UTF-8 file with one text per line")
+    parser.add_argument("--texts-file", help="text_features: one text per line, or one JSON string per line (.jsonl)")
     parser.add_argument("--classifier", default="efficientnet_lite0", help="efficientnet_lite0 | timm:<arch> | torchvision:<arch>")
     parser.add_argument("--weights", help="local weights file for the classifier")
     parser.add_argument("--dataset-id", help="name recorded in the cache fingerprint (default: folder name)")
@@ -752,9 +752,13 @@ def distributed_main(spec: ExtractionSpec, timeout_s: float = DEFAULT_TIMEOUT_S,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with rank_failure_guard(args.error_dir):  # a bad argument is reported like any rank error
-        spec = spec_from_args(args)
-    distributed_main(spec, args.timeout_s, args.summary_json, args.error_dir)
+    try:
+        with rank_failure_guard(args.error_dir):  # a bad argument is reported like any rank error
+            spec = spec_from_args(args)
+        distributed_main(spec, args.timeout_s, args.summary_json, args.error_dir)
+    except ZslError as error:  # a problem the user can fix: one readable message, no traceback
+        print(f"zsl_utils.dist_extract, rank {os.environ.get('RANK', '0')}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -64,7 +64,7 @@ from .distributed import (
     rank_failure_guard,
     shutdown_distributed,
 )
-from .errors import DataLayoutError, ParameterError
+from .errors import DataLayoutError, ParameterError, ZslError
 from .huse import HuseArchitecture, HuseModel, HuseSplit
 from .huse_losses import LossWeights, huse_loss
 from .huse_train import TrainConfig, TrainedHuse, _check_training_inputs
@@ -443,8 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--error-dir", help="each failing rank writes its error here (set by the Python launcher)")
     parser.add_argument("--debug-step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    distributed_main(args.job_dir, args.checkpoint_every, args.device, args.timeout_s, args.error_dir,
-                     args.debug_step_delay_s)
+    try:
+        distributed_main(args.job_dir, args.checkpoint_every, args.device, args.timeout_s, args.error_dir,
+                         args.debug_step_delay_s)
+    except ZslError as error:  # a problem the user can fix: one readable message, no traceback
+        print(f"zsl_utils.huse_ddp, rank {os.environ.get('RANK', '0')}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
