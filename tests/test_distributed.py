@@ -433,6 +433,7 @@ def test_one_process_ddp_trainer_is_bitwise_train_huse():
     for key, value in expected.model.state_dict().items():
         assert torch.equal(value, got.model.state_dict()[key]), key
     assert expected.history.equals(got.history)
+    assert str(expected.model) == str(got.model)  # plain nn.Dropout again, same module tree
 
 
 def test_interrupted_training_resumes_bitwise_from_the_last_checkpoint(tmp_path):

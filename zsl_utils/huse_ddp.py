@@ -126,6 +126,17 @@ def use_global_batch_dropout(model: nn.Module, rows: RowSlice) -> int:
     return replaced
 
 
+def restore_dropout(model: nn.Module) -> int:
+    """Undo :func:`use_global_batch_dropout` (plain ``nn.Dropout`` again); return how many."""
+    restored = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GlobalBatchDropout):
+                setattr(parent, name, nn.Dropout(child.p))
+                restored += 1
+    return restored
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather row blocks of unequal sizes; backward returns this rank's rows of the gradient x W.
 
@@ -318,6 +329,7 @@ def train_huse_ddp(
             save_checkpoint(checkpoint_dir, step, _checkpoint_state(run), fingerprint, keep_last)
         if step_callback is not None:
             step_callback(step)
+    restore_dropout(model)  # hand back an ordinary HuseModel
     model.eval()
     extras = {"world_size": ctx.world_size, "resumed_from_step": start,
               "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
