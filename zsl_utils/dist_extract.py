@@ -441,21 +441,6 @@ class RankReport:
     host: str = field(default_factory=socket.gethostname)
 
 
-def _check_fingerprint(cache_dir: str, fingerprint: dict) -> None:
-    """Fail with the differing keys before the model runs if an existing cache is stale."""
-    if not (Path(cache_dir) / "meta.json").is_file():
-        return
-    stored = read_meta(cache_dir).get("fingerprint", {})
-    differences = fingerprint_differences(stored, normalise_fingerprint(fingerprint))
-    if differences:
-        from .errors import StaleCacheError
-
-        raise StaleCacheError(
-            f"the cache at {cache_dir} was made by a different model, preprocessing or dataset:\n  "
-            + "\n  ".join(differences) + "\nDelete that folder to recompute, or pass another --cache-dir."
-        )
-
-
 def run_extraction(
     spec: ExtractionSpec, ctx: DistContext | None = None, progress: bool = True
 ) -> tuple[RankReport, dict, list[str]]:
@@ -473,7 +458,6 @@ def run_extraction(
     agree_on(ctx, _listing_hash(items), f"the listing of {spec.images_root or spec.texts_file}")
     check_cache_dir_writable(spec.cache_dir)  # before loading a model
     job = _text_job(spec, items, ctx) if spec.kind == "text_features" else _image_job(spec, items, ctx)
-    _check_fingerprint(spec.cache_dir, job.fingerprint)
     cache = ShardedCache(spec.cache_dir, job.fingerprint, len(items), spec.shard_size)
     check_free_space(cache.directory, _missing_rows(cache) * job.row_bytes + cache.n_shards * _SHARD_OVERHEAD_BYTES)
     shards = cache.shards_for_rank(ctx.rank, ctx.world_size)
