@@ -208,31 +208,3 @@ def test_hit_at_k_and_top1_by_T_on_the_toy():
     assert hit_at_k_by_T(by_T, ["not-a-candidate"], ks=(3,)).loc[2, "hit@3 %"] == 0.0
     table = top1_by_T(by_T, ["img0"], {"u1": "first unseen"})
     assert table.loc["img0"].tolist() == ["u2", "first unseen"]
-
-
-def test_stamps_with_wnids_filters_drawings_senses_and_categories():
-    import pandas as pd
-
-    from zsl_utils.conse import stamps_with_wnids
-
-    class FakeWordNet:
-        senses = {"giraffe": ["n1"], "ram": ["n9", "n2"], "owl": ["n3"]}
-        parents = {"n1": {"n0"}, "n2": {"n0"}, "n3": {"n0"}, "n9": {"n8"}}
-
-        def lookup(self, word):
-            return self.senses.get(word, [])
-
-        def ancestors(self, wnid):
-            return self.parents[wnid]
-
-    stamps = pd.DataFrame({
-        "path": ["s/animals/a/giraffe.png", "s/animals/a/ram.png", "s/animals/a/cartoon/owl.png",
-                 "s/animals/a/zzz.png", "s/seasonal/b/owl.png"],
-        "name": ["giraffe", "ram", "owl", "zzz", "owl"],
-        "top_category": ["animals", "animals", "animals", "animals", "seasonal"],
-    })
-    wordnet = FakeWordNet()
-    assert stamps_with_wnids(stamps, wordnet).name.tolist() == ["giraffe", "ram", "owl"]
-    animals = stamps_with_wnids(stamps, wordnet, top_categories=("animals",), under="n0")
-    assert animals.name.tolist() == ["giraffe"]  # ram's first sense is not under n0
-    assert len(stamps_with_wnids(stamps, wordnet, photos_only=False, top_categories=("animals",))) == 3

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 
 from zsl_utils.datasets import (
+    filter_stamps,
     image_folder_by_wnid,
     load_tuxpaint_table,
     map_name_to_wnid,
     normalise_stamp_name,
     tuxpaint_by_wnid,
 )
-from zsl_utils.errors import DataLayoutError
+from zsl_utils.errors import DataLayoutError, ParameterError
 
 
 def _touch(path):
@@ -96,3 +97,63 @@ def test_tuxpaint_mapping_on_real_stamps(wordnet, tuxpaint_root):
     row = frame.set_index("name").loc["pink_flamingo"]
     assert (row["wnid"], row["seen"], row["how"]) == ("n02007558", True, "table")
     assert frame.set_index("name").loc["badger", "how"] == "lookup"
+
+
+class _FakeTree:
+    """WordNet stand-in for filter_stamps: n1, n3 (and n0 itself) are under n0; n9 is not."""
+
+    parents = {"n0": set(), "n1": {"n0"}, "n3": {"n0"}, "n8": set(), "n9": {"n8"}}
+
+    def __contains__(self, wnid):
+        return wnid in self.parents
+
+    def ancestors(self, wnid):
+        return self.parents[wnid]
+
+
+STAMPS = pd.DataFrame({
+    "path": ["s/animals/a/giraffe.png", "s/animals/a/teddy.png", "s/animals/a/cartoon/owl.png",
+             "s/animals/a/zzz.png", "s/seasonal/b/owl.png", "s/animals/a/animal.png"],
+    "name": ["giraffe", "teddy", "owl", "zzz", "owl", "animal"],
+    "top_category": ["animals", "animals", "animals", "animals", "seasonal", "animals"],
+    "wnid": ["n1", "n9", "n3", None, "n3", "n0"],
+}, index=[10, 11, 12, 13, 14, 15])
+
+
+def test_filter_stamps_photos_categories_and_subtree():
+    assert filter_stamps(STAMPS).name.tolist() == ["giraffe", "teddy", "zzz", "owl", "animal"]  # no cartoon
+    animals = filter_stamps(STAMPS, top_categories=("animals",))
+    assert animals.name.tolist() == ["giraffe", "teddy", "zzz", "animal"]
+    assert animals.index.tolist() == [0, 1, 2, 3]
+    # teddy's n9 is outside n0, zzz has no WNID; n0 itself counts as under n0.
+    under = filter_stamps(STAMPS, top_categories=["animals"], under="n0", wordnet=_FakeTree())
+    assert under.name.tolist() == ["giraffe", "animal"]
+    assert filter_stamps(STAMPS, photos_only=False, under="n0", wordnet=_FakeTree()).name.tolist() == [
+        "giraffe", "owl", "owl", "animal"]
+    assert len(filter_stamps(STAMPS, photos_only=False, top_categories=("animals",))) == 5
+
+
+def test_filter_stamps_errors():
+    with pytest.raises(ParameterError, match="needs wordnet"):
+        filter_stamps(STAMPS, under="n0")
+    with pytest.raises(ParameterError, match="not a WordNet"):
+        filter_stamps(STAMPS, under="n7", wordnet=_FakeTree())
+    with pytest.raises(ParameterError, match=r"\['animals'\]"):
+        filter_stamps(STAMPS, top_categories="animals")
+
+
+def test_animal_photos_on_real_stamps(wordnet, tuxpaint_root):
+    """The reviewed mapping fixes first-sense errors that a plain WordNet lookup makes."""
+    from zsl_utils.tuxpaint import load_stamps
+
+    animal = "n00015388"
+    photos = filter_stamps(tuxpaint_by_wnid(load_stamps(tuxpaint_root), wordnet), top_categories=("animals",),
+                           under=animal, wordnet=wordnet)
+    by_name = photos.set_index("name")["wnid"]
+    # First senses: seahorse -> walrus, hedgehog -> porcupine, dolphin -> dolphinfish, ram -> RAM.
+    assert wordnet.lookup("seahorse")[0] == "n02081571" and by_name["seahorse"] == "n01456756"
+    assert wordnet.lookup("hedgehog")[0] == "n02346627" and by_name["hedgehog"] == "n01893825"
+    assert by_name["dolphin"] == "n02068974" and by_name["ram"] == "n02412080"
+    assert "edward_bear" not in by_name  # a teddy bear in the animals folder: not an animal
+    assert not photos["path"].astype(str).str.contains("/cartoon/").any()
+    assert all(animal in wordnet.ancestors(w) for w in photos["wnid"])

@@ -392,27 +392,3 @@ def top1_by_T(predictions: dict[int, ConSEPrediction], row_names: Sequence[str],
     columns = {f"T={T}": [label_names.get(l, l) for l in (p.candidate_labels[i] for i in p.indices[:, 0])]
                for T, p in predictions.items()}
     return pd.DataFrame(columns, index=list(row_names))
-
-
-# --------------------------------------------------------------------------- demo images
-
-def stamps_with_wnids(stamps: "pd.DataFrame", wordnet, photos_only: bool = True,
-                      top_categories: Sequence[str] | None = None, under: str | None = None) -> "pd.DataFrame":
-    """Tux Paint stamps labelled with the first WordNet noun sense of their file name.
-
-    ``photos_only`` drops the drawings Tux Paint keeps in ``cartoon/`` folders;
-    ``top_categories`` keeps e.g. ``("animals",)``; ``under`` keeps synsets below that WNID
-    (e.g. ``n00015388``, animal), which also weeds out names whose first sense is another
-    thing (a *ram* the animal vs. RAM the memory). Adds a ``wnid`` column; unnamed stamps drop.
-    """
-    table = stamps
-    if photos_only:
-        table = table[~table["path"].astype(str).str.contains("/cartoon/", regex=False)]
-    if top_categories is not None:
-        table = table[table["top_category"].isin(list(top_categories))]
-    first_sense = [next(iter(wordnet.lookup(name)), None) for name in table["name"]]
-    table = table.assign(wnid=first_sense).dropna(subset=["wnid"])
-    if under is not None:
-        keep = [w == under or under in wordnet.ancestors(w) for w in table["wnid"]]
-        table = table[keep]
-    return table.reset_index(drop=True)

@@ -20,18 +20,22 @@ How a stamp name becomes a WNID (in this order):
    up in WordNet; if exactly one of its noun senses is in the label space, that is the
    label. Several senses in the label space is ``ambiguous`` (left out and reported: add
    the name to the table), none is ``unmapped``.
+
+:func:`filter_stamps` then narrows the mapped stamps to photos, categories or the synsets
+below one WNID (notebook 01 keeps the animal photos; notebook 02 uses every mapped stamp).
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from . import config
-from .errors import DataLayoutError
+from .errors import DataLayoutError, ParameterError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 WNID_PATTERN = re.compile(r"^n\d{8}$")
@@ -185,3 +189,41 @@ def tuxpaint_by_wnid(
                                dtype=object)
     frame["seen"] = [w is not None and w in seen for w in wnids]
     return frame
+
+
+def filter_stamps(
+    frame: pd.DataFrame,
+    photos_only: bool = True,
+    top_categories: Sequence[str] | None = None,
+    under: str | None = None,
+    wordnet=None,
+) -> pd.DataFrame:
+    """The rows of a stamps frame (e.g. from :func:`tuxpaint_by_wnid`) that pass every filter.
+
+    Args:
+        frame: needs ``path``; ``top_category`` with ``top_categories``; ``wnid`` with ``under``.
+        photos_only: drop the drawings, which Tux Paint keeps in ``cartoon/`` folders.
+        top_categories: keep these top-level folders, e.g. ``("animals",)``; None keeps all.
+        under: keep rows whose ``wnid`` is this synset or below it (e.g. ``n00015388``,
+            animal); rows without a WNID drop. The animals folder also holds things that are
+            not animals (a teddy bear), which this removes.
+        wordnet: the :class:`~zsl_utils.wordnet.WordNet` that ``under`` is resolved in.
+
+    Returns the kept rows, re-indexed from 0.
+    """
+    keep = pd.Series(True, index=frame.index)
+    if photos_only:
+        keep &= ~frame["path"].astype(str).str.contains("/cartoon/", regex=False)
+    if top_categories is not None:
+        if isinstance(top_categories, str):  # ("animals") is a string, not a one-item tuple
+            raise ParameterError(f"filter_stamps: top_categories={top_categories!r} must be a list of names, "
+                                 f"e.g. [{top_categories!r}].")
+        keep &= frame["top_category"].isin(list(top_categories))
+    if under is not None:
+        if wordnet is None:
+            raise ParameterError(f"filter_stamps: under={under!r} needs wordnet= (zsl_utils.wordnet.WordNet.load()).")
+        if under not in wordnet:
+            raise ParameterError(f"filter_stamps: under={under!r} is not a WordNet 3.0 noun synset (n + 8 digits).")
+        keep &= np.array([isinstance(w, str) and (w == under or under in wordnet.ancestors(w))
+                          for w in frame["wnid"]], dtype=bool)
+    return frame[keep].reset_index(drop=True)

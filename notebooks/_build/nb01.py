@@ -21,7 +21,7 @@ semantic_space: str = "glove-6b-50d"  # label embeddings: "glove-6b-50d", "minil
 conse_T: int = 10  # how many top training labels ConSE combines (the paper tries 1, 10 and 1000)
 T_values: list[int] = [1, 2, 5, 10, 100, 1000]  # values of T compared in section 6
 top_k: int = 5  # unseen labels listed per image
-example_stamps: list[str] = ["giraffe", "penguin", "elephant", "capybara", "kangaroo", "owl"]  # Tux Paint stamps shown
+example_stamps: list[str] = ["giraffe", "penguin", "elephant", "capybara", "kangaroo", "owl", "seahorse"]  # Tux Paint stamps shown
 stamps_dir: str = ""  # Tux Paint stamps folder; empty means the copy fetched into data/raw
 batch_size: int = 32  # images per classifier forward pass
 '''
@@ -34,7 +34,7 @@ import pandas as pd
 from PIL import Image
 from scipy.stats import spearmanr
 
-from zsl_utils import config, conse, plots
+from zsl_utils import config, conse, datasets, plots
 from zsl_utils.classifiers import imagenet_wnids, load_classifier, to_rgb, wnid_lemmas, wnid_names
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.errors import ParameterError
@@ -141,18 +141,24 @@ candidates and would count as misses in an evaluation.
 
 ## 3 · The photos and the classifier's probabilities
 
-The Tux Paint stamps include cut-out photos of animals. We label each stamp with the
-first WordNet sense of its file name, keep the photos (Tux Paint stores drawings in
-`cartoon/` folders) whose synset is an animal, and call a photo *unseen* when its synset
-is not a training class but is among the candidates. Softmax outputs for every stamp are
-computed once and cached on disk (`zsl_utils.extract.classifier_outputs`); everything below
-works on that probability matrix."""),
+The Tux Paint stamps include cut-out photos of animals. A stamp's file name becomes a
+WordNet synset through the same reviewed mapping notebook 02 uses
+(`zsl_utils.datasets.tuxpaint_by_wnid`): a committed table decides the names whose
+WordNet senses are ambiguous, e.g. *seahorse*, whose first sense is the walrus, or
+*hedgehog*, first the porcupine, and any other name takes its only sense among the
+training and candidate labels. `datasets.filter_stamps` then keeps the photos (Tux Paint
+stores drawings in `cartoon/` folders) whose synset is an animal; a photo is *unseen* when
+its synset is not a training class but is among the candidates. Softmax outputs for every
+stamp are computed once and cached on disk (`zsl_utils.extract.classifier_outputs`);
+everything below works on that probability matrix."""),
     ("code", '''\
-animals = conse.stamps_with_wnids(stamps, wordnet, top_categories=("animals",), under=ANIMAL)
+stamp_labels = datasets.tuxpaint_by_wnid(stamps, wordnet, label_space=set(classifier.wnids) | set(unseen_wnids),
+                                         seen_wnids=classifier.wnids)
+animals = datasets.filter_stamps(stamp_labels, top_categories=("animals",), under=ANIMAL, wordnet=wordnet)
 candidate_set = set(unseen.labels)
 unseen_photos = animals[animals.wnid.isin(candidate_set)].reset_index(drop=True)
-seen_photos = conse.stamps_with_wnids(stamps, wordnet)
-seen_photos = seen_photos[seen_photos.wnid.isin(set(classifier.wnids))].reset_index(drop=True)
+seen_photos = datasets.filter_stamps(stamp_labels)
+seen_photos = seen_photos[seen_photos.seen].reset_index(drop=True)
 cache = classifier_outputs(
     classifier, [str(p) for p in stamps.path], config.CACHE_DIR / f"01_tuxpaint_{classifier.name.replace(':', '_')}",
     dataset_id="tuxpaint_stamps", batch_size=batch_size, device=torch_device, dtype="float32", progress=False,
@@ -201,7 +207,7 @@ prediction = model.predict(example_probs[:1], k=top_k)
 unseen_names = wnid_names(unseen.labels)
 [(unseen_names[w], round(float(s), 3)) for w, s in zip(prediction.labels(0), prediction.scores[0])]'''),
     ("md", """\
-## 5 · Six unseen photos
+## 5 · The unseen example photos
 
 For each photo: the classifier's three most probable training labels and ConSE's top
 unseen labels. The true label is in the title."""),
@@ -227,9 +233,9 @@ Reading the failures is instructive:
 * **Near misses.** When ConSE misses, its answer is usually a semantic neighbour (another
   antelope-like or weasel-like mammal), which is what hierarchical precision rewards.
 
-The labels themselves come from file names through the first WordNet sense, which is
-sometimes wrong (WordNet's first sense of *seahorse* is the walrus), so the scores below
-are a rough, small-sample picture.
+The labels come from file names through the reviewed mapping (so the seahorse is scored
+as the fish, not as WordNet's first sense, the walrus), and there are only a few dozen
+photos, so the scores below are a rough, small-sample picture.
 
 ## 6 · How T changes the answer
 
@@ -290,9 +296,9 @@ only two ways: another training label has the *same* vector (synonym averaging g
 synsets with the same lemmas the same vector; ImageNet has a *crane* bird and a *crane*
 machine), or the top-1 label has no vector at all. The paper reports 55.6 % hit@1 for its
 softmax and 55.1 % for ConSE(1) on the ImageNet validation set and attributes the gap to
-such collisions. Here the check runs on every readable stamp; hit@1 uses the stamps whose
-first WordNet sense is a training class (labels from file names, so both numbers are
-rough, but they are computed on the same images)."""),
+such collisions. Here the check runs on every readable stamp; hit@1 uses the photos whose
+mapped synset is a training class (labels from file names, so both numbers are rough,
+but they are computed on the same images)."""),
     ("code", '''\
 # NBVAL_CHECK_OUTPUT
 print("label collisions among the training labels:",
