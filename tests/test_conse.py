@@ -145,6 +145,51 @@ def test_bad_inputs_raise_parameter_errors():
         rank(np.ones((2, 2)), UNSEEN, k=4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-6])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_check_probabilities_rejects_each_kind_of_bad_value(bad, kind):
+    from zsl_utils.conse import check_probabilities
+
+    probs = PROBS.copy()
+    probs[1, 2] = bad
+    data = torch.from_numpy(probs) if kind == "torch" else probs
+    with pytest.raises(ParameterError, match="not logits"):
+        check_probabilities(data, 3)
+    check_probabilities(torch.from_numpy(PROBS) if kind == "torch" else PROBS, 3)  # valid: no error
+    check_probabilities(np.zeros((0, 3), np.float32), 3)  # empty: nothing to check
+    with pytest.raises(ParameterError, match="shape"):
+        check_probabilities(data[:, :2], 3)
+
+
+def test_validate_false_skips_only_the_value_check():
+    bad = np.log(PROBS)  # logits: negative values
+    emb, norms = conse_embed(bad, TRAIN, T=1, validate=False)  # the caller vouched for the values: no error
+    # T=1 weight log(0.5) or log(0.8) < 0, so Z <= 0 and the Z > 0 guard gives f(x) = 0.
+    assert emb.shape == (2, 2) and not emb.any() and not norms.any()
+    with pytest.raises(ParameterError, match="shape"):
+        conse_embed(PROBS[:, :2], TRAIN, T=1, validate=False)
+    with pytest.raises(ParameterError, match="not logits"):
+        ConSE(TRAIN, UNSEEN, T=1).embed(bad)
+
+
+@pytest.mark.parametrize("T", [1, 2, 40])
+def test_predict_embedded_equals_predict_exactly(T):
+    """Embed once, rank over two candidate sets: the same arrays as predicting from probabilities."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(60) * 0.2, size=37).astype(np.float32)
+    train, zsl, both = rng.normal(size=(60, 5)), rng.normal(size=(80, 5)), rng.normal(size=(140, 5))
+    mask = rng.random(60) > 0.1
+    embedded = ConSE(train, zsl, T=T, train_mask=mask).embed(probs, chunk_size=10)
+    for candidates in (zsl, both):
+        model = ConSE(train, candidates, T=T, train_mask=mask)
+        direct = model.predict(probs, k=7, batch_size=10)
+        reused = model.predict_embedded(*embedded, k=7, batch_size=10)
+        for field in ("indices", "scores", "norms"):
+            assert np.array_equal(getattr(direct, field), getattr(reused, field)), field
+    with pytest.raises(ParameterError, match="37 embeddings but 36 norms"):
+        model.predict_embedded(embedded[0], embedded[1][:-1])
+
+
 def _embeddings(labels, vectors, found=None):
     vectors = np.asarray(vectors, dtype=np.float32)
     found = np.ones(len(labels), bool) if found is None else np.asarray(found)

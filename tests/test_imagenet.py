@@ -128,6 +128,51 @@ def test_evaluate_from_cache_equals_array_and_skips_unreadable(tmp_path):
     np.testing.assert_allclose(from_cache[["hit@1", "hit@2", "hp@2"]], subset[["hit@1", "hit@2", "hp@2"]])
 
 
+def test_tasks_over_the_same_images_embed_once_and_match_separate_runs(monkeypatch):
+    """'zsl' and 'zsl +1K' evaluate the same images: one check per batch, one f(x) per T
+    for both, and exactly the numbers of evaluating each task on its own."""
+    from zsl_utils import conse
+
+    calls = {"check": 0, "embed": 0}
+    original_check, original_embed = conse.check_probabilities, conse.ConSE.embed
+
+    def counting_check(*args, **kwargs):
+        calls["check"] += 1
+        return original_check(*args, **kwargs)
+
+    def counting_embed(self, *args, **kwargs):
+        calls["embed"] += 1
+        return original_embed(self, *args, **kwargs)
+
+    monkeypatch.setattr(conse, "check_probabilities", counting_check)
+    monkeypatch.setattr(conse.ConSE, "embed", counting_embed)
+    seen = EvalTask("seen", ["A", "B", "c1"], frozenset({"A"}))
+    tasks = [*TASKS, seen]
+    together = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, tasks, T_values=(1, 2), ks=(1, 2),
+                              hierarchy=TOY_TREE, batch_size=2, keep_top=2, progress=False)
+    # batches: rows 0-1 (zsl group only), rows 2-3 (zsl group: row 2; seen: row 3)
+    assert calls == {"check": 2, "embed": 2 * 1 + 2 * 2}  # per batch: 2 T x groups with images
+    for task in tasks:
+        alone = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, [task], T_values=(1, 2), ks=(1, 2),
+                               hierarchy=TOY_TREE, batch_size=2, keep_top=2, progress=False)
+        rows = together.table[together.table["test set"] == task.name].reset_index(drop=True)
+        assert rows.equals(alone.table)
+        for T in (1, 2):
+            assert np.array_equal(together.top_predictions[(task.name, T)], alone.top_predictions[(task.name, T)])
+
+
+def test_evaluate_checks_only_evaluated_rows():
+    probs = PROBS.copy()
+    probs[3, 0] = np.nan  # image 3 (a training label) is in no zero-shot test set: never read
+    table = evaluate_conse(probs, TRUE, TRAIN, LABELS, TASKS, T_values=(1,), ks=(1, 2), hierarchy=TOY_TREE,
+                           progress=False).table
+    assert table["images"].tolist() == [3, 3]
+    probs[1, 1] = -0.5  # image 1 is evaluated
+    with pytest.raises(ParameterError, match="not logits"):
+        evaluate_conse(probs, TRUE, TRAIN, LABELS, TASKS, T_values=(1,), ks=(1, 2), hierarchy=TOY_TREE,
+                       progress=False)
+
+
 def test_evaluate_rejects_missing_candidate_rows_and_small_sets():
     with pytest.raises(ParameterError, match="no row in label_embeddings"):
         evaluate_conse(PROBS, TRUE, TRAIN, LABELS.take([0, 1, 2]), TASKS[:1], T_values=(1,), ks=(1,),

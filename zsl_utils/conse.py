@@ -17,6 +17,7 @@ memory stays bounded, on any torch device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -63,13 +64,34 @@ def _check_T(T: int, n_train: int) -> int:
     return int(T)
 
 
-def _check_probs(probs: torch.Tensor, n_train: int) -> None:
+def _check_probs_shape(probs, n_train: int) -> None:
     if probs.ndim != 2 or probs.shape[1] != n_train:
         raise ParameterError(
             f"ConSE: probabilities have shape {tuple(probs.shape)} but there are {n_train} training label "
             "vectors; pass softmax outputs [N, n_train] in the order of the training labels (LoadedClassifier.wnids)."
         )
-    if probs.numel() and (not torch.isfinite(probs).all() or probs.min() < 0):
+
+
+def check_probabilities(probs, n_train: int) -> None:
+    """Raise :class:`ParameterError` unless ``probs`` (numpy or torch) is ``[N, n_train]``,
+    finite and non-negative.
+
+    One min/max pass: a NaN makes both NaN and fails ``min >= 0``, ``-inf`` or a negative
+    value fails it too, ``+inf`` fails ``max < inf``. (``torch.isfinite(...).all()`` plus a
+    minimum costs several times more.) Callers that embed the same rows several times
+    check once here and pass ``validate=False`` to :func:`conse_embed` / :meth:`ConSE.embed`.
+    """
+    _check_probs_shape(probs, n_train)
+    if isinstance(probs, torch.Tensor):
+        if not probs.numel():
+            return
+        low, high = (float(v) for v in torch.aminmax(probs.detach()))
+    else:
+        array = np.asarray(probs)
+        if not array.size:
+            return
+        low, high = float(array.min()), float(array.max())
+    if not (low >= 0.0 and high < math.inf):
         raise ParameterError(
             "ConSE: probabilities contain negative or non-finite values; pass softmax probabilities "
             "(LoadedClassifier.probabilities), not logits."
@@ -98,13 +120,16 @@ def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: t
     return embedding, embedding.norm(dim=1)
 
 
-def conse_embed(probs, train_vectors, T: int = 10, train_mask=None, chunk_size: int = 8192, device=None):
+def conse_embed(probs, train_vectors, T: int = 10, train_mask=None, chunk_size: int = 8192, device=None,
+                validate: bool = True):
     """ConSE image embeddings ``f(x)`` and their L2 norms for a probability matrix.
 
     ``probs``: ``[N, n_train]`` softmax outputs (numpy, memmap or torch). ``train_vectors``:
     ``[n_train, d]``, row ``j`` the semantic vector of classifier output ``j``. ``train_mask``:
-    optional boolean ``[n_train]``, False for labels without an embedding. Returns
-    ``(embeddings [N, d], norms [N])`` of the same kind (numpy/torch) as ``probs``.
+    optional boolean ``[n_train]``, False for labels without an embedding. ``validate=False``
+    skips the value check (the shape is always checked) for callers that already ran
+    :func:`check_probabilities` on ``probs``. Returns ``(embeddings [N, d], norms [N])`` of
+    the same kind (numpy/torch) as ``probs``.
     """
     dev = _resolve_device(device, probs)
     train = _to_tensor(train_vectors, dev)
@@ -113,7 +138,10 @@ def conse_embed(probs, train_vectors, T: int = 10, train_mask=None, chunk_size: 
     embeddings, norms = [], []
     for start in range(0, len(probs), max(1, chunk_size)):
         block = _to_tensor(probs[start : start + chunk_size], dev)
-        _check_probs(block, train.shape[0])
+        if validate:
+            check_probabilities(block, train.shape[0])
+        else:
+            _check_probs_shape(block, train.shape[0])
         emb, norm = _embed_block(block, train, T, mask)
         embeddings.append(emb)
         norms.append(norm)
@@ -233,29 +261,51 @@ class ConSE:
         clone.T = _check_T(T, self.train.shape[0])
         return clone
 
-    def embed(self, probs, chunk_size: int = 8192):
-        """``(f(x) [N, d], ||f(x)|| [N])`` for softmax outputs ``[N, n_train]``."""
-        return conse_embed(probs, self.train, self.T, self.train_mask, chunk_size, self.device)
+    def embed(self, probs, chunk_size: int = 8192, validate: bool = True):
+        """``(f(x) [N, d], ||f(x)|| [N])`` for softmax outputs ``[N, n_train]`` (see :func:`conse_embed`)."""
+        return conse_embed(probs, self.train, self.T, self.train_mask, chunk_size, self.device, validate)
 
     def predict(self, probs, k: int = 5, batch_size: int = 8192) -> ConSEPrediction:
         """Rank the candidates for every row of ``probs`` (numpy/memmap/torch), in batches."""
         from tqdm.auto import tqdm
 
-        index_chunks, score_chunks, norm_chunks = [], [], []
+        chunks = []
         starts = range(0, len(probs), max(1, batch_size))
         for start in tqdm(starts, desc=f"ConSE(T={self.T})", disable=len(starts) < 4):
             block = _to_tensor(probs[start : start + batch_size], self.device)
-            _check_probs(block, self.train.shape[0])
+            check_probabilities(block, self.train.shape[0])
             emb, norm = _embed_block(block, self.train, self.T, self.train_mask)
-            idx, score = _rank_with_unit(emb, self.unit_candidates, k, None, self.device)
-            index_chunks.append(idx.cpu().numpy())
-            score_chunks.append(score.cpu().numpy())
-            norm_chunks.append(norm.cpu().numpy())
-        if not index_chunks:
+            chunks.append(self._rank_block(emb, norm, k))
+        return self._prediction(chunks, k)
+
+    def predict_embedded(self, embeddings, norms, k: int = 5, batch_size: int = 8192) -> ConSEPrediction:
+        """Rank the candidates for image embeddings ``f(x)`` already computed by :meth:`embed`.
+
+        With ``(embeddings, norms) = m.embed(probs)`` from any model ``m`` with the same
+        training vectors, mask and ``T`` (e.g. this model with another candidate set), the
+        result equals ``self.predict(probs)`` exactly (same blocks, same arithmetic), so
+        several candidate sets over the same images embed them only once.
+        """
+        if len(embeddings) != len(norms):
+            raise ParameterError(f"ConSE.predict_embedded: {len(embeddings)} embeddings but {len(norms)} norms; "
+                                 "pass both outputs of ConSE.embed for the same rows.")
+        chunks = []
+        for start in range(0, len(embeddings), max(1, batch_size)):
+            emb = _to_tensor(embeddings[start : start + batch_size], self.device)
+            chunks.append(self._rank_block(emb, norms[start : start + batch_size], k))
+        return self._prediction(chunks, k)
+
+    def _rank_block(self, emb: torch.Tensor, norm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx, score = _rank_with_unit(emb, self.unit_candidates, k, None, self.device)
+        norm = norm.cpu().numpy() if isinstance(norm, torch.Tensor) else np.asarray(norm, dtype=np.float32)
+        return idx.cpu().numpy(), score.cpu().numpy(), norm
+
+    def _prediction(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> ConSEPrediction:
+        if not chunks:
             return ConSEPrediction(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
                                    np.zeros(0, np.float32), self.candidate_labels)
-        return ConSEPrediction(np.concatenate(index_chunks), np.concatenate(score_chunks),
-                               np.concatenate(norm_chunks), self.candidate_labels)
+        indices, scores, norms = (np.concatenate(parts) for parts in zip(*chunks))
+        return ConSEPrediction(indices, scores, norms, self.candidate_labels)
 
 
 # --------------------------------------------------------------------------- candidate sets

@@ -335,10 +335,17 @@ def evaluate_conse(
         keep_top: keep the ``keep_top`` best predictions (label strings via the task's
             candidates) of every evaluated image, for examples; 0 keeps none (flat memory).
 
+    Tasks that evaluate the same images (a test set and its +1K twin) share ``f(x)``: each
+    batch is checked once and embedded once per T per group of such tasks, then ranked
+    per task, which gives exactly the numbers of embedding it for every task.
+
     Returns:
         :class:`EvalResult` whose ``table`` has one row per (task, T): ``images``,
         ``hit@k`` and ``hp@k`` in percent, and ``unembedded candidates``.
     """
+    import torch
+
+    from .conse import check_probabilities
     from .metrics import hierarchical_precision_sums
 
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
@@ -362,30 +369,41 @@ def evaluate_conse(
     # computed once with set lookups (np.isin on strings would redo it every batch).
     true_position = {t.name: np.array([positions[t.name].get(w, -1) if w in t.test_labels else -1
                                        for w in image_wnids], dtype=np.int64) for t in tasks}
+    groups = _tasks_by_images(tasks, true_position)
+    # f(x) depends on the training vectors and T only, which every task shares: any task's models embed.
+    embedders = models[tasks[0].name].models if tasks else {}
+    n_train = len(train_embeddings.labels)
     n_batches = -(-len(image_wnids) // batch_size)
     for start, probs, ok in tqdm(_probability_batches(probs_source, batch_size), total=n_batches,
                                  desc="evaluating", unit="batch", disable=not progress):
         labels = image_wnids[start : start + len(probs)]
-        for task in tasks:
-            task_position = true_position[task.name][start : start + len(probs)]
-            select = np.flatnonzero(ok & (task_position >= 0))
+        selects = [np.flatnonzero(ok & (true_position[group[0].name][start : start + len(probs)] >= 0))
+                   for group in groups]
+        if not any(len(select) for select in selects):
+            continue
+        check_probabilities(probs[np.unique(np.concatenate(selects))], n_train)  # once per batch
+        for group, select in zip(groups, selects):
             if not len(select):
                 continue
-            counts[task.name] += len(select)
-            kept_rows[task.name].append(start + select)
-            true_pos = task_position[select]
+            # The same rows as before the grouping, embedded once per T for all tasks of the group.
+            selected = torch.from_numpy(probs[select])
+            embedded = {T: embedders[T].embed(selected, validate=False) for T in T_values}
             true_labels = labels[select].tolist()
-            entry = models[task.name]
-            for T, model in entry.models.items():
-                ranked = entry.usable[model.predict(probs[select], k=k_max).indices]
-                match = ranked == true_pos[:, None]
-                hits[(task.name, T)] += [match[:, :k].any(axis=1).sum() for k in ks]
-                sums = hierarchical_precision_sums(ranked, true_labels, task.candidates, hierarchy, ks,
-                                                   correct_cache[task.name], positions[task.name])
-                for k in sums:
-                    hp[(task.name, T)][k] += sums[k]
-                if keep_top:
-                    kept[(task.name, T)].append(ranked[:, :keep_top])
+            for task in group:
+                counts[task.name] += len(select)
+                kept_rows[task.name].append(start + select)
+                true_pos = true_position[task.name][start + select]
+                entry = models[task.name]
+                for T, model in entry.models.items():
+                    ranked = entry.usable[model.predict_embedded(*embedded[T], k=k_max).indices]
+                    match = ranked == true_pos[:, None]
+                    hits[(task.name, T)] += [match[:, :k].any(axis=1).sum() for k in ks]
+                    sums = hierarchical_precision_sums(ranked, true_labels, task.candidates, hierarchy, ks,
+                                                       correct_cache[task.name], positions[task.name])
+                    for k in sums:
+                        hp[(task.name, T)][k] += sums[k]
+                    if keep_top:
+                        kept[(task.name, T)].append(ranked[:, :keep_top])
     rows = []
     for task in tasks:
         n = counts[task.name]
@@ -402,6 +420,15 @@ def evaluate_conse(
         result.top_predictions = {key: np.concatenate(v) if v else np.zeros((0, keep_top), int) for key, v in kept.items()}
         result.rows = {name: np.concatenate(v) if v else np.zeros(0, int) for name, v in kept_rows.items()}
     return result
+
+
+def _tasks_by_images(tasks: Sequence[EvalTask], true_position: dict[str, np.ndarray]) -> list[list[EvalTask]]:
+    """Tasks grouped by the exact set of images they evaluate (a test set and its +1K twin),
+    in first-appearance order, so each group's images are embedded once per T."""
+    groups: dict[bytes, list[EvalTask]] = {}
+    for task in tasks:
+        groups.setdefault(np.packbits(true_position[task.name] >= 0).tobytes(), []).append(task)
+    return list(groups.values())
 
 
 def _probability_batches(source, batch_size: int):
