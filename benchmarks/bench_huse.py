@@ -92,7 +92,7 @@ def main() -> None:
     fixed_labels = labels[: args.batch_size]
 
     def graph_only() -> None:
-        loss = semantic_graph_loss([fixed["image"], fixed["text"]], fixed_labels, class_distance, 0.5)
+        loss = semantic_graph_loss([fixed["image"], fixed["text"]], fixed_labels, class_distance, LossWeights().margin)
         loss.backward()
 
     full = time_steps(training_step(LossWeights(1.0, 1.0, 1.0)), args.steps, device)

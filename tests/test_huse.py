@@ -142,6 +142,8 @@ def test_huse_loss_weights_and_skipped_terms():
     assert parts["total"].item() == pytest.approx(expected, rel=1e-6)
     no_graph = huse_loss(embeddings, logits, LABELS, CLASS_DISTANCE, LossWeights(beta=0.0, margin=ZETA))
     assert no_graph["graph"].item() == 0.0
+    assert no_graph["gap"].item() == pytest.approx(gap_loss(IMAGES, TEXTS).item())  # monitored even at gamma=0
+    assert no_graph["total"].item() == pytest.approx(math.log(3), rel=1e-6)  # ...but not in the total
     single = huse_loss({"image": IMAGES}, {"image": logits["image"]}, LABELS, CLASS_DISTANCE, weights)
     assert single["gap"].item() == 0.0
 
@@ -236,7 +238,7 @@ def test_separate_models_have_one_tower_each_and_evaluate():
     config = TrainConfig(num_steps=5, batch_size=8, learning_rate=1e-3)
     models = train_separate(split, class_distance, config=config, architecture=SMALL, progress=False)
     assert models["image"].model.modalities == ("image",) and models["text"].model.modalities == ("text",)
-    assert models["image"].history["gap"].eq(0).all()
+    assert models["image"].history["gap"].eq(0).all()  # one modality: no pairs, no gap
     outputs = embed_split({m: t.model for m, t in models.items()}, split)
     evaluation = evaluate_huse(outputs, image_weight=0.5)
     assert list(evaluation.retrieval.index) == ["image->image", "image->text", "text->image", "text->text"]

@@ -140,11 +140,14 @@ def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: 
 # ---------------------------------------------------------------- HUSE (notebook 03)
 
 def plot_huse_losses(history, title: str = "HUSE training losses"):
-    """Loss curves (total and its three parts) against the training step; log y axis."""
+    """Loss curves (total and its three parts) against the training step; log y axis.
+    Parts that are zero throughout (not computed, e.g. the graph loss when beta = 0) are left out."""
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(6, 3.6))
     for column in ("total", "classification", "graph", "gap"):
+        if not (history[column] > 0).any():
+            continue
         values = history[column].clip(lower=1e-6)
         axis.plot(history["step"], values, label=column, lw=2 if column == "total" else 1.2)
     axis.set_yscale("log")
