@@ -139,17 +139,20 @@ def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: 
 
 # ---------------------------------------------------------------- HUSE (notebook 03)
 
-def plot_huse_losses(history, title: str = "HUSE training losses"):
+def plot_huse_losses(history, title: str = "HUSE training losses", weights=None):
     """Loss curves (total and its three parts) against the training step; log y axis.
-    Parts that are zero throughout (not computed, e.g. the graph loss when beta = 0) are left out."""
+    Parts that are zero throughout (not computed, e.g. the graph loss when beta = 0) are left out;
+    with ``weights`` (a ``LossWeights``) each part's legend shows its weight in the total."""
     import matplotlib.pyplot as plt
 
+    factor = {} if weights is None else {"classification": weights.alpha, "graph": weights.beta, "gap": weights.gamma}
     fig, axis = plt.subplots(figsize=(6, 3.6))
     for column in ("total", "classification", "graph", "gap"):
         if not (history[column] > 0).any():
             continue
         values = history[column].clip(lower=1e-6)
-        axis.plot(history["step"], values, label=column, lw=2 if column == "total" else 1.2)
+        label = f"{column} (weight {factor[column]:g})" if column in factor else column
+        axis.plot(history["step"], values, label=label, lw=2 if column == "total" else 1.2)
     axis.set_yscale("log")
     axis.set_xlabel("step")
     axis.set_ylabel("loss (mean over logging window)")

@@ -236,10 +236,12 @@ grid.drop(columns=["alpha", "graph_variant"]).round(2)'''),
 ## 6 · Training the final model
 
 The chosen weights, trained for `num_steps` steps. The curves are the mean of each loss
-over the steps between two points."""),
+over the steps between two points. The gap loss is always measured, even with weight 0,
+so the curve shows how close each image gets to its own text through the shared
+classifier alone."""),
     ("code", '''\
 trained = train_huse(splits["train"], class_distance, chosen, final_config, architecture, torch_device)
-figure = plots.plot_huse_losses(trained.history, f"HUSE training on {data.name} ({num_steps} steps)")
+figure = plots.plot_huse_losses(trained.history, f"HUSE training on {data.name} ({num_steps} steps)", chosen)
 plots.save_figure(figure, "03_huse_loss_curves")'''),
     ("md", """\
 ## 7 · Evaluation on the test split
