@@ -204,6 +204,39 @@ def test_image_features_cache_is_the_cache_of_features_image_features(tmp_path, 
     assert summary.arrays["features"] == [[256], "float32"] and len(summary.skipped) == len(BAD_FILES)
 
 
+@pytest.mark.parametrize("kind", ["probs", "image_features"])
+def test_a_rank_whose_files_are_all_unreadable_writes_its_shards_first(tmp_path, image_folder, tiny_weights, kind):
+    """Rank 0 of 2 owns shard 0, whose two files are both unreadable, and runs before rank 1
+    has written anything: its shard must still get the arrays of the in-process cache."""
+    from zsl_utils.classifiers import load_classifier
+    from zsl_utils.dist_extract import run_extraction
+    from zsl_utils.distributed import DistContext
+    from zsl_utils.extract import classifier_outputs
+    from zsl_utils.features import image_features
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for bad in ("img_03_corrupt.jpg", "img_07_empty.png"):  # sorted first: rows 0-1 = shard 0
+        shutil.copy(image_folder / bad, folder / f"a_{bad}")
+    for good in ("img_00.png", "img_01.jpg"):
+        shutil.copy(image_folder / good, folder / f"b_{good}")
+    spec = _spec(tmp_path / "ranks", folder, tiny_weights, kind=kind)
+    for rank in (0, 1):
+        report, fingerprint, items = run_extraction(spec, DistContext(rank=rank, world_size=2), progress=False)
+        assert report.computed_shards == [rank]
+    assert verify_cache(spec.cache_dir, fingerprint, items).ok
+    paths = list_image_files(folder)
+    if kind == "probs":
+        classifier = load_classifier("timm:test_efficientnet", tiny_weights)
+        reference = classifier_outputs(classifier, paths, tmp_path / "in_process", "tiny", device="cpu",
+                                       shard_size=SHARD_SIZE, progress=False).directory
+    else:
+        reference = image_features(paths, "tiny", model="timm:test_efficientnet", weights=tiny_weights,
+                                   cache_dir=tmp_path / "in_process", device="cpu", shard_size=SHARD_SIZE,
+                                   progress=False).cache_dir
+    _assert_same_cache(reference, Path(spec.cache_dir))
+
+
 @pytest.mark.slow  # loads the MiniLM sentence encoder (~10 s on 2 busy cores)
 def test_text_features_cache_is_the_cache_of_features_text_features(tmp_path):
     from zsl_utils.features import text_features

@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from zsl_utils.cache import ShardedCache
-from zsl_utils.errors import StaleCacheError
+from zsl_utils import extract as extract_module
+from zsl_utils.cache import ShardedCache, normalise_fingerprint, read_meta
+from zsl_utils.errors import ParameterError, StaleCacheError
 from zsl_utils.extract import (
     ExtractionError,
     ImageLoader,
     classifier_outputs,
+    classifier_outputs_fingerprint,
     dataset_fingerprint,
     extract_to_cache,
     load_image_rgb,
@@ -228,3 +230,143 @@ def test_classifier_outputs_refuses_other_model_or_dataset(tmp_path, image_folde
     with pytest.raises(StaleCacheError, match="dataset"):
         classifier_outputs(_FakeClassifier(), image_folder[:9] + image_folder[:1], tmp_path / "c", "toy",
                            device="cpu", shard_size=4, progress=False)
+
+
+def test_fingerprint_function_is_what_classifier_outputs_stores(tmp_path, image_folder):
+    classifier = _FakeClassifier()
+    cache = classifier_outputs(classifier, image_folder, tmp_path / "c", "toy", device="cpu", shard_size=4,
+                               dtype="float32", progress=False)
+    stored = read_meta(cache.directory)["fingerprint"]
+    assert stored == normalise_fingerprint(classifier_outputs_fingerprint(classifier, image_folder, "toy", "float32"))
+    assert stored["n_classes"] == 3 and stored["dataset"] == dataset_fingerprint(image_folder)
+    assert stored != normalise_fingerprint(classifier_outputs_fingerprint(classifier, image_folder, "toy", "float16"))
+    with pytest.raises(ParameterError, match="autocast_dtype"):
+        classifier_outputs_fingerprint(classifier, image_folder, "toy", "float16", autocast_dtype="int8")
+
+
+def test_classifier_outputs_computes_only_the_requested_shards(tmp_path, image_folder):
+    classifier = _FakeClassifier()
+    cache = classifier_outputs(classifier, image_folder, tmp_path / "c", "toy", device="cpu", shard_size=4,
+                               shards=[1], progress=False)
+    assert cache.missing_shards() == [0, 2] and classifier.model.forward_calls == 1  # 4 rows, batch 64
+
+
+# ---------------------------------------------------------------------- pinned memory
+class _RecordingDataLoader(torch.utils.data.DataLoader):
+    """Records the ``pin_memory`` it was asked for, then loads without pinning (no GPU in CI)."""
+
+    requested: list = []
+
+    def __init__(self, *args, pin_memory=False, **kwargs):
+        type(self).requested.append(pin_memory)
+        super().__init__(*args, pin_memory=False, **kwargs)
+
+
+@pytest.mark.parametrize(("flag", "cuda", "expected"), [(False, True, False), (True, False, False), (True, True, True)])
+def test_pin_memory_reaches_the_dataloader_only_with_cuda(tmp_path, image_folder, monkeypatch, flag, cuda, expected):
+    monkeypatch.setattr(_RecordingDataLoader, "requested", [])
+    monkeypatch.setattr(torch.utils.data, "DataLoader", _RecordingDataLoader)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cache = ShardedCache(tmp_path / "c", {"t": 1}, len(image_folder), shard_size=4)
+    extract_to_cache(image_folder, ImageLoader(_grey_level), _CountingEncoder(), cache, 3, pin_memory=flag,
+                     progress=False)
+    assert _RecordingDataLoader.requested == [expected]
+
+
+def _grey_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.full((2,), _grey_level(image))
+
+
+class _StackRecordingEncoder:
+    def __init__(self):
+        self.stacked = []
+
+    def __call__(self, values):
+        self.stacked.append(getattr(values, "stacked", None))
+        if self.stacked[-1] is not None:  # the list items are the rows of the stacked batch
+            assert torch.equal(torch.stack(list(values)), self.stacked[-1])
+        return {"grey": torch.stack(list(values))[:, 0]}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_pin_memory_stacks_each_batch_once_with_the_same_result(tmp_path, image_folder, num_workers):
+    plain, stacked = _StackRecordingEncoder(), _StackRecordingEncoder()
+    caches = [ShardedCache(tmp_path / name, {"t": 1}, 10, shard_size=4) for name in ("a", "b")]
+    extract_to_cache(image_folder, ImageLoader(_grey_tensor), plain, caches[0], 3, progress=False)
+    extract_to_cache(image_folder, ImageLoader(_grey_tensor), stacked, caches[1], 3, num_workers=num_workers,
+                     pin_memory=True, progress=False)
+    # Shards of 4, batches of 3: rows [0 1 2] [3] [4 5 6] [7] [8 9]; rows 2, 5, 6 are unreadable.
+    assert plain.stacked == [None] * 5
+    assert [tuple(s.shape) for s in stacked.stacked] == [(2, 2), (1, 2), (1, 2), (1, 2), (2, 2)]
+    np.testing.assert_array_equal(caches[0].load("grey"), caches[1].load("grey"))
+    np.testing.assert_array_equal(caches[0].load("ok"), caches[1].load("ok"))
+
+
+def test_dataloader_pinning_pins_the_stacked_batch(monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin
+
+    pinned_shapes = []
+
+    def fake_pin(tensor, *args, **kwargs):  # CPU-only torch cannot pin: record and copy instead
+        pinned_shapes.append(tuple(tensor.shape))
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    loaded = [(4, torch.ones(3)), (5, None), (6, torch.zeros(3))]
+    batch = extract_module._Collate(stack=True)([(row, value, "bad" if value is None else "") for row, value in loaded])
+    batch = dataloader_pin(batch)
+    assert pinned_shapes == [(2, 3)]  # one page-locked copy per batch, not per image
+    values = batch.encoder_input()
+    assert batch.rows == [4, 6] and batch.skipped == [(5, "bad")] and values.stacked.shape == (2, 3)
+    assert [v.tolist() for v in values] == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_classifier_outputs_pins_by_default_on_cuda_only(tmp_path, image_folder, monkeypatch):
+    class _StayPut(_TinyNet):
+        def to(self, *args, **kwargs):  # no GPU here: the model stays on the CPU
+            return self
+
+    requested = []
+    monkeypatch.setattr(extract_module, "extract_to_cache",
+                        lambda *a, pin_memory=False, **k: requested.append(pin_memory) or None)
+    for device in ("cpu", torch.device("cuda")):
+        classifier_outputs(_FakeClassifier(model=_StayPut()), image_folder, tmp_path / str(device), "toy",
+                           device=device, shard_size=4, progress=False)
+    classifier_outputs(_FakeClassifier(), image_folder, tmp_path / "explicit", "toy", device="cpu",
+                       shard_size=4, progress=False, pin_memory=True)
+    assert requested == [False, True, True]
+
+
+# ---------------------------------------------------------------------- output_layout
+_LAYOUT = {"grey": ((), "float32"), "twice": ((2,), np.float64)}  # what _CountingEncoder returns
+
+
+def test_output_layout_lets_a_rank_write_shards_of_unreadable_files_only(tmp_path, image_folder):
+    items = image_folder[5:7] + image_folder[7:9]  # shard 0 = two bad files (rank 0 of 2), shard 1 = good
+    cache = ShardedCache(tmp_path / "c", {"t": 1}, 4, shard_size=2)
+    with pytest.raises(ExtractionError, match="output_layout"):  # no layout: shapes unknown
+        extract_to_cache(items, ImageLoader(_grey_level), _CountingEncoder(), cache, 2, shards=[0], progress=False)
+    encoder = _CountingEncoder()
+    report = extract_to_cache(items, ImageLoader(_grey_level), encoder, cache, 2, shards=[0], progress=False,
+                              output_layout=_LAYOUT)
+    assert report.computed_shards == [0] and encoder.calls == 0 and cache.missing_shards() == [1]
+    shard = cache.read_shard(0)
+    assert shard["grey"].shape == (2,) and shard["twice"].shape == (2, 2) and shard["twice"].dtype == np.float64
+    assert not shard["ok"].any() and shard["skipped_rows"].tolist() == [0, 1]
+    extract_to_cache(items, ImageLoader(_grey_level), _CountingEncoder(), cache, 2, shards=[1], progress=False,
+                     output_layout=_LAYOUT)  # rank 1: its real outputs agree with the declared layout
+    second = cache.read_shard(1)
+    for key in ("grey", "twice", "ok"):  # the row-aligned arrays agree across the two ranks' shards
+        assert (second[key].shape, second[key].dtype) == (shard[key].shape, shard[key].dtype), key
+    np.testing.assert_allclose(cache.load("twice"), [[0, 0], [0, 0], [70, 140], [80, 160]])
+
+
+def test_output_layout_is_checked_against_the_real_outputs(tmp_path, image_folder):
+    cache = ShardedCache(tmp_path / "c", {"t": 1}, 10, shard_size=4)
+    wrong = {"grey": ((), "float32"), "twice": ((3,), "float64")}
+    with pytest.raises(ExtractionError, match=r"twice: \(3,\) float64.*twice: \(2,\) float64"):
+        extract_to_cache(image_folder, ImageLoader(_grey_level), _CountingEncoder(), cache, 4, progress=False,
+                         output_layout=wrong)
+    with pytest.raises(ParameterError, match="output_layout"):
+        extract_to_cache(image_folder, ImageLoader(_grey_level), _CountingEncoder(), cache, 4, progress=False,
+                         output_layout={"ok": ((), "bool")})

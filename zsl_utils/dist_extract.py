@@ -70,7 +70,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .errors import DataLayoutError, ParameterError, ZslError
-from .extract import ImageLoader, dataset_fingerprint, extract_to_cache
+from .extract import ImageLoader, classifier_outputs_fingerprint, dataset_fingerprint, extract_to_cache
 
 KINDS = ("probs", "image_features", "text_features")
 _DEFAULT_DTYPE = {"probs": "float16", "image_features": "float32", "text_features": "float32"}
@@ -335,8 +335,10 @@ class _BatchEncoder:
     def _to_device(self, values: list) -> Any:
         if not isinstance(values[0], torch.Tensor):
             return values  # texts: the sentence encoder tokenises itself
-        batch = torch.stack(values)
-        if self.device.type == "cuda":  # pinned pages make the host-to-GPU copy asynchronous
+        batch = getattr(values, "stacked", None)  # extract_to_cache(pin_memory=True) stacked it
+        if batch is None:
+            batch = torch.stack(values)
+        if self.device.type == "cuda" and not batch.is_pinned():  # pinned pages: asynchronous copy
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True)
 
@@ -356,8 +358,12 @@ class _Job:
     fingerprint: dict
     load_item: Callable[[Any], Any] | None
     encoder: _BatchEncoder
-    row_bytes: int
+    output_layout: dict[str, tuple[tuple[int, ...], str]]  # lets a rank write all-unreadable shards
     desc: str
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.output_layout.values())
 
 
 def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
@@ -366,15 +372,9 @@ def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job
     classifier = load_classifier(spec.classifier, spec.weights, device=ctx.device)
     autocast_dtype = spec.autocast_dtype(ctx.device)
     dataset_id = spec.dataset_id or Path(spec.images_root).expanduser().resolve().name
-    itemsize = np.dtype(_STORAGE_DTYPES[spec.storage_dtype]).itemsize
     if spec.kind == "probs":
-        # Field for field the fingerprint of extract.classifier_outputs, so this cache and
-        # the notebooks' in-process cache are the same cache (tested).
-        fingerprint = {
-            "kind": "classifier_softmax", "classifier": _jsonable_fingerprint(classifier.fingerprint),
-            "n_classes": len(classifier.wnids), "dataset_id": dataset_id, "dataset": dataset_fingerprint(items),
-            "dtype": spec.storage_dtype, "autocast_dtype": autocast_dtype, "alpha_background": "white",
-        }
+        # The fingerprint of extract.classifier_outputs: this cache is the notebooks' cache.
+        fingerprint = classifier_outputs_fingerprint(classifier, items, dataset_id, spec.storage_dtype, autocast_dtype)
         forward, name, width = _softmax_of(classifier.model), "probs", len(classifier.wnids)
     else:
         # Field for field the fingerprint of features.image_features (HUSE notebook), plus the
@@ -387,22 +387,21 @@ def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job
             fingerprint["dtype"] = spec.storage_dtype
         if autocast_dtype is not None:
             fingerprint["autocast_dtype"] = autocast_dtype
-        forward, name, width = classifier.pooled_features, "features", _feature_width(classifier.model)
+        forward, name, width = classifier.pooled_features, "features", _feature_width(classifier)
     encoder = _BatchEncoder(forward, name, ctx.device, spec.storage_dtype, autocast_dtype, ctx.rank, spec)
-    return _Job(fingerprint, ImageLoader(classifier.preprocess), encoder, width * itemsize,
+    return _Job(fingerprint, ImageLoader(classifier.preprocess), encoder, {name: ((width,), spec.storage_dtype)},
                 f"rank {ctx.rank}: {classifier.name} {spec.kind} on {dataset_id}")
 
 
-def _jsonable_fingerprint(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, list, dict)) else str(value)
+def _feature_width(classifier: Any) -> int:
+    """Width of ``classifier.pooled_features``, measured on one blank image of the model's input size.
 
-
-def _feature_width(model: torch.nn.Module) -> int:
-    width = getattr(model, "num_features", None)
-    if isinstance(width, int) and width > 0:
-        return width
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return linears[-1].in_features if linears else 4096  # only a disk-space estimate
+    Measured rather than read from module attributes, because it fixes the array shape of
+    shards whose images are all unreadable (``output_layout``), not just a disk estimate.
+    """
+    size = classifier.preprocess.config.get("input_size", (3, 224, 224))
+    with torch.inference_mode():
+        return int(classifier.pooled_features(torch.zeros(1, *size)).shape[-1])
 
 
 def _text_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
@@ -420,11 +419,11 @@ def _text_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
     def forward(texts: list[str]) -> torch.Tensor:
         return torch.as_tensor(encoder_model.encode(texts, batch_size=len(texts), convert_to_numpy=True))
 
-    # sentence-transformers renamed this method; ask whichever exists.
+    # sentence-transformers renamed this method; ask whichever exists, else measure one text.
     dimension = getattr(encoder_model, "get_embedding_dimension", None) or encoder_model.get_sentence_embedding_dimension
+    width = dimension() or int(forward(["a"]).shape[-1])
     encoder = _BatchEncoder(forward, "features", ctx.device, spec.storage_dtype, None, ctx.rank, spec)
-    itemsize = np.dtype(_STORAGE_DTYPES[spec.storage_dtype]).itemsize
-    return _Job(fingerprint, non_empty_text, encoder, (dimension() or 384) * itemsize,
+    return _Job(fingerprint, non_empty_text, encoder, {"features": ((width,), spec.storage_dtype)},
                 f"rank {ctx.rank}: {MINILM_SPACE} on {dataset_id}")
 
 
@@ -465,7 +464,8 @@ def run_extraction(
     extract_began = time.perf_counter()
     try:
         report = extract_to_cache(items, job.load_item, job.encoder, cache, spec.batch_size, num_workers,
-                                  desc=job.desc, shards=shards, progress=progress)
+                                  desc=job.desc, shards=shards, progress=progress,
+                                  pin_memory=ctx.device.type == "cuda", output_layout=job.output_layout)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CacheFullError(

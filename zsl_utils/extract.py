@@ -55,6 +55,8 @@ LOAD_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
 )
 _MAX_REASON_CHARS = 200
+# Row-aligned output arrays of a cache: name -> (shape of one row, dtype).
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 class ExtractionError(ZslError):
@@ -153,8 +155,57 @@ class _LoadingDataset(torch.utils.data.Dataset):
         return row, value, ""
 
 
-def _keep_as_list(batch: list) -> list:
-    return batch
+class LoadedBatch(list):
+    """The loadable values of one batch: the list that ``encode_batch`` receives.
+
+    With ``extract_to_cache(..., pin_memory=True)`` and values that are tensors of one
+    shape, ``stacked`` also holds them as one ``[B, ...]`` tensor, stacked in the loading
+    worker and pinned by the DataLoader (on CUDA): an encoder can copy it to the GPU with
+    ``non_blocking=True`` instead of stacking again (the list items are views of it).
+    Otherwise ``stacked`` is None.
+    """
+
+    stacked: torch.Tensor | None = None
+
+
+class _Batch:
+    """One loaded batch: its first row, the loaded rows/values and the skipped rows."""
+
+    def __init__(self, loaded: list[tuple[int, Any, str]], stack: bool) -> None:
+        self.first_row = loaded[0][0]
+        self.rows = [row for row, value, _ in loaded if value is not None]
+        values = [value for _, value, _ in loaded if value is not None]
+        self.skipped = [(row, reason) for row, value, reason in loaded if value is None]
+        self.stacked = _stack_if_uniform(values) if stack else None
+        self.values = None if self.stacked is not None else values  # no second copy to ship
+
+    def pin_memory(self) -> "_Batch":
+        """Called by the DataLoader's pinning step (``pin_memory=True`` on CUDA)."""
+        if self.stacked is not None:
+            self.stacked = self.stacked.pin_memory()
+        return self
+
+    def encoder_input(self) -> LoadedBatch:
+        values = LoadedBatch(self.values if self.stacked is None else self.stacked.unbind(0))
+        values.stacked = self.stacked
+        return values
+
+
+def _stack_if_uniform(values: list) -> torch.Tensor | None:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors or len(tensors) != len(values) or len({(v.shape, v.dtype) for v in tensors}) != 1:
+        return None
+    return torch.stack(tensors)
+
+
+class _Collate:
+    """Picklable collate_fn: ``[(row, value, reason)] -> _Batch``."""
+
+    def __init__(self, stack: bool) -> None:
+        self.stack = stack
+
+    def __call__(self, loaded: list[tuple[int, Any, str]]) -> _Batch:
+        return _Batch(loaded, self.stack)
 
 
 def _batches_for_shards(cache: ShardedCache, shards: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -175,9 +226,10 @@ def _to_numpy(value: Any) -> np.ndarray:
 class _ShardAssembler:
     """Collects encoded batches of one shard and writes it when its last row arrives."""
 
-    def __init__(self, cache: ShardedCache, items: Sequence) -> None:
+    def __init__(self, cache: ShardedCache, items: Sequence, declared_layout: Layout | None = None) -> None:
         self.cache, self.items = cache, items
-        self.layout: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
+        self.declared_layout = declared_layout  # extract_to_cache(output_layout=...), checked against outputs
+        self.layout: Layout | None = None
         self.pending: dict[int, dict] = {}
         self.deferred: list[int] = []  # shards with no loadable item seen before any layout
 
@@ -187,7 +239,9 @@ class _ShardAssembler:
         if outputs is not None:
             state["rows"].append(rows)
             state["outputs"].append(outputs)
-            self.layout = self.layout or {k: (v.shape[1:], v.dtype) for k, v in outputs.items()}
+            if self.layout is None:
+                self.layout = {k: (tuple(v.shape[1:]), v.dtype) for k, v in outputs.items()}
+                self._check_declared(self.layout, f"encode_batch's output for rows {rows[0]}..{rows[-1]}")
         state["skipped"].extend(skipped)
         start, stop = self.cache.shard_bounds(shard)
         if state["seen"] < stop - start:
@@ -223,23 +277,55 @@ class _ShardAssembler:
     def finish(self) -> None:
         """Write shards whose every item was unreadable, once a layout is known."""
         if self.deferred and self.layout is None:
+            # Another rank (or an earlier run) may have written a shard meanwhile.
             self.layout = _layout_from_existing_shard(self.cache)
+            if self.layout is not None:
+                self._check_declared(self.layout, "the cache's existing shards")
+        if self.deferred and self.layout is None:
+            self.layout = self.declared_layout
         if self.deferred and self.layout is None:
             raise ExtractionError(
                 f"none of the {len(self.items)} items of cache {self.cache.directory} could be "
                 f"loaded, so the output shape is unknown; check the paths and the loader "
-                f"(first reasons: {[r for s in self.pending.values() for _, r in s['skipped']][:3]})."
+                f"(first reasons: {[r for s in self.pending.values() for _, r in s['skipped']][:3]}), "
+                f"or pass output_layout=... to extract_to_cache."
             )
         self._flush_deferred()
 
+    def _check_declared(self, found: Layout, source: str) -> None:
+        if self.declared_layout is not None and found != self.declared_layout:
+            raise ExtractionError(
+                f"output_layout {_describe(self.declared_layout)} passed to extract_to_cache differs from "
+                f"{source}: {_describe(found)}; fix the declared layout (array name -> (row shape, dtype))."
+            )
 
-def _layout_from_existing_shard(cache: ShardedCache):
+
+def normalise_layout(layout: Mapping[str, tuple[Sequence[int], Any]]) -> Layout:
+    """``{name: (row shape, dtype)}`` with tuple shapes and numpy dtypes; raises on nonsense."""
+    try:
+        normal = {str(k): (tuple(int(n) for n in shape), np.dtype(dtype)) for k, (shape, dtype) in layout.items()}
+    except (TypeError, ValueError) as error:
+        raise ParameterError(
+            f"output_layout must map array names to (row shape, dtype), e.g. {{'probs': ((1000,), 'float16')}}; "
+            f"got {layout!r} ({error})."
+        ) from error
+    reserved = sorted(set(normal) & {"ok", "skipped_rows", "skipped_reasons"})
+    if not normal or reserved:
+        raise ParameterError(f"output_layout {layout!r} must name at least one output array and none of {reserved}.")
+    return normal
+
+
+def _describe(layout: Layout) -> str:
+    return "{" + ", ".join(f"{k}: {shape} {dtype}" for k, (shape, dtype) in sorted(layout.items())) + "}"
+
+
+def _layout_from_existing_shard(cache: ShardedCache) -> Layout | None:
     done = [s for s in range(cache.n_shards) if cache.has_shard(s)]
     if not done:
         return None
     arrays = cache.read_shard(done[0])
     skip = {"ok", "skipped_rows", "skipped_reasons"}
-    return {k: (v.shape[1:], v.dtype) for k, v in arrays.items() if k not in skip}
+    return {k: (tuple(v.shape[1:]), v.dtype) for k, v in arrays.items() if k not in skip}
 
 
 def _encode(encode_batch: Callable, values: list, rows: list[int]) -> dict[str, np.ndarray]:
@@ -280,6 +366,8 @@ def extract_to_cache(
     desc: str = "extracting",
     shards: Sequence[int] | None = None,
     progress: bool = True,
+    pin_memory: bool = False,
+    output_layout: Mapping[str, tuple[Sequence[int], Any]] | None = None,
 ) -> ExtractionReport:
     """Fill the missing shards of ``cache`` with ``encode_batch`` outputs for ``items``.
 
@@ -295,11 +383,22 @@ def extract_to_cache(
         shards: compute only these shards (default: all missing) -- e.g.
             ``cache.shards_for_rank(rank, world_size)`` for one rank of a distributed job.
         progress: show a tqdm bar over shards.
+        pin_memory: for a GPU encoder: the loaded tensors of a batch are stacked in the
+            loading worker and the DataLoader pins that batch (page-locked memory, so the
+            host-to-GPU copy can be asynchronous); the encoder finds it as
+            ``values.stacked`` (see :class:`LoadedBatch`). Pinning happens only when CUDA is
+            available; without CUDA the flag only moves the stacking into the loader.
+        output_layout: ``{name: (row shape, dtype)}`` of ``encode_batch``'s outputs, e.g.
+            ``{"probs": ((1000,), "float16")}``. Needed only when every item of the shards
+            to compute is unreadable and no shard of the cache exists yet (say, one rank
+            of a distributed job whose files are all corrupt): without it the array shapes
+            of such shards are unknown. When given, it is checked against the real outputs.
 
     Returns:
         An :class:`ExtractionReport`; its ``skipped`` list also covers reused shards.
     """
     _check_extraction_arguments(items, cache, batch_size, num_workers)
+    declared = normalise_layout(output_layout) if output_layout is not None else None
     began = time.perf_counter()
     missing_before = cache.missing_shards()
     todo = sorted(missing_before if shards is None else set(shards) & set(missing_before))
@@ -307,16 +406,14 @@ def extract_to_cache(
         _LoadingDataset(items, load_item),
         batch_sampler=_batches_for_shards(cache, todo, batch_size),
         num_workers=num_workers,
-        collate_fn=_keep_as_list,
+        collate_fn=_Collate(stack=bool(pin_memory)),
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
     )
-    assembler = _ShardAssembler(cache, items)
+    assembler = _ShardAssembler(cache, items, declared)
     bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress)
     for batch in loader:
-        rows = [row for row, value, _ in batch if value is not None]
-        values = [value for _, value, _ in batch if value is not None]
-        skipped = [(row, reason) for row, value, reason in batch if value is None]
-        outputs = _encode(encode_batch, values, rows) if values else None
-        if assembler.add(batch[0][0] // cache.shard_size, rows, outputs, skipped):
+        outputs = _encode(encode_batch, batch.encoder_input(), batch.rows) if batch.rows else None
+        if assembler.add(batch.first_row // cache.shard_size, batch.rows, outputs, batch.skipped):
             bar.update(1)
     assembler.finish()
     bar.close()
@@ -380,7 +477,10 @@ class _SoftmaxEncoder:
 
     @torch.inference_mode()
     def __call__(self, tensors: list) -> dict[str, np.ndarray]:
-        batch = torch.stack(tensors).to(self.device, non_blocking=True)
+        batch = getattr(tensors, "stacked", None)  # stacked (and pinned on CUDA) by the loader
+        if batch is None:
+            batch = torch.stack(tensors)
+        batch = batch.to(self.device, non_blocking=True)
         if self.autocast_dtype is not None and self.device.type == "cuda":
             with torch.autocast("cuda", dtype=self.autocast_dtype):
                 logits = self.model(batch)
@@ -392,6 +492,39 @@ class _SoftmaxEncoder:
 
 _STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def classifier_outputs_fingerprint(
+    classifier: Any,
+    image_paths: Sequence[str | os.PathLike],
+    dataset_id: str,
+    dtype: str,
+    autocast_dtype: str | None = None,
+    dataset_root: str | os.PathLike | None = None,
+) -> dict:
+    """The cache fingerprint of :func:`classifier_outputs` for these arguments.
+
+    The one definition of it: ``classifier_outputs`` and the distributed extraction
+    (``dist_extract --kind probs``) both call this, so both fill the same cache. It
+    combines ``classifier.fingerprint`` (model, weights, preprocessing), the number of
+    classes, ``dataset_id``, the :func:`dataset_fingerprint` of the paths (row order and
+    file sizes), the storage ``dtype`` ("float16"/"float32") and the ``autocast_dtype``
+    (None, "bfloat16" or "float16"), which change the stored numbers.
+    """
+    if dtype not in _STORAGE_DTYPES:
+        raise ParameterError(f"dtype must be one of {sorted(_STORAGE_DTYPES)}, got {dtype!r}.")
+    if autocast_dtype not in _AUTOCAST_DTYPES:
+        raise ParameterError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
+    return {
+        "kind": "classifier_softmax",
+        "classifier": _classifier_fingerprint(classifier),
+        "n_classes": len(classifier.wnids),
+        "dataset_id": dataset_id,
+        "dataset": dataset_fingerprint([str(p) for p in image_paths], dataset_root),
+        "dtype": dtype,
+        "autocast_dtype": autocast_dtype,
+        "alpha_background": "white",
+    }
 
 
 def classifier_outputs(
@@ -407,36 +540,30 @@ def classifier_outputs(
     autocast_dtype: str | None = None,
     dataset_root: str | os.PathLike | None = None,
     progress: bool = True,
+    shards: Sequence[int] | None = None,
+    pin_memory: bool | None = None,
 ) -> ShardedCache:
     """Softmax probabilities of ``classifier`` over ``image_paths``, cached in ``cache_dir``.
 
     The cache holds ``probs`` (n_images x n_classes, ``dtype``, columns in the order of
     ``classifier.wnids``) and ``ok`` (False for unreadable images, whose rows are zero).
-    Its fingerprint combines ``classifier.fingerprint``, ``dataset_id``, the
-    :func:`dataset_fingerprint` of the paths, the storage dtype and the autocast dtype,
-    so a rerun reuses finished shards and a different model/dataset is refused.
+    Its fingerprint (:func:`classifier_outputs_fingerprint`) combines
+    ``classifier.fingerprint``, ``dataset_id``, the :func:`dataset_fingerprint` of the
+    paths, the storage dtype and the autocast dtype, so a rerun reuses finished shards and
+    a different model/dataset is refused.
     Batch size, workers and device are *not* in the fingerprint: they do not change the
     numbers beyond float32 round-off (``autocast_dtype="bfloat16"`` would, hence it is).
     Unreadable images are listed by :func:`read_skipped` (and printed when progress=True).
+
+    ``shards`` computes only those shards (default: every missing one); the returned
+    cache is then incomplete. ``pin_memory`` (default: True when ``device`` is CUDA)
+    pins each loaded batch for an asynchronous host-to-GPU copy.
     """
     from .device import pick_device
 
-    if dtype not in _STORAGE_DTYPES:
-        raise ParameterError(f"dtype must be one of {sorted(_STORAGE_DTYPES)}, got {dtype!r}.")
-    if autocast_dtype not in _AUTOCAST_DTYPES:
-        raise ParameterError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
-    torch_device = device if isinstance(device, torch.device) else pick_device(device)
     paths = [str(p) for p in image_paths]
-    fingerprint = {
-        "kind": "classifier_softmax",
-        "classifier": _classifier_fingerprint(classifier),
-        "n_classes": len(classifier.wnids),
-        "dataset_id": dataset_id,
-        "dataset": dataset_fingerprint(paths, dataset_root),
-        "dtype": dtype,
-        "autocast_dtype": autocast_dtype,
-        "alpha_background": "white",
-    }
+    fingerprint = classifier_outputs_fingerprint(classifier, paths, dataset_id, dtype, autocast_dtype, dataset_root)
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
     cache = ShardedCache(cache_dir, fingerprint, len(paths), shard_size)
     if cache.is_complete():
         return cache
@@ -447,7 +574,9 @@ def classifier_outputs(
     try:
         report = extract_to_cache(
             paths, ImageLoader(classifier.preprocess), encoder, cache, batch_size, num_workers,
-            desc=f"{getattr(classifier, 'name', 'classifier')} on {dataset_id}", progress=progress,
+            desc=f"{getattr(classifier, 'name', 'classifier')} on {dataset_id}", shards=shards, progress=progress,
+            pin_memory=torch_device.type == "cuda" if pin_memory is None else pin_memory,
+            output_layout={"probs": ((len(classifier.wnids),), _STORAGE_DTYPES[dtype])},
         )
     finally:
         model.to(home)  # leave the caller's classifier where it was
