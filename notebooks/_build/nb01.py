@@ -24,6 +24,7 @@ top_k: int = 5  # unseen labels listed per image
 example_stamps: list[str] = ["giraffe", "penguin", "elephant", "capybara", "kangaroo", "owl", "seahorse"]  # Tux Paint stamps shown
 stamps_dir: str = ""  # Tux Paint stamps folder; empty means the copy fetched into data/raw
 batch_size: int = 32  # images per classifier forward pass
+extraction_processes: int = 1  # processes for cache extraction (1: in this notebook; N: torchrun on this machine)
 '''
 
 SETUP = '''\
@@ -34,7 +35,7 @@ import pandas as pd
 from PIL import Image
 from scipy.stats import spearmanr
 
-from zsl_utils import config, conse, datasets, plots
+from zsl_utils import config, conse, datasets, dist_extract, plots
 from zsl_utils.classifiers import imagenet_wnids, load_classifier, to_rgb, wnid_lemmas, wnid_names
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.errors import ParameterError
@@ -45,7 +46,8 @@ from zsl_utils.wordnet import WordNet
 
 seed_everything(seed)
 torch_device = pick_device(device)
-for _name, _value in {"conse_T": conse_T, "top_k": top_k, "batch_size": batch_size, "min(T_values)": min(T_values)}.items():
+for _name, _value in {"conse_T": conse_T, "top_k": top_k, "batch_size": batch_size, "min(T_values)": min(T_values),
+                      "extraction_processes": extraction_processes}.items():
     if _value < 1:
         raise ParameterError(f"Notebook parameter {_name} must be >= 1, got {_value}.")
 stamps = load_stamps(Path(stamps_dir) if stamps_dir else None)
@@ -150,7 +152,9 @@ training and candidate labels. `datasets.filter_stamps` then keeps the photos (T
 stores drawings in `cartoon/` folders) whose synset is an animal; a photo is *unseen* when
 its synset is not a training class but is among the candidates. Softmax outputs for every
 stamp are computed once and cached on disk (`zsl_utils.extract.classifier_outputs`);
-everything below works on that probability matrix."""),
+everything below works on that probability matrix. With `extraction_processes` > 1 the
+cache is first filled by that many processes (`zsl_utils.dist_extract.fill_cache`, one per
+GPU when there are GPUs) and `classifier_outputs` then only reads it."""),
     ("code", '''\
 stamp_labels = datasets.tuxpaint_by_wnid(stamps, wordnet, label_space=set(classifier.wnids) | set(unseen_wnids),
                                          seen_wnids=classifier.wnids)
@@ -159,10 +163,14 @@ candidate_set = set(unseen.labels)
 unseen_photos = animals[animals.wnid.isin(candidate_set)].reset_index(drop=True)
 seen_photos = datasets.filter_stamps(stamp_labels)
 seen_photos = seen_photos[seen_photos.seen].reset_index(drop=True)
-cache = classifier_outputs(
-    classifier, [str(p) for p in stamps.path], config.CACHE_DIR / f"01_tuxpaint_{classifier.name.replace(':', '_')}",
-    dataset_id="tuxpaint_stamps", batch_size=batch_size, device=torch_device, dtype="float32", progress=False,
-)
+stamp_paths = [str(p) for p in stamps.path]
+cache_folder = config.CACHE_DIR / f"01_tuxpaint_{classifier.name.replace(':', '_')}"
+if extraction_processes > 1:  # same items, dataset_id, model and dtype: the cache classifier_outputs reads
+    dist_extract.fill_cache("probs", stamp_paths, cache_folder, "tuxpaint_stamps", processes=extraction_processes,
+                            classifier=classifier_name, weights=classifier_weights or None, batch_size=batch_size,
+                            dtype="float32", autocast="none", device=device, progress=False)
+cache = classifier_outputs(classifier, stamp_paths, cache_folder, dataset_id="tuxpaint_stamps",
+                           batch_size=batch_size, device=torch_device, dtype="float32", progress=False)
 probs_all, ok = cache.load("probs"), cache.load("ok").astype(bool)
 row_of = {str(path): row for row, path in enumerate(stamps.path)}
 print(f"{len(animals)} animal photos, {len(unseen_photos)} of them unseen; "
@@ -332,11 +340,10 @@ Notebook `02_imagenet_zero_shot_eval` evaluates ConSE on ImageNet's zero-shot te
 
 def build() -> nbformat.NotebookNode:
     cells = []
-    for kind, source in CELLS:
-        if kind == "md":
-            cells.append(new_markdown_cell(source))
-        else:
-            cells.append(new_code_cell(source))
+    for index, (kind, source) in enumerate(CELLS):
+        cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
+        cell.id = f"cell-{index:02d}"  # fixed ids: regenerating does not churn every cell
+        cells.append(cell)
     cells[1].metadata["tags"] = ["parameters"]
     notebook = new_notebook(cells=cells)
     notebook.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}

@@ -29,6 +29,7 @@ T_values: list[int] = [1, 10, 1000]  # ConSE's T: how many top training labels a
 ks: list[int] = [1, 2, 5, 10, 20]  # cut-offs k of hit@k and hp@k
 batch_size: int = 64  # images per classifier forward pass
 num_workers: int = 0  # DataLoader processes decoding images (0 decodes in the notebook process)
+extraction_processes: int = 1  # processes for cache extraction (1: in this notebook; N: torchrun on this machine)
 shard_size: int = 1024  # images per cache shard (the unit of resumption)
 eval_batch_size: int = 4096  # cached rows ranked at once during evaluation
 n_examples: int = 4  # hits and misses shown in the example figure
@@ -41,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from zsl_utils import config, imagenet, plots
+from zsl_utils import config, dist_extract, imagenet, plots
 from zsl_utils.classifiers import load_classifier, wnid_lemmas, wnid_names
 from zsl_utils.datasets import image_folder_by_wnid, tuxpaint_by_wnid
 from zsl_utils.device import pick_device, seed_everything
@@ -55,7 +56,8 @@ seed_everything(seed)
 torch_device = pick_device(device)
 for _name, _value in {"batch_size": batch_size, "shard_size": shard_size, "eval_batch_size": eval_batch_size,
                       "min(T_values)": min(T_values), "min(ks)": min(ks), "n_examples": n_examples + 1,
-                      "num_workers": num_workers + 1, "max_images_per_class": max_images_per_class + 1}.items():
+                      "num_workers": num_workers + 1, "max_images_per_class": max_images_per_class + 1,
+                      "extraction_processes": extraction_processes}.items():
     if _value < 1:
         raise ParameterError(f"Notebook parameter {_name} is out of range (got {_value}); see the parameters cell.")
 if list(ks) != sorted(set(ks)):
@@ -202,11 +204,21 @@ file and renamed into place, so an interrupted run leaves no half-written shard 
 next run computes only the missing ones. The cache is keyed by the classifier's
 fingerprint (architecture, weights, preprocessing) and the dataset's (relative paths and
 file sizes): pointing it at another model or image set is refused with a message rather
-than silently mixing outputs. Unreadable images are skipped and listed, never fatal."""),
+than silently mixing outputs. Unreadable images are skipped and listed, never fatal.
+
+On a machine with several GPUs, set `extraction_processes` to their number: the same
+cache is then filled by that many processes launched with `torchrun` (each takes every
+N-th shard; `zsl_utils.dist_extract.fill_cache`, see `docs/DISTRIBUTED.md`), and
+`classifier_outputs` below finds it complete and only reads it. The cached numbers are
+the same either way."""),
     ("code", '''\
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
 cache_folder = outputs_dir / f"{classifier.name}--{dataset_id}".replace("/", "_").replace(":", "_")
 started = time.perf_counter()
+if extraction_processes > 1:  # same items, dataset_id, model and settings: the cache classifier_outputs reads
+    dist_extract.fill_cache("probs", images["path"].tolist(), cache_folder, dataset_id, processes=extraction_processes,
+                            classifier=classifier_name, weights=classifier_weights or None, batch_size=batch_size,
+                            shard_size=shard_size, num_workers=num_workers, autocast="none", device=device)
 probs_cache = classifier_outputs(classifier, images["path"].tolist(), cache_folder, dataset_id,
                                  batch_size=batch_size, device=torch_device, num_workers=num_workers,
                                  shard_size=shard_size)
@@ -321,8 +333,10 @@ print(f"reopened the complete cache in {time.perf_counter() - started:.2f} s "
 
 def build() -> nbformat.NotebookNode:
     cells = []
-    for kind, source in CELLS:
-        cells.append(new_markdown_cell(source) if kind == "md" else new_code_cell(source))
+    for index, (kind, source) in enumerate(CELLS):
+        cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
+        cell.id = f"cell-{index:02d}"  # fixed ids: regenerating does not churn every cell
+        cells.append(cell)
     cells[1].metadata["tags"] = ["parameters"]
     notebook = new_notebook(cells=cells)
     notebook.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
