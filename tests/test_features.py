@@ -10,12 +10,17 @@ import torch
 from PIL import Image
 
 from zsl_utils.errors import AssetUnavailableError, ParameterError, StaleCacheError
+from zsl_utils.cache import normalise_fingerprint, read_meta
 from zsl_utils.features import (
     _BertStyleEncoder,
     fit_tfidf,
     image_features,
+    image_features_cache_dir,
+    image_features_fingerprint,
     salient_words,
     text_features,
+    text_features_cache_dir,
+    text_features_fingerprint,
 )
 
 
@@ -118,3 +123,59 @@ def test_default_cache_dirs_differ_by_content(monkeypatch, tmp_path):
     second = text_features(["soup", "salad"], "toy", kind="tfidf", fit_texts=["salad"], device="cpu", progress=False)
     assert first.cache_dir != second.cache_dir  # no StaleCacheError: another fit gets its own folder
     assert first.features[0].tolist() == [1.0] and second.features[1].tolist() == [1.0]
+
+
+def test_public_text_fingerprints_and_folders_are_what_the_cache_stores(monkeypatch, tmp_path):
+    from zsl_utils import config
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    texts, fit = ["apple pie", float("nan"), "miso ramen"], ["apple pie"]
+    for kind in ("tfidf", "minilm"):
+        result = text_features(texts, "toy", kind=kind, fit_texts=fit, shard_size=2, device="cpu", progress=False)
+        expected = text_features_fingerprint(texts, "toy", kind=kind, fit_texts=fit)
+        assert read_meta(result.cache_dir)["fingerprint"] == normalise_fingerprint(expected)
+        assert result.cache_dir == text_features_cache_dir(texts, "toy", kind=kind, fit_texts=fit, shard_size=2)
+    assert text_features_fingerprint(texts, "toy")["model"] == "all-MiniLM-L6-v2"
+    assert text_features_fingerprint(texts, "toy", dtype="float16")["dtype"] == "float16"
+    assert "dtype" not in text_features_fingerprint(texts, "toy")  # float32 caches keep their old fingerprint
+    with pytest.raises(ParameterError, match="dtype"):
+        text_features_fingerprint(texts, "toy", dtype="int8")
+
+
+def test_public_image_fingerprint_and_folder_are_what_the_cache_stores(monkeypatch, tmp_path):
+    from zsl_utils import config
+    from zsl_utils.classifiers import load_classifier
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(paths[0])
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(paths[1])
+    classifier = load_classifier("efficientnet_lite0", device="cpu")
+    by_name = image_features(paths, "toy", device="cpu", progress=False)  # default folder
+    expected = image_features_fingerprint(classifier, paths, "toy")
+    assert read_meta(by_name.cache_dir)["fingerprint"] == normalise_fingerprint(expected)
+    assert by_name.cache_dir == image_features_cache_dir(classifier, paths, "toy", shard_size=1024)
+    shard = next(by_name.cache_dir.glob("shard_*.npz"))
+    stamp = shard.stat().st_mtime_ns
+    loaded = image_features(paths, "toy", model=classifier, progress=False)  # a loaded classifier: same cache
+    assert loaded.cache_dir == by_name.cache_dir and shard.stat().st_mtime_ns == stamp
+    assert np.array_equal(loaded.features, by_name.features)
+    bf16 = image_features_fingerprint(classifier, paths, "toy", dtype="float16", autocast_dtype="bfloat16")
+    assert (bf16["dtype"], bf16["autocast_dtype"]) == ("float16", "bfloat16")
+    assert {k: v for k, v in bf16.items() if k not in ("dtype", "autocast_dtype")} == expected
+    with pytest.raises(ParameterError, match="weights"):
+        image_features(paths, "toy", model=classifier, weights=paths[0], progress=False)
+    with pytest.raises(ParameterError, match="autocast_dtype"):
+        image_features_fingerprint(classifier, paths, "toy", autocast_dtype="fp8")
+
+
+def test_shards_compute_only_those_and_return_none_until_complete(tmp_path):
+    texts = ["apple pie", "apple tart", "", "plum tart", "pie"]  # shard_size 2: shards 0, 1, 2
+    settings = dict(kind="tfidf", shard_size=2, device="cpu", progress=False)
+    partial = text_features(texts, "toy", cache_dir=tmp_path / "part", shards=[1], **settings)
+    assert partial is None
+    assert sorted(p.name for p in (tmp_path / "part").glob("shard_*.npz")) == ["shard_000001.npz"]
+    rest = text_features(texts, "toy", cache_dir=tmp_path / "part", shards=[0, 2], **settings)
+    whole = text_features(texts, "toy", cache_dir=tmp_path / "whole", **settings)
+    assert np.array_equal(rest.features, whole.features) and rest.ok.tolist() == [True, True, False, True, True]
+    assert rest.skipped["row"].tolist() == [2]

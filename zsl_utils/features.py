@@ -24,6 +24,11 @@ Text features (``kind``):
 
 Rows that cannot be encoded (unreadable image, empty text) are zero with ``ok=False``
 and are listed in ``FeatureSet.skipped``.
+
+The cache fingerprints (:func:`image_features_fingerprint`, :func:`text_features_fingerprint`)
+and default folders (:func:`image_features_cache_dir`, :func:`text_features_cache_dir`) are
+public and defined once: ``zsl_utils.dist_extract`` fills the very same caches on N
+processes, and a notebook names the folder once for both paths.
 """
 from __future__ import annotations
 
@@ -89,9 +94,12 @@ def default_cache_dir(dataset_id: str, what: str, fingerprint: dict | None = Non
 
 def _cached(
     items: Sequence[Any], load_item, encode_batch, cache_dir: Path, fingerprint: dict, batch_size: int,
-    num_workers: int, shard_size: int, desc: str, progress: bool,
-) -> FeatureSet:
-    """Fill (or reuse) the cache, then read ``features`` / ``ok`` / skipped rows back."""
+    num_workers: int, shard_size: int, desc: str, progress: bool, shards: Sequence[int] | None = None,
+) -> FeatureSet | None:
+    """Fill (or reuse) the cache, then read ``features`` / ``ok`` / skipped rows back.
+
+    With ``shards``, only those are computed; None is returned while others are missing.
+    """
     from .extract import extract_to_cache, read_skipped
 
     if len(items) == 0:
@@ -99,9 +107,11 @@ def _cached(
     cache = ShardedCache(cache_dir, fingerprint, len(items), shard_size)
     if not cache.is_complete():
         report = extract_to_cache(items, load_item, encode_batch, cache, batch_size, num_workers, desc=desc,
-                                  progress=progress)
+                                  shards=shards, progress=progress)
         if progress:
             print(report)
+        if shards is not None and not cache.is_complete():
+            return None
     skipped = pd.DataFrame([vars(s) for s in read_skipped(cache, [str(i)[:200] for i in items])],
                            columns=["row", "item", "reason"])
     return FeatureSet(cache.load("features").astype(np.float32), cache.load("ok").astype(bool), skipped, cache.directory)
@@ -118,10 +128,67 @@ class _PooledEncoder:
         return {"features": self.classifier.pooled_features(torch.stack(tensors)).cpu().numpy().astype(np.float32)}
 
 
+_STORAGE_DTYPES = ("float32", "float16")
+_AUTOCAST_DTYPES = (None, "bfloat16", "float16")
+
+
+def image_features_fingerprint(
+    classifier: Any,
+    image_paths: Sequence[str | Path],
+    dataset_id: str,
+    dtype: str = "float32",
+    autocast_dtype: str | None = None,
+) -> dict[str, Any]:
+    """The cache fingerprint of :func:`image_features` for these images and this loaded classifier.
+
+    The one definition of it: ``image_features`` and the distributed extraction
+    (``dist_extract --kind image_features``) both call this, so both fill the same cache.
+    It combines ``classifier.fingerprint`` (model, weights, preprocessing), ``dataset_id``
+    and the ``extract.dataset_fingerprint`` of the paths (row order and file sizes).
+    ``image_features`` itself stores float32 from a float32 forward; a float16 storage
+    ``dtype`` or an ``autocast_dtype`` ("bfloat16"/"float16", GPU extraction) change the
+    numbers and are then recorded, so such a cache is a different cache.
+    """
+    from .extract import dataset_fingerprint
+
+    if dtype not in _STORAGE_DTYPES:
+        raise ParameterError(f"image features dtype must be one of {_STORAGE_DTYPES}, got {dtype!r}.")
+    if autocast_dtype not in _AUTOCAST_DTYPES:
+        raise ParameterError(f"autocast_dtype must be one of {_AUTOCAST_DTYPES}, got {autocast_dtype!r}.")
+    fingerprint: dict[str, Any] = {
+        "kind": "pooled_image_features",
+        "classifier": classifier.fingerprint,
+        "dataset_id": dataset_id,
+        "dataset": dataset_fingerprint([str(p) for p in image_paths]),
+        "alpha_background": "white",
+    }
+    if dtype != "float32":  # recorded only when it differs, so existing float32 caches keep their fingerprint
+        fingerprint["dtype"] = dtype
+    if autocast_dtype is not None:
+        fingerprint["autocast_dtype"] = autocast_dtype
+    return fingerprint
+
+
+def image_features_cache_dir(
+    classifier: Any, image_paths: Sequence[str | Path], dataset_id: str, shard_size: int = 1024
+) -> Path:
+    """The folder :func:`image_features` uses when no ``cache_dir`` is given.
+
+    Public so that a notebook can name the folder once and hand it both to
+    ``dist_extract.fill_cache`` (N processes) and to ``image_features`` (which then only reads).
+    """
+    return _image_cache_dir(image_features_fingerprint(classifier, image_paths, dataset_id), dataset_id,
+                            classifier.name, shard_size)
+
+
+def _image_cache_dir(fingerprint: dict, dataset_id: str, model_name: str, shard_size: int) -> Path:
+    return default_cache_dir(dataset_id, f"image_{model_name}", {**fingerprint, "shard_size": shard_size})
+
+
 def image_features(
     image_paths: Sequence[str | Path],
     dataset_id: str,
-    model: str = DEFAULT_IMAGE_MODEL,
+    model: Any = DEFAULT_IMAGE_MODEL,
     weights: str | Path | None = None,
     cache_dir: str | Path | None = None,
     device: str = "auto",
@@ -129,24 +196,42 @@ def image_features(
     num_workers: int = 0,
     shard_size: int = 1024,
     progress: bool = True,
-) -> FeatureSet:
-    """Pooled features of ``model`` for every image, cached; unreadable images are skipped and listed."""
-    from .classifiers import load_classifier
-    from .extract import ImageLoader, dataset_fingerprint
+    shards: Sequence[int] | None = None,
+) -> FeatureSet | None:
+    """Pooled features of ``model`` for every image, cached; unreadable images are skipped and listed.
 
-    classifier = load_classifier(model, weights=weights, device=device)
+    ``model``: a name ``classifiers.load_classifier`` accepts (loaded here with ``weights``
+    on ``device``), or an already loaded ``LoadedClassifier`` (used as it is; then
+    ``weights`` must be None). ``cache_dir``: default :func:`image_features_cache_dir`.
+    ``shards``: compute only these shards (default: every missing one), e.g. one
+    process's share of a distributed job; returns None when the cache is still
+    incomplete afterwards.
+    """
+    from .extract import ImageLoader
+
+    classifier = _classifier(model, weights, device)
     paths = [str(p) for p in image_paths]
-    fingerprint = {
-        "kind": "pooled_image_features",
-        "classifier": classifier.fingerprint,
-        "dataset_id": dataset_id,
-        "dataset": dataset_fingerprint(paths),
-        "alpha_background": "white",
-    }
-    layout = {**fingerprint, "shard_size": shard_size}
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"image_{model}", layout)
+    fingerprint = image_features_fingerprint(classifier, paths, dataset_id)
+    directory = Path(cache_dir) if cache_dir else _image_cache_dir(fingerprint, dataset_id, classifier.name, shard_size)
     return _cached(paths, ImageLoader(classifier.preprocess), _PooledEncoder(classifier), directory, fingerprint,
-                   batch_size, num_workers, shard_size, f"{model} features", progress)
+                   batch_size, num_workers, shard_size, f"{classifier.name} features", progress, shards)
+
+
+def _classifier(model: Any, weights: str | Path | None, device: str):
+    """``model`` if it is a loaded classifier, else ``load_classifier(model, weights, device)``."""
+    from .classifiers import load_classifier
+
+    if isinstance(model, str):
+        return load_classifier(model, weights=weights, device=device)
+    if not hasattr(model, "fingerprint") or not hasattr(model, "pooled_features"):
+        raise ParameterError(
+            f"image_features(model={model!r}): pass a classifier name (e.g. {DEFAULT_IMAGE_MODEL!r}) or a "
+            "classifier from zsl_utils.classifiers.load_classifier."
+        )
+    if weights is not None:
+        raise ParameterError("image_features: weights= applies to a classifier name only; this classifier is "
+                             "already loaded (pass weights to load_classifier instead).")
+    return model
 
 
 # ---------------------------------------------------------------------------- texts
@@ -238,6 +323,68 @@ def _bert_dir(bert_model: str | Path | None) -> Path:
     return path
 
 
+def text_features_fingerprint(
+    texts: Sequence[str],
+    dataset_id: str,
+    kind: str = "minilm",
+    fit_texts: Sequence[str] | None = None,
+    bert_model: str | Path | None = None,
+    max_words: int = SALIENT_WORDS,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """The cache fingerprint of :func:`text_features` for these arguments (the one definition of it).
+
+    Always: the kind, ``dataset_id`` and the SHA-256 of the texts in row order. ``"minilm"``
+    adds the model name; ``"tfidf"`` the fitting texts' hash and vocabulary size;
+    ``"bert"`` the model folder, its files' names and sizes, the fitting texts' hash and
+    ``max_words``. A float16 storage ``dtype`` (distributed extraction only) is recorded
+    when used. Nothing is loaded or fitted here.
+    """
+    if kind not in TEXT_KINDS:
+        raise ParameterError(f"text kind={kind!r}; choose one of {TEXT_KINDS}.")
+    if dtype not in _STORAGE_DTYPES:
+        raise ParameterError(f"text features dtype must be one of {_STORAGE_DTYPES}, got {dtype!r}.")
+    texts = _as_texts(texts)
+    fitting = _as_texts(fit_texts) if fit_texts is not None else texts
+    fingerprint: dict[str, Any] = {"kind": f"text_{kind}", "dataset_id": dataset_id, "texts": texts_fingerprint(texts)}
+    if kind == "minilm":
+        from .semantic import MINILM_SPACE
+
+        fingerprint["model"] = MINILM_SPACE
+    elif kind == "tfidf":
+        fingerprint.update(fit=texts_fingerprint(fitting), max_features=TFIDF_FEATURES)
+    else:
+        model_dir = _bert_dir(bert_model)
+        fingerprint.update(model=str(model_dir.resolve()), weights=_folder_signature(model_dir),
+                           fit=texts_fingerprint(fitting), max_words=max_words, layers=4)
+    if dtype != "float32":  # recorded only when it differs, so existing float32 caches keep their fingerprint
+        fingerprint["dtype"] = dtype
+    return fingerprint
+
+
+def text_features_cache_dir(
+    texts: Sequence[str],
+    dataset_id: str,
+    kind: str = "minilm",
+    fit_texts: Sequence[str] | None = None,
+    bert_model: str | Path | None = None,
+    max_words: int = SALIENT_WORDS,
+    shard_size: int = 4096,
+) -> Path:
+    """The folder :func:`text_features` uses when no ``cache_dir`` is given (see :func:`image_features_cache_dir`)."""
+    fingerprint = text_features_fingerprint(texts, dataset_id, kind, fit_texts, bert_model, max_words)
+    return _text_cache_dir(fingerprint, dataset_id, kind, shard_size)
+
+
+def _text_cache_dir(fingerprint: dict, dataset_id: str, kind: str, shard_size: int) -> Path:
+    return default_cache_dir(dataset_id, f"text_{kind}", {**fingerprint, "shard_size": shard_size})
+
+
+def _as_texts(texts: Sequence[Any]) -> list[str]:
+    """Non-strings (NaN from a CSV, None) become empty texts, which are skipped and listed."""
+    return [t if isinstance(t, str) else "" for t in texts]
+
+
 def text_features(
     texts: Sequence[str],
     dataset_id: str,
@@ -250,41 +397,34 @@ def text_features(
     shard_size: int = 4096,
     max_words: int = SALIENT_WORDS,
     progress: bool = True,
-) -> FeatureSet:
+    shards: Sequence[int] | None = None,
+) -> FeatureSet | None:
     """Text features of ``kind`` (see the module docstring) for every text, cached.
 
     ``fit_texts``: the texts the TF-IDF statistics come from ("tfidf" vocabulary, "bert"
     salient-word selection): pass the training split's texts so that no test text
-    influences the features; default: ``texts`` themselves.
+    influences the features; default: ``texts`` themselves. ``cache_dir``: default
+    :func:`text_features_cache_dir`. ``shards``: compute only these shards (default:
+    every missing one); returns None when the cache is still incomplete afterwards.
     """
     from .device import pick_device
 
-    if kind not in TEXT_KINDS:
-        raise ParameterError(f"text kind={kind!r}; choose one of {TEXT_KINDS}.")
-    texts = [t if isinstance(t, str) else "" for t in texts]
+    fingerprint = text_features_fingerprint(texts, dataset_id, kind, fit_texts, bert_model, max_words)
+    texts = _as_texts(texts)
+    fitting = _as_texts(fit_texts) if fit_texts is not None else texts
     torch_device = pick_device(device)
-    fitting = list(fit_texts) if fit_texts is not None else texts
-    fingerprint: dict[str, Any] = {"kind": f"text_{kind}", "dataset_id": dataset_id, "texts": texts_fingerprint(texts)}
     items: list[str] = texts
     if kind == "minilm":
-        from .semantic import MINILM_SPACE
-
-        fingerprint["model"] = MINILM_SPACE
         encoder: Any = _SentenceEncoder(str(torch_device))
     elif kind == "tfidf":
-        fingerprint.update(fit=texts_fingerprint(fitting), max_features=TFIDF_FEATURES)
         encoder = _TfidfEncoder(fit_tfidf(fitting))
     else:
-        model_dir = _bert_dir(bert_model)
         vectorizer = fit_tfidf(fitting, max_features=None)
         items = [salient_words(t, vectorizer, max_words) for t in texts]
-        fingerprint.update(model=str(model_dir.resolve()), weights=_folder_signature(model_dir),
-                           fit=texts_fingerprint(fitting), max_words=max_words, layers=4)
-        encoder = _BertStyleEncoder(model_dir, torch_device)
-    layout = {**fingerprint, "shard_size": shard_size}
-    directory = Path(cache_dir) if cache_dir else default_cache_dir(dataset_id, f"text_{kind}", layout)
+        encoder = _BertStyleEncoder(_bert_dir(bert_model), torch_device)
+    directory = Path(cache_dir) if cache_dir else _text_cache_dir(fingerprint, dataset_id, kind, shard_size)
     return _cached(items, non_empty_text, encoder, directory, fingerprint, batch_size, 0, shard_size,
-                   f"{kind} text features", progress)
+                   f"{kind} text features", progress, shards)
 
 
 def _folder_signature(folder: Path) -> list[list]:
