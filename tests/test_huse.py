@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -335,3 +336,130 @@ def test_retrieval_examples_exclude_the_query_pair(tmp_path):
     assert len(image_queries) == len(text_queries) == 3
     text_zero = next(q for q in text_queries if q[0] == "t0")  # text 0 (0 deg): images at 60 and 90 deg, own image excluded
     assert [label for _, label in text_zero[2]] == ["b", "a"]
+
+
+# ---------------------------------------------------------------------------- resume from checkpoints
+def _assert_same_training(expected, got) -> None:
+    for key, value in expected.model.state_dict().items():
+        assert torch.equal(value, got.model.state_dict()[key]), key
+    assert expected.history.equals(got.history)
+
+
+def test_training_interrupted_after_the_midway_checkpoint_resumes_bitwise(tmp_path, monkeypatch):
+    import zsl_utils.huse_train as huse_train
+    from zsl_utils.checkpoint import list_checkpoints
+
+    split, class_distance = toy_split()
+    # 12 steps, checkpoint at 6; loss rows every 4 steps, so the checkpoint holds a half-full window
+    # (steps 5-6); batches of 6 of 16 items, so it also falls inside an epoch.
+    config = TrainConfig(num_steps=12, batch_size=6, learning_rate=1e-2, log_every=4, seed=1)
+    uninterrupted = train_huse(split, class_distance, config=config, architecture=SMALL, progress=False)
+    calls, real_loss = [], huse_train.huse_loss
+
+    def loss_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # step 9: after the checkpoint of step 6, before the next one
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(huse_train, "huse_loss", loss_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_huse(split, class_distance, config=config, architecture=SMALL, progress=False,
+                   checkpoint_dir=tmp_path, checkpoint_every=6)
+    monkeypatch.setattr(huse_train, "huse_loss", real_loss)
+    (folder,) = tmp_path.iterdir()
+    assert [step for step, _ in list_checkpoints(folder)] == [6]
+    torch.manual_seed(12345)  # the resumed run must not depend on the global RNG state it starts from
+    resumed = train_huse(split, class_distance, config=config, architecture=SMALL, progress=False,
+                         checkpoint_dir=tmp_path, checkpoint_every=6)
+    assert resumed.extras == {"resumed_from_step": 6, "checkpoint_dir": str(folder)}
+    _assert_same_training(uninterrupted, resumed)
+    assert list(resumed.history["step"]) == [4, 8, 12]
+    assert [step for step, _ in list_checkpoints(folder)] == [6, 12]
+    finished = train_huse(split, class_distance, config=config, architecture=SMALL, progress=False,
+                          checkpoint_dir=tmp_path, checkpoint_every=6)  # nothing left to train
+    assert finished.extras["resumed_from_step"] == 12
+    _assert_same_training(uninterrupted, finished)
+
+
+def test_checkpoint_folders_are_per_configuration_and_arguments_checked(tmp_path):
+    split, class_distance = toy_split()
+    config = TrainConfig(num_steps=3, batch_size=8, learning_rate=1e-3)
+    for margin in (0.5, 0.7):
+        trained = train_huse(split, class_distance, LossWeights(margin=margin), config, SMALL, progress=False,
+                             checkpoint_dir=tmp_path, checkpoint_every=2)
+        assert trained.extras["resumed_from_step"] == 0  # another margin never resumes the first run
+    assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ParameterError, match="pass both"):
+        train_huse(split, class_distance, config=config, architecture=SMALL, progress=False, checkpoint_every=2)
+    with pytest.raises(ParameterError, match="pass both"):
+        train_huse(split, class_distance, config=config, architecture=SMALL, progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(ParameterError, match="checkpoint_every"):
+        train_huse(split, class_distance, config=config, architecture=SMALL, progress=False, checkpoint_dir=tmp_path,
+                   checkpoint_every=-1)
+
+
+def test_grid_search_rerun_reloads_every_finished_combination(tmp_path):
+    split, class_distance = toy_split()
+    config = TrainConfig(num_steps=6, batch_size=8, learning_rate=1e-3)
+    grid = {"beta": [0.0, 1.0]}
+    plain = grid_search(split, split, class_distance, grid, config=config, architecture=SMALL, progress=False)
+    first = grid_search(split, split, class_distance, grid, config=config, architecture=SMALL, progress=False,
+                        checkpoint_dir=tmp_path, checkpoint_every=4)
+    files = sorted(tmp_path.rglob("step_*.pt"))
+    assert [p.name for p in files] == ["step_000000004.pt", "step_000000006.pt"] * 2  # two folders
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = grid_search(split, split, class_distance, grid, config=config, architecture=SMALL, progress=False,
+                        checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.rglob("step_*.pt"))] == stamps  # nothing retrained
+    pd.testing.assert_frame_equal(plain, first)
+    pd.testing.assert_frame_equal(first, again)
+
+
+_KILLED_TRAINER = """
+import sys, time
+import numpy as np, torch
+import zsl_utils.huse_train as huse_train
+from zsl_utils.huse import HuseArchitecture, HuseSplit
+data = np.load(sys.argv[1])
+real_loss = huse_train.huse_loss
+def slow_loss(*args, **kwargs):  # widen the window for the kill
+    time.sleep(0.05)
+    return real_loss(*args, **kwargs)
+huse_train.huse_loss = slow_loss
+config = huse_train.TrainConfig(num_steps=60, batch_size=6, learning_rate=1e-2, log_every=4, seed=1)
+huse_train.train_huse(HuseSplit(data["image"], data["text"], data["labels"]), torch.as_tensor(data["distance"]),
+                      config=config, architecture=HuseArchitecture(embedding_dim=8, hidden_dim=16),
+                      progress=False, checkpoint_dir=sys.argv[2], checkpoint_every=5)
+"""
+
+
+def test_training_killed_with_sigkill_resumes_bitwise(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from zsl_utils.checkpoint import list_checkpoints
+
+    split, class_distance = toy_split()
+    inputs = tmp_path / "inputs.npz"
+    features = split.features()
+    np.savez(inputs, image=features["image"].numpy(), text=features["text"].numpy(), labels=split.labels.numpy(),
+             distance=class_distance.numpy())
+    checkpoints = tmp_path / "checkpoints"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_TRAINER, str(inputs), str(checkpoints)])
+    deadline = time.monotonic() + 60
+    while not any(step >= 10 for folder in checkpoints.glob("huse_*") for step, _ in list_checkpoints(folder)):
+        assert child.poll() is None and time.monotonic() < deadline, "the trainer ended before its second checkpoint"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    (folder,) = checkpoints.iterdir()
+    killed_at = list_checkpoints(folder)[-1][0]
+    assert 10 <= killed_at < 60
+    config = TrainConfig(num_steps=60, batch_size=6, learning_rate=1e-2, log_every=4, seed=1)
+    resumed = train_huse(split, class_distance, config=config, architecture=SMALL, progress=False,
+                         checkpoint_dir=checkpoints, checkpoint_every=5)
+    assert resumed.extras["resumed_from_step"] == killed_at
+    _assert_same_training(train_huse(split, class_distance, config=config, architecture=SMALL, progress=False), resumed)

@@ -27,7 +27,8 @@ and loss history after 12 RMSProp steps. One process (``ctx`` None) is bit-ident
 ``train_huse``.
 
 Resume: rank 0 writes an atomic checkpoint (model, optimizer, step, batch-stream and
-RNG states, loss history) every ``checkpoint_every`` steps. A restarted run loads the
+RNG states, loss history; the same state as ``train_huse``'s checkpoints, built by the
+helpers of ``huse_train``) every ``checkpoint_every`` steps. A restarted run loads the
 latest one and continues: on one process the result is bit-identical to an
 uninterrupted run. ``num_steps`` is not part of the checkpoint fingerprint, so a
 finished run can be extended; everything else (settings, loss weights, architecture,
@@ -36,7 +37,6 @@ training data) is.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -44,7 +44,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,7 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .distributed import (
     DEFAULT_TIMEOUT_S,
     DistContext,
@@ -67,10 +67,20 @@ from .distributed import (
 from .errors import DataLayoutError, ParameterError, ZslError
 from .huse import HuseArchitecture, HuseModel, HuseSplit
 from .huse_losses import LossWeights, huse_loss
-from .huse_train import TrainConfig, TrainedHuse, _check_training_inputs
+from .huse_train import (  # noqa: F401 - ResumableBatches and training_fingerprint are part of this API too
+    LOSS_PARTS,
+    ResumableBatches,
+    TrainConfig,
+    TrainedHuse,
+    TrainingRun,
+    check_training_inputs,
+    checkpoint_state,
+    log_step,
+    restore_checkpoint,
+    training_fingerprint,
+)
 
 DEFAULT_CHECKPOINT_EVERY = 1000
-_PARTS = ("total", "classification", "graph", "gap")
 
 
 # ---------------------------------------------------------------------- global batch
@@ -179,93 +189,12 @@ def _gather_outputs(embeddings: dict, logits: dict, sizes: list[int], rank: int)
     return out_embeddings, out_logits
 
 
-# ---------------------------------------------------------------------- batch stream
-class ResumableBatches:
-    """The batch sequence of ``huse_train.batch_indices``, with a state to checkpoint.
-
-    A fresh seeded permutation per epoch, cut into ``batch_size`` slices (the last one of
-    an epoch may be shorter). ``state_dict`` captures the generator, the current epoch's
-    permutation and the position in it, which a Python generator function cannot.
-    """
-
-    def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
-        self.n_items, self.batch_size = n_items, min(batch_size, n_items)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.long)
-        self.position = 0
-
-    def next(self) -> torch.Tensor:
-        if self.position >= len(self.order):
-            self.order = torch.randperm(self.n_items, generator=self.generator)
-            self.position = 0
-        batch = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"].clone(), int(state["position"])
-
-
-# ---------------------------------------------------------------------- fingerprint
-def training_fingerprint(
-    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights, config: TrainConfig,
-    architecture: HuseArchitecture,
-) -> dict[str, Any]:
-    """What a checkpoint belongs to: settings (except ``num_steps``), losses, architecture, data hash."""
-    digest = hashlib.sha256()
-    for tensor in [*train.features(config.modalities).values(), train.labels, torch.as_tensor(class_distance)]:
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
-    settings = {k: v for k, v in asdict(config).items() if k != "num_steps"}
-    return {"format": 1, "train": settings, "loss": asdict(weights), "architecture": asdict(architecture),
-            "data_sha256": digest.hexdigest(), "n_items": len(train)}
-
-
-# ---------------------------------------------------------------------- training
-@dataclass
-class _RunState:
-    model: HuseModel
-    optimizer: torch.optim.Optimizer
-    batches: ResumableBatches
-    history: list[dict]
-    window: list[torch.Tensor]
-
-
-def _checkpoint_state(run: _RunState) -> dict[str, Any]:
-    from .checkpoint import capture_rng_state
-
-    window = torch.stack(run.window).cpu() if run.window else torch.zeros((0, len(_PARTS)))
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": capture_rng_state(),
-            "batches": run.batches.state_dict(), "history": run.history, "window": window}
-
-
-def _resume(run: _RunState, checkpoint_dir: Path | None, fingerprint: dict, ctx: DistContext, num_steps: int) -> int:
-    """Load the latest checkpoint into ``run``; return its step (0 when starting fresh)."""
-    from .checkpoint import restore_rng_state
-
+# ---------------------------------------------------------------------- resume
+def _resume(run: TrainingRun, checkpoint_dir: Path | None, fingerprint: dict, ctx: DistContext, num_steps: int) -> int:
+    """Load the latest checkpoint into ``run`` (all ranks the same one); return its step (0: fresh)."""
     path = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     agree_on(ctx, path.name if path else "<none>", f"the latest checkpoint in {checkpoint_dir}")
-    if path is None:
-        return 0
-    step, state = load_checkpoint(path, fingerprint, map_location="cpu")
-    if step > num_steps:
-        raise ParameterError(
-            f"checkpoint {path} is at step {step}, beyond num_steps={num_steps}; raise num_steps or use another "
-            f"checkpoint_dir."
-        )
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.batches.load_state_dict(state["batches"])
-    restore_rng_state(state["rng"])
-    run.history[:] = list(state["history"])
-    device = next(run.model.parameters()).device
-    run.window[:] = [row.to(device) for row in state["window"]]
-    return step
+    return restore_checkpoint(run, path, fingerprint, num_steps) if path is not None else 0
 
 
 def train_huse_ddp(
@@ -295,7 +224,7 @@ def train_huse_ddp(
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ParameterError(f"checkpoint_every must be a positive int (steps), got {checkpoint_every!r}.")
     class_distance = torch.as_tensor(class_distance, dtype=torch.float32)
-    _check_training_inputs(train, class_distance, config)
+    check_training_inputs(train, class_distance, config)
     fingerprint = training_fingerprint(train, class_distance, weights, config, architecture)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     device = ctx.device
@@ -306,7 +235,7 @@ def train_huse_ddp(
     rows = RowSlice()
     use_global_batch_dropout(model, rows)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-    run = _RunState(model, optimizer, ResumableBatches(len(train), config.batch_size, config.seed), [], [])
+    run = TrainingRun(model, optimizer, ResumableBatches(len(train), config.batch_size, config.seed))
     start = _resume(run, checkpoint_dir, fingerprint, ctx, config.num_steps)
     net = _wrap_ddp(model, ctx)
     model.train()
@@ -324,16 +253,16 @@ def train_huse_ddp(
         optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
         optimizer.step()
-        _log_step(run, parts, step, config)
+        log_step(run, parts, step, config)
         if checkpoint_dir is not None and ctx.is_main and (step % checkpoint_every == 0 or step == config.num_steps):
-            save_checkpoint(checkpoint_dir, step, _checkpoint_state(run), fingerprint, keep_last)
+            save_checkpoint(checkpoint_dir, step, checkpoint_state(run), fingerprint, keep_last)
         if step_callback is not None:
             step_callback(step)
     restore_dropout(model)  # hand back an ordinary HuseModel
     model.eval()
     extras = {"world_size": ctx.world_size, "resumed_from_step": start,
               "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
-    return TrainedHuse(model, pd.DataFrame(run.history, columns=["step", *_PARTS]), weights, config, architecture, extras)
+    return TrainedHuse(model, pd.DataFrame(run.history, columns=["step", *LOSS_PARTS]), weights, config, architecture, extras)
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
@@ -344,15 +273,6 @@ def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # No buffers in HUSE; broadcast_buffers=False saves a collective per forward.
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def _log_step(run: _RunState, parts: dict[str, torch.Tensor], step: int, config: TrainConfig) -> None:
-    """Same loss history as train_huse: window means every ``log_every`` steps and at the end."""
-    run.window.append(torch.stack([parts[k].detach() for k in _PARTS]))
-    if step % config.log_every == 0 or step == config.num_steps:
-        means = torch.stack(run.window).mean(dim=0).cpu().tolist()
-        run.history.append({"step": step, **dict(zip(_PARTS, means))})
-        run.window.clear()
 
 
 # ---------------------------------------------------------------------- job folders (CLI)
