@@ -51,6 +51,8 @@ TEXT_KINDS = ("minilm", "bert", "tfidf")
 DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
 TFIDF_FEATURES = 512  # vocabulary size of the "tfidf" kind
 SALIENT_WORDS = 512  # words kept per text before the BERT-style encoder
+TEXT_BATCH_SIZE = 128  # texts per encoder call (default of text_features)
+TEXT_SHARD_SIZE = 4096  # texts per cache shard (default of text_features)
 
 
 @dataclass
@@ -369,7 +371,7 @@ def text_features_cache_dir(
     fit_texts: Sequence[str] | None = None,
     bert_model: str | Path | None = None,
     max_words: int = SALIENT_WORDS,
-    shard_size: int = 4096,
+    shard_size: int = TEXT_SHARD_SIZE,
 ) -> Path:
     """The folder :func:`text_features` uses when no ``cache_dir`` is given (see :func:`image_features_cache_dir`)."""
     fingerprint = text_features_fingerprint(texts, dataset_id, kind, fit_texts, bert_model, max_words)
@@ -393,8 +395,8 @@ def text_features(
     bert_model: str | Path | None = None,
     cache_dir: str | Path | None = None,
     device: str = "auto",
-    batch_size: int = 128,
-    shard_size: int = 4096,
+    batch_size: int = TEXT_BATCH_SIZE,
+    shard_size: int = TEXT_SHARD_SIZE,
     max_words: int = SALIENT_WORDS,
     progress: bool = True,
     shards: Sequence[int] | None = None,

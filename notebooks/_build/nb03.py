@@ -28,6 +28,7 @@ bert_model: str = ""  # local Hugging Face folder used when text_kind is bert
 feature_batch_size: int = 32  # images per forward pass during feature extraction
 feature_shard_size: int = 128  # rows per feature-cache shard (the unit of resumption)
 num_workers: int = 0  # image-loading worker processes during extraction
+extraction_processes: int = 1  # processes for cache extraction (1: in this notebook; N: torchrun on this machine)
 torch_threads: int = 1  # CPU threads for torch; 0 keeps torch's default (1 is fastest on a busy shared CPU)
 embedding_dim: int = 512  # D, the size of the shared space
 num_steps: int = 600  # training steps of the final model (paper: 250000)
@@ -35,6 +36,7 @@ batch_size: int = 128  # items per training step (paper: 1024)
 learning_rate: float = 0.001  # RMSProp learning rate (paper: 1.6192e-5 over 250k steps)
 momentum: float = 0.9  # RMSProp momentum (paper: 0.9)
 log_every: int = 50  # steps per point of the loss curves
+checkpoint_every: int = 0  # steps between training checkpoints (0: none)
 alpha: float = 1.0  # classification-loss weight (kept fixed; the grid varies the others)
 graph_variant: str = "equation"  # graph loss (one of: "equation", "prose")
 grid_steps: int = 300  # training steps of each grid-search model
@@ -54,10 +56,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from zsl_utils import plots
+from zsl_utils import dist_extract, plots
+from zsl_utils.classifiers import load_classifier
+from zsl_utils.config import RUNS_DIR
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.errors import ParameterError
-from zsl_utils.features import image_features, text_features
+from zsl_utils.features import (TEXT_BATCH_SIZE, TEXT_SHARD_SIZE, image_features, image_features_cache_dir,
+                                text_features, text_features_cache_dir)
 from zsl_utils.food101 import load_huse_dataset
 from zsl_utils.huse import HuseArchitecture, build_splits, embed_split, semantic_class_distance
 from zsl_utils.huse_eval import (choose_fusion_weight, evaluate_huse, project_2d, retrieval_examples,
@@ -75,6 +80,12 @@ for _name, _value in {"num_steps": num_steps, "batch_size": batch_size, "grid_st
         raise ParameterError(f"Notebook parameter {_name} must be >= 1, got {_value}.")
 if not (grid_beta and grid_gamma and grid_margin):
     raise ParameterError("grid_beta, grid_gamma and grid_margin each need at least one value.")
+if extraction_processes < 1 or checkpoint_every < 0:
+    raise ParameterError(f"Notebook parameters: extraction_processes must be >= 1 (got {extraction_processes}) and "
+                         f"checkpoint_every >= 0 (got {checkpoint_every}).")
+# Each training run checkpoints into its own subfolder (named by its settings and data), so a rerun after an
+# interruption continues every run where it stopped.
+checkpoint_dir = RUNS_DIR / "03_huse_checkpoints" if checkpoint_every else None
 architecture = HuseArchitecture(embedding_dim=embedding_dim)
 final_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                            momentum=momentum, log_every=log_every, seed=seed)
@@ -177,15 +188,33 @@ Image features are the pooled penultimate layer of the classifier; text features
 sentence embedding of the text. Both go through the project's sharded cache: a rerun reads
 them back instantly, an interrupted extraction resumes, and a cache made by another model
 or for another item list is refused. Items whose image could not be decoded are listed and
-left out of training and evaluation."""),
+left out of training and evaluation.
+
+With `extraction_processes` > 1 (say, the number of GPUs), the same two cache folders are
+first filled by that many processes launched with `torchrun` (each takes every N-th shard;
+`zsl_utils.dist_extract.fill_cache`, see `docs/DISTRIBUTED.md`), and the two calls below
+find them complete and only read them. Only the MiniLM text features have a distributed
+path; TF-IDF and BERT-style text features are always computed here."""),
     ("code", '''\
-cache_id = data.name  # the cache folder also carries a hash of model and items
-image = image_features(data.items["image_path"], cache_id, model=image_model, weights=image_weights or None,
-                       device=str(torch_device), batch_size=feature_batch_size, num_workers=num_workers,
-                       shard_size=feature_shard_size, progress=True)
+cache_id = data.name  # the cache folders also carry a hash of model and items
+image_paths, texts = data.items["image_path"].tolist(), data.items["text"].tolist()
 train_texts = data.items.loc[data.items["split"] == "train", "text"].tolist()
-text = text_features(data.items["text"].tolist(), cache_id, kind=text_kind, fit_texts=train_texts,
-                     bert_model=bert_model or None, device=str(torch_device), progress=True)
+classifier = load_classifier(image_model, weights=image_weights or None, device=torch_device)
+image_cache = image_features_cache_dir(classifier, image_paths, cache_id, feature_shard_size)
+text_cache = text_features_cache_dir(texts, cache_id, text_kind, fit_texts=train_texts, bert_model=bert_model or None,
+                                     shard_size=TEXT_SHARD_SIZE)
+if extraction_processes > 1:  # same items, dataset id, model and settings: the caches the two calls below read
+    dist_extract.fill_cache("image_features", image_paths, image_cache, cache_id, processes=extraction_processes,
+                            classifier=image_model, weights=image_weights or None, batch_size=feature_batch_size,
+                            shard_size=feature_shard_size, num_workers=num_workers, autocast="none", device=device)
+    if text_kind == "minilm":
+        dist_extract.fill_cache("text_features", texts, text_cache, cache_id, processes=extraction_processes,
+                                batch_size=TEXT_BATCH_SIZE, shard_size=TEXT_SHARD_SIZE, device=device)
+image = image_features(image_paths, cache_id, model=classifier, cache_dir=image_cache, batch_size=feature_batch_size,
+                       num_workers=num_workers, shard_size=feature_shard_size, progress=True)
+text = text_features(texts, cache_id, kind=text_kind, fit_texts=train_texts, bert_model=bert_model or None,
+                     cache_dir=text_cache, device=str(torch_device), batch_size=TEXT_BATCH_SIZE,
+                     shard_size=TEXT_SHARD_SIZE, progress=True)
 splits, unusable = build_splits(data.items, data.classes, image.features, text.features, image.ok & text.ok)
 print(f"image features {image.features.shape}, text features {text.features.shape}; "
       f"{len(unusable)} items without usable features")
@@ -228,7 +257,8 @@ correct_sets = data.taxonomy.correct_sets(hierarchy_ks)
 grid = grid_search(splits["train"], splits["val"], class_distance,
                    {"beta": grid_beta, "gamma": grid_gamma, "margin": grid_margin},
                    base_weights=LossWeights(alpha=alpha, graph_variant=graph_variant), config=grid_config,
-                   architecture=architecture, correct_sets=correct_sets, device=torch_device, progress=False)
+                   architecture=architecture, correct_sets=correct_sets, device=torch_device, progress=False,
+                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
 chosen = best_weights(grid)
 print(f"chosen on validation: alpha={chosen.alpha}, beta={chosen.beta}, gamma={chosen.gamma}, zeta={chosen.margin}")
 grid.drop(columns=["alpha", "graph_variant"]).round(2)'''),
@@ -238,9 +268,16 @@ grid.drop(columns=["alpha", "graph_variant"]).round(2)'''),
 The chosen weights, trained for `num_steps` steps. The curves are the mean of each loss
 over the steps between two points. The gap loss is always measured, even with weight 0,
 so the curve shows how close each image gets to its own text through the shared
-classifier alone."""),
+classifier alone.
+
+With `checkpoint_every` > 0, every training in this notebook (grid, final model,
+ablations) saves its full state every that many steps; if the kernel dies, running the
+notebook again continues each training from its last checkpoint and ends with exactly
+the weights an uninterrupted run would have (`zsl_utils.huse_train.train_huse`; the
+multi-GPU version is `zsl_utils.huse_ddp`, see `docs/DISTRIBUTED.md`)."""),
     ("code", '''\
-trained = train_huse(splits["train"], class_distance, chosen, final_config, architecture, torch_device)
+trained = train_huse(splits["train"], class_distance, chosen, final_config, architecture, torch_device,
+                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
 figure = plots.plot_huse_losses(trained.history, f"HUSE training on {data.name} ({num_steps} steps)", chosen)
 plots.save_figure(figure, "03_huse_loss_curves")'''),
     ("md", """\
@@ -301,12 +338,15 @@ def headline(evaluation_result):
 ablations = {"HUSE": headline(evaluation)}
 if run_ablations:
     no_graph = train_huse(splits["train"], class_distance, LossWeights(chosen.alpha, 0.0, chosen.gamma, chosen.margin),
-                          final_config, architecture, torch_device, progress=False)
+                          final_config, architecture, torch_device, progress=False, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every)
     w_no_graph = choose_fusion_weight(embed_split(no_graph.model, splits["val"], torch_device))
     ablations["without graph loss"] = headline(evaluate_huse(embed_split(no_graph.model, splits["test"], torch_device),
                                                              w_no_graph, correct_sets, ks=recall_ks))
     separate = {m: t.model for m, t in train_separate(splits["train"], class_distance, chosen, final_config,
-                                                      architecture, torch_device, progress=False).items()}
+                                                      architecture, torch_device, progress=False,
+                                                      checkpoint_dir=checkpoint_dir,
+                                                      checkpoint_every=checkpoint_every).items()}
     w_separate = choose_fusion_weight(embed_split(separate, splits["val"], torch_device))
     ablations["separate models"] = headline(evaluate_huse(embed_split(separate, splits["test"], torch_device),
                                                           w_separate, correct_sets, ks=recall_ks))
@@ -363,8 +403,9 @@ def build() -> nbformat.NotebookNode:
     nb = new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, source in CELLS:
+    for index, (kind, source) in enumerate(CELLS):
         cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
+        cell.id = f"cell-{index:02d}"  # fixed ids: regenerating the notebook changes only what was edited
         if kind == "code" and source is PARAMETERS:
             cell.metadata["tags"] = ["parameters"]
         nb.cells.append(cell)
