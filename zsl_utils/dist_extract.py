@@ -70,7 +70,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .errors import DataLayoutError, ParameterError, ZslError
-from .extract import ImageLoader, classifier_outputs_fingerprint, dataset_fingerprint, extract_to_cache
+from .extract import ImageLoader, classifier_outputs_fingerprint, extract_to_cache
 
 KINDS = ("probs", "image_features", "text_features")
 _DEFAULT_DTYPE = {"probs": "float16", "image_features": "float32", "text_features": "float32"}
@@ -377,16 +377,10 @@ def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job
         fingerprint = classifier_outputs_fingerprint(classifier, items, dataset_id, spec.storage_dtype, autocast_dtype)
         forward, name, width = _softmax_of(classifier.model), "probs", len(classifier.wnids)
     else:
-        # Field for field the fingerprint of features.image_features (HUSE notebook), plus the
-        # storage/autocast settings only when they differ from what that function does.
-        fingerprint = {
-            "kind": "pooled_image_features", "classifier": classifier.fingerprint, "dataset_id": dataset_id,
-            "dataset": dataset_fingerprint(items), "alpha_background": "white",
-        }
-        if spec.storage_dtype != "float32":
-            fingerprint["dtype"] = spec.storage_dtype
-        if autocast_dtype is not None:
-            fingerprint["autocast_dtype"] = autocast_dtype
+        # The fingerprint of features.image_features: this cache is the HUSE notebook's cache.
+        from .features import image_features_fingerprint
+
+        fingerprint = image_features_fingerprint(classifier, items, dataset_id, spec.storage_dtype, autocast_dtype)
         forward, name, width = classifier.pooled_features, "features", _feature_width(classifier)
     encoder = _BatchEncoder(forward, name, ctx.device, spec.storage_dtype, autocast_dtype, ctx.rank, spec)
     return _Job(fingerprint, ImageLoader(classifier.preprocess), encoder, {name: ((width,), spec.storage_dtype)},
@@ -406,15 +400,12 @@ def _feature_width(classifier: Any) -> int:
 
 def _text_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
     """MiniLM sentence features, the cache of ``features.text_features(kind="minilm")``."""
-    from .features import non_empty_text, texts_fingerprint
+    from .features import non_empty_text, text_features_fingerprint
     from .semantic import MINILM_SPACE, load_sentence_encoder
 
     encoder_model = load_sentence_encoder(str(ctx.device))
     dataset_id = spec.dataset_id or Path(spec.texts_file).stem
-    fingerprint = {"kind": "text_minilm", "dataset_id": dataset_id, "texts": texts_fingerprint(items),
-                   "model": MINILM_SPACE}
-    if spec.storage_dtype != "float32":
-        fingerprint["dtype"] = spec.storage_dtype
+    fingerprint = text_features_fingerprint(items, dataset_id, kind="minilm", dtype=spec.storage_dtype)
 
     def forward(texts: list[str]) -> torch.Tensor:
         return torch.as_tensor(encoder_model.encode(texts, batch_size=len(texts), convert_to_numpy=True))
