@@ -32,20 +32,20 @@ import json
 import os
 import socket
 import time
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .atomic import TMP_MARKER, temporary_sibling, write_atomically
 from .errors import StaleCacheError, ZslError
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _SHARD_PREFIX = "shard_"
 _SHARD_SUFFIX = ".npz"
-_TMP_MARKER = ".tmp-"
+_TMP_MARKER = TMP_MARKER
 # A temporary file from another host cannot be checked for liveness; after this many
 # seconds without modification we treat its writer as dead.
 _FOREIGN_TMP_MAX_AGE_S = 24 * 3600
@@ -88,20 +88,6 @@ def fingerprint_differences(cached: Mapping[str, Any], requested: Mapping[str, A
 def _short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename in ``directory`` (best effort: not every OS allows opening dirs)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -179,7 +165,7 @@ class ShardedCache:
                 f"cannot create cache directory {self.directory} ({error.strerror}); pass a "
                 f"writable cache_dir or set ZSL_CACHE_DIR to a writable folder."
             ) from error
-        probe = self.directory / f".write_probe{_TMP_MARKER}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+        probe = temporary_sibling(self.directory / "write_probe")
         try:
             probe.write_bytes(b"ok")
             probe.unlink()
@@ -296,35 +282,11 @@ class ShardedCache:
                 )
         payload = {k: np.asarray(v) for k, v in {**arrays, **unaligned}.items()}
         target = self.shard_path(shard)
-        tmp = self._temporary_path(target)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_directory(self.directory)
+        write_atomically(target, lambda handle: np.savez(handle, **payload))
         return target
 
-    def _temporary_path(self, target: Path) -> Path:
-        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        return target.with_name(f".{target.name}{_TMP_MARKER}{tag}")
-
     def _atomic_write_bytes(self, target: Path, payload: bytes) -> None:
-        tmp = self._temporary_path(target)
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_directory(self.directory)
+        write_atomically(target, lambda handle: handle.write(payload))
 
     def clean_temporary_files(self) -> list[Path]:
         """Delete temporary files left by killed writers; return what was removed.

@@ -21,14 +21,13 @@ import json
 import os
 import random
 import re
-import socket
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from .atomic import write_atomically
 from .cache import fingerprint_differences, normalise_fingerprint
 from .errors import StaleCacheError, ZslError
 
@@ -100,19 +99,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- save / load
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     directory: str | os.PathLike,
     step: int,
@@ -142,22 +128,13 @@ def save_checkpoint(
         "fingerprint": json.dumps(normalise_fingerprint(fingerprint), sort_keys=True),
         "state": dict(state),
     }
-    tmp = directory / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        write_atomically(target, lambda handle: torch.save(payload, handle))
     except OSError as error:
         raise CheckpointError(
             f"could not write checkpoint {target} ({error.strerror or error}); free disk space or pass "
             f"another checkpoint_dir. Earlier checkpoints are intact."
         ) from error
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_directory(directory)
     for _, old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
     return target

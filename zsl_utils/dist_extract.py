@@ -46,7 +46,6 @@ import socket
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -55,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import temporary_sibling, write_text_atomically
 from .cache import CacheError, ShardedCache, fingerprint_differences, normalise_fingerprint, read_meta
 from .distributed import (
     DEFAULT_TIMEOUT_S,
@@ -278,7 +278,7 @@ def check_cache_dir_writable(cache_dir: str | os.PathLike) -> Path:
     directory = Path(cache_dir).expanduser()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write_probe.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe = temporary_sibling(directory / "write_probe")
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
@@ -617,13 +617,6 @@ def _summarise(spec: ExtractionSpec, reports: list[dict], fingerprint: dict, ite
     )
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- entry points
 def extract(spec: ExtractionSpec, processes: int = 1, progress: bool = True, timeout_s: float | None = None) -> ExtractionSummary:
     """Fill ``spec``'s cache on ``processes`` processes (1: in this process, e.g. a notebook).
@@ -717,7 +710,7 @@ def distributed_main(spec: ExtractionSpec, timeout_s: float = DEFAULT_TIMEOUT_S,
             summary = _summarise(spec, reports, fingerprint, items, began)
             summary.processes = ctx.world_size
             if summary_json:
-                _write_text_atomically(Path(summary_json), summary.to_json())
+                write_text_atomically(Path(summary_json), summary.to_json())
             print(summary, flush=True)
             if summary.skipped:
                 print(summary.skipped_frame().to_string(index=False), flush=True)

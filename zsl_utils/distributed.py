@@ -43,6 +43,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from .atomic import write_text_atomically
 from .errors import ParameterError, ZslError
 
 # Long enough for the slowest rank of an unbalanced extraction to finish its shards
@@ -268,12 +269,7 @@ def write_rank_error(error_dir: str | os.PathLike, ctx_or_rank: DistContext | in
         "message": str(error),
         "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))[-8000:],
     }
-    path = rank_error_path(error_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(rank_error_path(error_dir, rank), json.dumps(record, indent=2))
 
 
 def read_rank_errors(error_dir: str | os.PathLike) -> list[dict]:

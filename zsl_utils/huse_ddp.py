@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .atomic import write_atomically
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .distributed import (
     DEFAULT_TIMEOUT_S,
@@ -317,9 +318,7 @@ def _write_result(job_dir: Path, trained: TrainedHuse) -> None:
     payload = {"model": trained.model.state_dict(), "history": trained.history.to_dict("records"),
                "input_dims": dict(trained.model.input_dims), "num_classes": trained.model.classifier.out_features,
                "extras": json.dumps(trained.extras)}
-    tmp = job_dir / f".{RESULT_NAME}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, job_dir / RESULT_NAME)
+    write_atomically(job_dir / RESULT_NAME, lambda handle: torch.save(payload, handle))
 
 
 def load_training_result(job_dir: str | os.PathLike) -> TrainedHuse:

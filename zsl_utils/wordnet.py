@@ -9,14 +9,13 @@ pickled under ``data/cache`` and reloaded in well under a second afterwards.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import config
+from .atomic import write_atomically
 from .errors import AssetUnavailableError
 
 _HYPERNYM_POINTERS = {"@", "@i"}
@@ -128,7 +127,9 @@ class WordNet:
             except (pickle.UnpicklingError, EOFError, ValueError):
                 cache_path.unlink(missing_ok=True)  # a damaged cache is rebuilt, not trusted
         wordnet = cls.from_files(directory)
-        _write_pickle_atomically(cache_path, (wordnet._records, wordnet._index))
+        config.ensure_dir(cache_path.parent)
+        payload = (wordnet._records, wordnet._index)
+        write_atomically(cache_path, lambda handle: pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL))
         return wordnet
 
     # ------------------------------------------------------------------ queries
@@ -185,15 +186,3 @@ class WordNet:
                     seen.add(neighbour)
                     frontier.append(neighbour)
         return seen
-
-
-def _write_pickle_atomically(path: Path, payload: object) -> None:
-    config.ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,64 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a part.
+
+The bytes go to a temporary sibling (same directory, hence same file system), are
+flushed and fsync-ed, and the temporary file is renamed onto the target with
+``os.replace``, which POSIX makes atomic; the directory is then fsync-ed so the rename
+survives a crash. Temporary names carry ``<host>-<pid>-<random>`` after
+:data:`TMP_MARKER`, so a cleaner can tell a dead writer's leftovers from a live one's.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+TMP_MARKER = ".tmp-"
+
+
+def temporary_sibling(target: Path) -> Path:
+    """``<dir>/.<name>.tmp-<host>-<pid>-<random>``: where ``target`` is written first."""
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return target.with_name(f".{target.name}{TMP_MARKER}{tag}")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Persist a rename in ``directory`` (best effort: not every OS allows opening dirs)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(handle)`` on a temporary sibling of ``target``, then rename it into place.
+
+    On any error the temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    tmp = temporary_sibling(target)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_directory(target.parent)
+    return target
+
+
+def write_text_atomically(target: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomically` for UTF-8 text, creating the parent folder if needed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(target, lambda handle: handle.write(text.encode("utf-8")))
