@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from common import write_notebook
 
 TARGET = Path(__file__).resolve().parents[1] / "02_imagenet_zero_shot_eval.ipynb"
 
@@ -331,19 +330,5 @@ print(f"reopened the complete cache in {time.perf_counter() - started:.2f} s "
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    cells = []
-    for index, (kind, source) in enumerate(CELLS):
-        cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
-        cell.id = f"cell-{index:02d}"  # fixed ids: regenerating does not churn every cell
-        cells.append(cell)
-    cells[1].metadata["tags"] = ["parameters"]
-    notebook = new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    notebook.metadata["language_info"] = {"name": "python"}
-    return notebook
-
-
 if __name__ == "__main__":
-    nbformat.write(build(), TARGET)
-    print(f"wrote {TARGET}")
+    write_notebook(CELLS, TARGET)

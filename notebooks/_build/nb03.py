@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from common import write_notebook
 
 TARGET = Path(__file__).resolve().parents[1] / "03_huse_food101.ipynb"
 
@@ -399,19 +398,5 @@ print("identical weights after two seeded trainings:",
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    for index, (kind, source) in enumerate(CELLS):
-        cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
-        cell.id = f"cell-{index:02d}"  # fixed ids: regenerating the notebook changes only what was edited
-        if kind == "code" and source is PARAMETERS:
-            cell.metadata["tags"] = ["parameters"]
-        nb.cells.append(cell)
-    return nb
-
-
 if __name__ == "__main__":
-    nbformat.write(build(), TARGET)
-    print(f"wrote {TARGET}")
+    write_notebook(CELLS, TARGET)
