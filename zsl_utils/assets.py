@@ -132,16 +132,27 @@ def _wordnet_from_dir(source: Optional[Path]) -> Route:
     return route
 
 
+def _from_apt_package(package: str, folder: str, suffixes: tuple[str, ...] | None = None) -> Route:
+    """A route copying ``folder`` (a path inside the package) out of a downloaded .deb."""
+
+    def route(staging: Path) -> Optional[str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            deb = _apt_download_deb(package, Path(tmp))
+            if deb is None:
+                return None
+            source = _unpack_deb(deb, Path(tmp)) / folder
+            if _copy_tree(source, staging, suffixes) == 0:
+                raise RuntimeError(f"{deb.name} holds no files under {folder}")
+            return f"Debian package {deb.name}"
+
+    return route
+
+
 def _wordnet_from_apt(staging: Path) -> Optional[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = _apt_download_deb("wordnet-base", Path(tmp))
-        if deb is None:
-            return None
-        source = _unpack_deb(deb, Path(tmp)) / "usr" / "share" / "wordnet"
-        if not _wordnet_dir_ok(source):
-            raise RuntimeError(f"{deb.name} does not contain {WORDNET_FILES}")
-        _copy_tree(source, staging)
-        return f"Debian package {deb.name}"
+    source = _from_apt_package("wordnet-base", "usr/share/wordnet")(staging)
+    if source is not None and not _wordnet_dir_ok(staging):
+        raise RuntimeError(f"{source} does not contain {WORDNET_FILES}")
+    return source
 
 
 def _wordnet_from_nltk(staging: Path) -> Optional[str]:
@@ -197,15 +208,7 @@ def _stamps_from_dir(source: Path) -> Route:
     return route
 
 
-def _stamps_from_apt(staging: Path) -> Optional[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = _apt_download_deb("tuxpaint-stamps-default", Path(tmp))
-        if deb is None:
-            return None
-        source = _unpack_deb(deb, Path(tmp)) / "usr" / "share" / "tuxpaint" / "stamps"
-        if _copy_tree(source, staging, _STAMP_SUFFIXES) == 0:
-            raise RuntimeError(f"{deb.name} holds no stamps under usr/share/tuxpaint/stamps")
-        return f"Debian package {deb.name}"
+_stamps_from_apt = _from_apt_package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", _STAMP_SUFFIXES)
 
 
 def _stamps_from_upstream(staging: Path) -> Optional[str]:
