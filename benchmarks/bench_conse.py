@@ -142,7 +142,6 @@ def main() -> None:
 
     classifier = load_classifier(device=device)
     images = torch.randn(args.batch, 3, 224, 224, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     probs = classifier.probabilities(images).cpu().numpy()  # realistic, peaked softmax rows
 
     print(f"device={device}, torch threads={torch.get_num_threads()}, batch={args.batch}, T={args.T}, "

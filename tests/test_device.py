@@ -75,3 +75,16 @@ def test_oom_backoff_halves_until_it_fits_and_reraises_other_errors():
 
     with pytest.raises(ValueError, match="not an OOM"):
         dev.run_with_oom_backoff(broken, 8)
+
+
+def test_set_deterministic_switches_torch_and_cudnn_and_back():
+    try:
+        dev.set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        dev.set_deterministic(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    finally:
+        dev.set_deterministic(False)
+        torch.backends.cudnn.benchmark = False

@@ -204,7 +204,7 @@ class ShardedCache:
             raise StaleCacheError(
                 f"the cache at {self.directory} was made by a different model, preprocessing "
                 f"or dataset:\n  " + "\n  ".join(lines) + "\nDelete that folder to recompute, "
-                f"or pass a different cache directory to keep both."
+                "or pass a different cache directory to keep both."
             )
 
     # ------------------------------------------------------------------ geometry

@@ -320,8 +320,6 @@ def retrieval_neighbours(
     import torch
     import torch.nn.functional as F
 
-    from .errors import ParameterError
-
     queries = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
     gallery = F.normalize(torch.as_tensor(gallery, dtype=torch.float32), dim=1).to(queries.device)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
