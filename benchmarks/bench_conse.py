@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from zsl_utils.classifiers import load_classifier
-from zsl_utils.conse import ConSE
+from zsl_utils.conse.model import ConSE
 from zsl_utils.device import pick_device
 
 N_TRAIN, N_CANDIDATES, TOP_K = 1000, 20_841, 5

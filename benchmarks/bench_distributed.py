@@ -5,7 +5,7 @@ classifier and batch size:
 
 * ``plain loop``: load, preprocess, forward and softmax in a Python loop, outputs kept
   in a list (no cache, no skipping, no files) -- the floor.
-* ``in-process``: :func:`zsl_utils.dist_extract.extract` with ``processes=1`` (sharded
+* ``in-process``: :func:`zsl_utils.scale.extract.extract` with ``processes=1`` (sharded
   cache, atomic fsync-ed shards, skipped-file bookkeeping, final verification).
 * ``torchrun xN``: the same through ``torchrun`` with N Gloo processes.
 
@@ -34,7 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zsl_utils.classifiers import load_classifier  # noqa: E402
-from zsl_utils.dist_extract import ExtractionSpec, extract, list_image_files, run_distributed_extraction  # noqa: E402
+from zsl_utils.scale.extract import ExtractionSpec, extract, list_image_files, run_distributed_extraction  # noqa: E402
 from zsl_utils.extract import ImageLoader  # noqa: E402
 
 

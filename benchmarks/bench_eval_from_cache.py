@@ -45,9 +45,9 @@ def _synthetic_probs(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def child(n_images: int, batch_size: int) -> dict:
     """Fill a cache with ``n_images`` rows and time one evaluation; return the measurements."""
-    from zsl_utils import imagenet
+    from zsl_utils.conse import imagenet
     from zsl_utils.cache import ShardedCache
-    from zsl_utils.classifiers import wnid_lemmas
+    from zsl_utils.data.wnids import wnid_lemmas
     from zsl_utils.semantic import label_embeddings, load_word_vectors
 
     rng = np.random.default_rng(0)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from zsl_utils.device import pick_device, seed_everything
-from zsl_utils.huse import HuseArchitecture, HuseModel
-from zsl_utils.huse_losses import LossWeights, class_distance_matrix, huse_loss, semantic_graph_loss
+from zsl_utils.huse.model import HuseArchitecture, HuseModel
+from zsl_utils.huse.losses import LossWeights, class_distance_matrix, huse_loss, semantic_graph_loss
 
 
 def synchronize(device: torch.device) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zsl_utils import assets
-from zsl_utils.wordnet import WordNet
+from zsl_utils.data import assets
+from zsl_utils.data.wordnet import WordNet
 
 
 @pytest.fixture(scope="session")

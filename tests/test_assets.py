@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from zsl_utils import assets
+from zsl_utils.data import assets
 from zsl_utils.errors import AssetUnavailableError
 
 

@@ -14,9 +14,9 @@ from zsl_utils.classifiers import (
     load_classifier,
     map_lite0_keys,
     packaged_lite0_weights,
-    to_rgb,
-    wnid_lemmas,
 )
+from zsl_utils.data.images import to_rgb
+from zsl_utils.data.wnids import wnid_lemmas
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 # The five domestic-cat classes of ImageNet-1K: tabby, tiger cat, Persian, Siamese, Egyptian cat.

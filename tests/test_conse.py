@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from zsl_utils.conse import (
+from zsl_utils.conse.model import (
     ConSE,
     conse_embed,
     generalised_candidates,
@@ -148,7 +148,7 @@ def test_bad_inputs_raise_parameter_errors():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-6])
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_check_probabilities_rejects_each_kind_of_bad_value(bad, kind):
-    from zsl_utils.conse import check_probabilities
+    from zsl_utils.conse.model import check_probabilities
 
     probs = PROBS.copy()
     probs[1, 2] = bad
@@ -226,7 +226,7 @@ def test_collisions_and_conse1_sanity_check():
 # --------------------------------------------------------------------------- analysis helpers
 
 def test_classifier_confidence_by_hand():
-    from zsl_utils.conse import classifier_confidence
+    from zsl_utils.conse.model import classifier_confidence
 
     table = classifier_confidence(np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]]))
     np.testing.assert_allclose(table.max_prob, [0.5, 1.0, 0.5])
@@ -235,7 +235,7 @@ def test_classifier_confidence_by_hand():
 
 
 def test_top_training_labels_respects_mask():
-    from zsl_utils.conse import top_training_labels
+    from zsl_utils.conse.model import top_training_labels
 
     assert top_training_labels(PROBS[0], ["a", "b", "c"], n=2) == [("a", 0.5), ("b", pytest.approx(0.3))]
     masked = top_training_labels(PROBS[0], ["a", "b", "c"], n=2, mask=[False, True, True])
@@ -243,7 +243,7 @@ def test_top_training_labels_respects_mask():
 
 
 def test_hit_at_k_and_top1_by_T_on_the_toy():
-    from zsl_utils.conse import hit_at_k_by_T, predictions_by_T, top1_by_T
+    from zsl_utils.conse.model import hit_at_k_by_T, predictions_by_T, top1_by_T
 
     model = ConSE(TRAIN, UNSEEN, T=1, candidate_labels=["u1", "u2", "u3"])
     by_T = predictions_by_T(model, PROBS[:1], [1, 2], k=3)

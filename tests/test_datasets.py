@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from zsl_utils.datasets import (
+from zsl_utils.data.images import (
     filter_stamps,
     image_folder_by_wnid,
     load_tuxpaint_table,
@@ -77,9 +77,9 @@ def test_map_name_rules(name, expected):
 
 def test_reviewed_table_is_well_formed(wordnet):
     table = load_tuxpaint_table()
-    from zsl_utils import imagenet
+    from zsl_utils.data import wnids
 
-    space = set(imagenet.imagenet21k_wnids()) | set(imagenet.ilsvrc2012_wnids())
+    space = set(wnids.imagenet21k_wnids()) | set(wnids.ilsvrc2012_wnids())
     listed = table[table["wnid"] != ""]
     assert listed["wnid"].isin(space).all()
     assert all(w in wordnet for w in listed["wnid"])
@@ -88,7 +88,7 @@ def test_reviewed_table_is_well_formed(wordnet):
 
 
 def test_tuxpaint_mapping_on_real_stamps(wordnet, tuxpaint_root):
-    from zsl_utils.tuxpaint import load_stamps
+    from zsl_utils.data.tuxpaint import load_stamps
 
     frame = tuxpaint_by_wnid(load_stamps(tuxpaint_root), wordnet)
     assert "ambiguous" not in set(frame["how"])  # the reviewed table covers every ambiguous name
@@ -144,7 +144,7 @@ def test_filter_stamps_errors():
 
 def test_animal_photos_on_real_stamps(wordnet, tuxpaint_root):
     """The reviewed mapping fixes first-sense errors that a plain WordNet lookup makes."""
-    from zsl_utils.tuxpaint import load_stamps
+    from zsl_utils.data.tuxpaint import load_stamps
 
     animal = "n00015388"
     photos = filter_stamps(tuxpaint_by_wnid(load_stamps(tuxpaint_root), wordnet), top_categories=("animals",),

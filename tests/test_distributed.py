@@ -34,7 +34,7 @@ from zsl_utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from zsl_utils.dist_extract import (
+from zsl_utils.scale.extract import (
     CacheFullError,
     CacheVerificationError,
     ExtractionSpec,
@@ -44,10 +44,10 @@ from zsl_utils.dist_extract import (
     run_distributed_extraction,
     verify_cache,
 )
-from zsl_utils.distributed import DistributedRunError, read_rank_errors, torchrun_command, write_rank_error
+from zsl_utils.scale.launch import DistributedRunError, read_rank_errors, torchrun_command, write_rank_error
 from zsl_utils.errors import StaleCacheError
-from zsl_utils.huse import HuseArchitecture, HuseSplit
-from zsl_utils.huse_ddp import (
+from zsl_utils.huse.model import HuseArchitecture, HuseSplit
+from zsl_utils.scale.ddp import (
     GlobalBatchDropout,
     ResumableBatches,
     RowSlice,
@@ -56,8 +56,8 @@ from zsl_utils.huse_ddp import (
     train_huse_ddp,
     write_training_job,
 )
-from zsl_utils.huse_losses import LossWeights
-from zsl_utils.huse_train import TrainConfig, batch_indices, train_huse
+from zsl_utils.huse.losses import LossWeights
+from zsl_utils.huse.training import TrainConfig, batch_indices, train_huse
 
 N_GOOD, SHARD_SIZE = 12, 2
 BAD_FILES = {"img_03_corrupt.jpg": "truncated JPEG", "img_07_empty.png": "zero bytes", "img_10_notes.txt": "text"}
@@ -209,8 +209,8 @@ def test_a_rank_whose_files_are_all_unreadable_writes_its_shards_first(tmp_path,
     """Rank 0 of 2 owns shard 0, whose two files are both unreadable, and runs before rank 1
     has written anything: its shard must still get the arrays of the in-process cache."""
     from zsl_utils.classifiers import load_classifier
-    from zsl_utils.dist_extract import run_extraction
-    from zsl_utils.distributed import DistContext
+    from zsl_utils.scale.extract import run_extraction
+    from zsl_utils.scale.launch import DistContext
     from zsl_utils.extract import classifier_outputs
     from zsl_utils.features import image_features
 
@@ -268,7 +268,7 @@ def test_two_gloo_processes_build_the_single_process_cache(reference, tmp_path, 
 def test_killed_extraction_resumes_and_recomputes_nothing(reference, tmp_path, image_folder, tiny_weights):
     cache_dir = tmp_path / "probs"
     spec = _spec(cache_dir, image_folder, tiny_weights, debug_batch_delay_s=0.4)
-    agent = subprocess.Popen(torchrun_command("zsl_utils.dist_extract", spec.to_args(), 2),
+    agent = subprocess.Popen(torchrun_command("zsl_utils.scale.extract", spec.to_args(), 2),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for(lambda: any(cache_dir.glob("shard_*.npz")), agent, what="the first shard")
     _kill_agent_and_wait_for_workers(agent)
@@ -301,7 +301,7 @@ def test_a_failing_rank_fails_the_run_with_its_error(tmp_path, image_folder, tin
 
 _READ_ONLY_PROBE = """
 import json, sys, time
-from zsl_utils.dist_extract import ExtractionSpec, extract, run_distributed_extraction
+from zsl_utils.scale.extract import ExtractionSpec, extract, run_distributed_extraction
 spec = ExtractionSpec(**json.loads(sys.argv[1]))
 results = []
 for call in (lambda: run_distributed_extraction(2, spec), lambda: extract(spec, progress=False)):
@@ -354,7 +354,7 @@ def test_uncreatable_cache_dir_fails_before_any_process_starts(tmp_path, image_f
 
 
 def test_full_disk_is_refused_before_work_and_reported_during_it(tmp_path, monkeypatch, image_folder, tiny_weights):
-    import zsl_utils.dist_extract as dist_extract
+    import zsl_utils.scale.extract as dist_extract
 
     cache_dir = tmp_path / "probs"
     real_usage = shutil.disk_usage
@@ -523,7 +523,7 @@ def test_two_process_ddp_training_killed_resumed_equals_single_process(tmp_path)
     split, distance, weights, config, architecture = _toy_problem()
     single = train_huse(split, distance, weights, config, architecture, progress=False)
     job = write_training_job(tmp_path / "job", split, distance, weights, config, architecture)
-    command = torchrun_command("zsl_utils.huse_ddp", ["--job-dir", job, "--checkpoint-every", "4", "--device", "cpu",
+    command = torchrun_command("zsl_utils.scale.ddp", ["--job-dir", job, "--checkpoint-every", "4", "--device", "cpu",
                                                       "--debug-step-delay-s", "0.3"], 2)
     agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for(lambda: latest_checkpoint(job / "checkpoints") is not None, agent, what="the first checkpoint")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from zsl_utils import extract as extract_module
+from zsl_utils.data.images import load_image_rgb
 from zsl_utils.cache import ShardedCache, normalise_fingerprint, read_meta
 from zsl_utils.errors import ParameterError, StaleCacheError
 from zsl_utils.extract import (
@@ -19,7 +20,6 @@ from zsl_utils.extract import (
     classifier_outputs_fingerprint,
     dataset_fingerprint,
     extract_to_cache,
-    load_image_rgb,
     read_skipped,
 )
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.food101 import (
+from zsl_utils.data.food101 import (
     FOOD101_CLASSES,
     assign_splits,
     class_phrase,
@@ -22,7 +22,7 @@ from zsl_utils.food101 import (
     tuxpaint_items,
     tuxpaint_taxonomy,
 )
-from zsl_utils.tuxpaint import load_stamps
+from zsl_utils.data.tuxpaint import load_stamps
 
 
 def write_jpeg(path: Path) -> Path:
@@ -201,7 +201,7 @@ def test_tuxpaint_items_drop_small_classes(tuxpaint_root):
 
 
 def test_load_huse_dataset_upmc_mirror_carves_validation_from_train(mirror_root, wordnet):
-    from zsl_utils.food101 import load_huse_dataset
+    from zsl_utils.data.food101 import load_huse_dataset
 
     test_images = mirror_root / "images" / "test"
     write_jpeg(test_images / "sushi" / "sushi_7.jpg")

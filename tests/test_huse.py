@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from zsl_utils.errors import ParameterError
-from zsl_utils.huse import HuseArchitecture, HuseModel, HuseSplit, SplitOutputs, build_splits, embed_split
-from zsl_utils.huse_eval import (
+from zsl_utils.huse.model import HuseArchitecture, HuseModel, HuseSplit, SplitOutputs, build_splits, embed_split
+from zsl_utils.huse.evaluation import (
     choose_fusion_weight,
     classification_table,
     evaluate_huse,
@@ -19,7 +19,7 @@ from zsl_utils.huse_eval import (
     project_2d,
     side_by_side,
 )
-from zsl_utils.huse_losses import (
+from zsl_utils.huse.losses import (
     LossWeights,
     class_distance_matrix,
     classification_loss,
@@ -28,7 +28,7 @@ from zsl_utils.huse_losses import (
     huse_loss,
     semantic_graph_loss,
 )
-from zsl_utils.huse_train import (
+from zsl_utils.huse.training import (
     TrainConfig,
     batch_indices,
     best_weights,
@@ -320,7 +320,7 @@ def test_retrieval_examples_exclude_the_query_pair(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from zsl_utils.huse_eval import retrieval_examples
+    from zsl_utils.huse.evaluation import retrieval_examples
 
     paths = []
     for i in range(3):
@@ -346,7 +346,7 @@ def _assert_same_training(expected, got) -> None:
 
 
 def test_training_interrupted_after_the_midway_checkpoint_resumes_bitwise(tmp_path, monkeypatch):
-    import zsl_utils.huse_train as huse_train
+    import zsl_utils.huse.training as huse_train
     from zsl_utils.checkpoint import list_checkpoints
 
     split, class_distance = toy_split()
@@ -419,8 +419,8 @@ def test_grid_search_rerun_reloads_every_finished_combination(tmp_path):
 _KILLED_TRAINER = """
 import sys, time
 import numpy as np, torch
-import zsl_utils.huse_train as huse_train
-from zsl_utils.huse import HuseArchitecture, HuseSplit
+import zsl_utils.huse.training as huse_train
+from zsl_utils.huse.model import HuseArchitecture, HuseSplit
 data = np.load(sys.argv[1])
 real_loss = huse_train.huse_loss
 def slow_loss(*args, **kwargs):  # widen the window for the kill

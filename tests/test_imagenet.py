@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zsl_utils import imagenet
+from zsl_utils.conse import imagenet
 from zsl_utils.cache import ShardedCache
 from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.imagenet import EvalTask, build_label_sets, evaluate_conse, load_wnid_list
+from zsl_utils.conse.imagenet import EvalTask, build_label_sets, evaluate_conse
+from zsl_utils.data import wnids
+from zsl_utils.data.wnids import load_wnid_list
 from zsl_utils.metrics import Hierarchy
 from zsl_utils.semantic import LabelEmbeddings
 
@@ -64,7 +66,7 @@ def test_real_label_sets(wordnet):
     """Invariants on WordNet 3.0 + timm's lists; sizes are those documented in the module."""
     hierarchy = imagenet.wordnet_hierarchy(wordnet)
     sets = build_label_sets(hierarchy)
-    assert len(sets.training) == 1000 and len(imagenet.imagenet21k_wnids()) == 21841
+    assert len(sets.training) == 1000 and len(wnids.imagenet21k_wnids()) == 21841
     assert len(sets.candidates) == 20842  # n04399382 (teddy bear) is not in the 2011 release
     two, three = set(sets.test_sets["2-hop"]), set(sets.test_sets["3-hop"])
     assert two < three < set(sets.test_sets["all"])
@@ -131,7 +133,7 @@ def test_evaluate_from_cache_equals_array_and_skips_unreadable(tmp_path):
 def test_tasks_over_the_same_images_embed_once_and_match_separate_runs(monkeypatch):
     """'zsl' and 'zsl +1K' evaluate the same images: one check per batch, one f(x) per T
     for both, and exactly the numbers of evaluating each task on its own."""
-    from zsl_utils import conse
+    from zsl_utils.conse import model as conse
 
     calls = {"check": 0, "embed": 0}
     original_check, original_embed = conse.check_probabilities, conse.ConSE.embed

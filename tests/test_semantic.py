@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from zsl_utils.classifiers import imagenet_wnids, wnid_lemmas
-from zsl_utils.conse import label_collisions
+from zsl_utils.data.wnids import imagenet_wnids, wnid_lemmas
+from zsl_utils.conse.model import label_collisions
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 from zsl_utils.semantic import (
     embed_labels,

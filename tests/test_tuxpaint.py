@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from zsl_utils.errors import DataLayoutError
-from zsl_utils.tuxpaint import load_stamps
+from zsl_utils.data.tuxpaint import load_stamps
 
 
 def _stamp(root, relative, description=None):

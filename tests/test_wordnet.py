@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from zsl_utils.errors import AssetUnavailableError
-from zsl_utils.wordnet import WordNet, parse_data_line, parse_index_line
+from zsl_utils.data.wordnet import WordNet, parse_data_line, parse_index_line
 
 # Real lines from WordNet 3.0's data.noun / index.noun (tabby cat; 'tabby').
 TABBY_LINE = (
@@ -57,7 +57,7 @@ def test_graph_queries_on_a_tiny_hand_built_database(tmp_path):
 
 
 def test_missing_wordnet_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(AssetUnavailableError, match=r"data\.noun is missing.*zsl_utils\.assets"):
+    with pytest.raises(AssetUnavailableError, match=r"data\.noun is missing.*zsl_utils\.data\.assets"):
         WordNet.load(tmp_path / "nowhere")
 
 

@@ -19,8 +19,8 @@ from typing import Sequence
 # `make demo` failing within a second; jsonschema simply skips the "iri" format.
 sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
-from . import config, profiles  # noqa: E402
-from .errors import ZslError  # noqa: E402
+from zsl_utils import config, profiles  # noqa: E402
+from zsl_utils.errors import ZslError  # noqa: E402
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:

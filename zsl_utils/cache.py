@@ -38,8 +38,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import TMP_MARKER, temporary_sibling, write_atomically
-from .errors import StaleCacheError, ZslError
+from zsl_utils.atomic import TMP_MARKER, temporary_sibling, write_atomically
+from zsl_utils.errors import StaleCacheError, ZslError
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"

@@ -27,9 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .atomic import write_atomically
-from .cache import fingerprint_differences, normalise_fingerprint
-from .errors import StaleCacheError, ZslError
+from zsl_utils.atomic import write_atomically
+from zsl_utils.cache import fingerprint_differences, normalise_fingerprint
+from zsl_utils.errors import StaleCacheError, ZslError
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{9})\.pt$")

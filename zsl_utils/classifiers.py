@@ -38,7 +38,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import AssetUnavailableError, DataLayoutError, ParameterError
+from zsl_utils.data.images import to_rgb, load_image_rgb
+from zsl_utils.data.wnids import imagenet_wnids
+from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 DEFAULT_CLASSIFIER = "efficientnet_lite0"
 ACCEPTED_FORMS = (
@@ -60,73 +62,7 @@ _LITE0_PREPROCESS = {
 }
 
 
-# --------------------------------------------------------------------------- WNIDs
-
-def timm_info_file(filename: str) -> Path:
-    """Path of one of the ImageNet synset files that timm ships in ``timm/data/_info``."""
-    import timm.data
-
-    path = Path(timm.data.__file__).parent / "_info" / filename
-    if not path.is_file():
-        raise AssetUnavailableError(
-            f"timm's info file {path} is missing; reinstall timm (pip install --force-reinstall timm)."
-        )
-    return path
-
-
-def imagenet_wnids(subset: str = "1k") -> list[str]:
-    """WNIDs of an ImageNet label space, in the classifier output order.
-
-    ``"1k"``: the 1,000 ILSVRC-2012 classes (sorted WNIDs, the order every ImageNet
-    classifier uses); ``"21k"``: the 21,841 synsets of the fall-2011 ImageNet release
-    (``imagenet22k_synsets.txt``), the label space of the ConSE paper. One 1K class, teddy
-    bear (``n04399382``), is not among those 21,841.
-    """
-    files = {"1k": "imagenet_synsets.txt", "21k": "imagenet22k_synsets.txt"}
-    if subset not in files:
-        raise ParameterError(f"imagenet_wnids(subset={subset!r}): expected one of {sorted(files)}.")
-    return [line.strip() for line in timm_info_file(files[subset]).read_text().splitlines() if line.strip()]
-
-
-@lru_cache(maxsize=1)
-def _all_wnid_lemmas() -> dict[str, tuple[str, ...]]:
-    table: dict[str, tuple[str, ...]] = {}
-    for line in timm_info_file("imagenet_synset_to_lemma.txt").read_text(encoding="utf-8").splitlines():
-        wnid, _, names = line.partition("\t")
-        # timm writes "tabby, tabby cat"; WordNet spells multi-word lemmas with underscores.
-        table[wnid] = tuple(name.strip().replace(" ", "_") for name in names.split(",") if name.strip())
-    return table
-
-
-def wnid_lemmas(wnids: Iterable[str] | None = None) -> dict[str, tuple[str, ...]]:
-    """``{wnid: lemmas}`` (WordNet spelling, e.g. ``('tabby', 'tabby_cat')``) from timm's files.
-
-    Covers all ImageNet-21K synsets without needing WordNet itself. ``wnids=None`` returns
-    every synset timm knows; otherwise the given WNIDs in the given order.
-    """
-    table = _all_wnid_lemmas()
-    if wnids is None:
-        return dict(table)
-    wnids = list(wnids)
-    unknown = [w for w in wnids if w not in table]
-    if unknown:
-        raise ParameterError(
-            f"{len(unknown)} WNID(s) have no lemmas in timm's imagenet_synset_to_lemma.txt, "
-            f"e.g. {unknown[:5]}; use zsl_utils.wordnet.WordNet.load().synset(wnid).lemmas for them."
-        )
-    return {w: table[w] for w in wnids}
-
-
 # --------------------------------------------------------------------------- preprocessing
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any PIL image to RGB; transparent pixels (Tux Paint stamps) become ``background``."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
 
 @dataclass
 class ImagePreprocess:
@@ -219,13 +155,10 @@ class LoadedClassifier:
 def _open_image(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
-    path = Path(image)
     try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.copy()
+        return load_image_rgb(image)
     except (OSError, ValueError) as error:
-        raise DataLayoutError(f"Cannot read image {path}: {error}. Remove or replace the file.") from error
+        raise DataLayoutError(f"Cannot read image {image}: {error}. Remove or replace the file.") from error
 
 
 def _check_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -252,7 +185,7 @@ def load_classifier(
     ``.pth``/``.bin``/``.safetensors``) that overrides the default weights. ``wnids``: output
     WNIDs, required only when the model does not have the 1,000 ImageNet outputs.
     """
-    from .device import pick_device
+    from zsl_utils.device import pick_device
 
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
     if not isinstance(name, str) or not name.strip():
@@ -545,9 +478,3 @@ def _last_linear_input_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Te
         return captured[0]
 
     return features
-
-
-def wnid_names(wnids: Iterable[str]) -> dict[str, str]:
-    """``{wnid: readable name}``: the first lemma with spaces (``'tabby'``), for tables and plots."""
-    table = _all_wnid_lemmas()
-    return {w: (table[w][0].replace("_", " ") if table.get(w) else w) for w in wnids}

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from zsl_utils.errors import ParameterError
 
 T = TypeVar("T")
 

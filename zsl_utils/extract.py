@@ -37,8 +37,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cache import ShardedCache
-from .errors import ParameterError, ZslError
+from zsl_utils.cache import ShardedCache
+from zsl_utils.data.images import load_image_rgb
+from zsl_utils.errors import ParameterError, ZslError
 
 # Errors that mean "this file is bad" rather than "the code is wrong". Anything else
 # (TypeError, AttributeError, ...) stops the run: silently skipping every image because
@@ -104,25 +105,6 @@ class ExtractionReport:
 
 
 # ---------------------------------------------------------------------- image loading
-def load_image_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully and return an RGB image.
-
-    Transparent pixels are composited onto **white**: a plain ``convert('RGB')`` would
-    turn the transparent background of a PNG (all Tux Paint stamps) black, which no
-    ImageNet photo looks like. Raises one of :data:`LOAD_ERRORS` for unreadable files.
-    """
-    with Image.open(path) as image:
-        image.load()  # decode now, so truncated files fail here and not later
-        has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-            image.mode == "P" and "transparency" in image.info
-        )
-        if not has_alpha:
-            return image.convert("RGB")
-        rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
 class ImageLoader:
     """Picklable ``path -> preprocess(load_image_rgb(path))`` for DataLoader workers."""
 
@@ -559,7 +541,7 @@ def classifier_outputs(
     cache is then incomplete. ``pin_memory`` (default: True when ``device`` is CUDA)
     pins each loaded batch for an asynchronous host-to-GPU copy.
     """
-    from .device import pick_device
+    from zsl_utils.device import pick_device
 
     paths = [str(p) for p in image_paths]
     fingerprint = classifier_outputs_fingerprint(classifier, paths, dataset_id, dtype, autocast_dtype, dataset_root)

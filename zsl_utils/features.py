@@ -27,7 +27,7 @@ and are listed in ``FeatureSet.skipped``.
 
 The cache fingerprints (:func:`image_features_fingerprint`, :func:`text_features_fingerprint`)
 and default folders (:func:`image_features_cache_dir`, :func:`text_features_cache_dir`) are
-public and defined once: ``zsl_utils.dist_extract`` fills the very same caches on N
+public and defined once: ``zsl_utils.scale.extract`` fills the very same caches on N
 processes, and a notebook names the folder once for both paths.
 """
 from __future__ import annotations
@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config
-from .cache import ShardedCache
-from .errors import AssetUnavailableError, ParameterError
+from zsl_utils import config
+from zsl_utils.cache import ShardedCache
+from zsl_utils.errors import AssetUnavailableError, ParameterError
 
 TEXT_KINDS = ("minilm", "bert", "tfidf")
 DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
@@ -87,7 +87,7 @@ def default_cache_dir(dataset_id: str, what: str, fingerprint: dict | None = Non
     """
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", what)
     if fingerprint is not None:
-        from .cache import normalise_fingerprint
+        from zsl_utils.cache import normalise_fingerprint
 
         digest = hashlib.sha256(json.dumps(normalise_fingerprint(fingerprint), sort_keys=True).encode()).hexdigest()
         safe = f"{safe}_{digest[:10]}"
@@ -102,7 +102,7 @@ def _cached(
 
     With ``shards``, only those are computed; None is returned while others are missing.
     """
-    from .extract import extract_to_cache, read_skipped
+    from zsl_utils.extract import extract_to_cache, read_skipped
 
     if len(items) == 0:
         raise ParameterError(f"no items to encode for {desc}; check the item table.")
@@ -151,7 +151,7 @@ def image_features_fingerprint(
     ``dtype`` or an ``autocast_dtype`` ("bfloat16"/"float16", GPU extraction) change the
     numbers and are then recorded, so such a cache is a different cache.
     """
-    from .extract import dataset_fingerprint
+    from zsl_utils.extract import dataset_fingerprint
 
     if dtype not in _STORAGE_DTYPES:
         raise ParameterError(f"image features dtype must be one of {_STORAGE_DTYPES}, got {dtype!r}.")
@@ -209,7 +209,7 @@ def image_features(
     process's share of a distributed job; returns None when the cache is still
     incomplete afterwards.
     """
-    from .extract import ImageLoader
+    from zsl_utils.extract import ImageLoader
 
     classifier = _classifier(model, weights, device)
     paths = [str(p) for p in image_paths]
@@ -221,7 +221,7 @@ def image_features(
 
 def _classifier(model: Any, weights: str | Path | None, device: str):
     """``model`` if it is a loaded classifier, else ``load_classifier(model, weights, device)``."""
-    from .classifiers import load_classifier
+    from zsl_utils.classifiers import load_classifier
 
     if isinstance(model, str):
         return load_classifier(model, weights=weights, device=device)
@@ -244,7 +244,7 @@ def non_empty_text(text: str) -> str | None:
 
 class _SentenceEncoder:
     def __init__(self, device: str) -> None:
-        from .semantic import load_sentence_encoder
+        from zsl_utils.semantic import load_sentence_encoder
 
         self.model = load_sentence_encoder(device)
 
@@ -350,7 +350,7 @@ def text_features_fingerprint(
     fitting = _as_texts(fit_texts) if fit_texts is not None else texts
     fingerprint: dict[str, Any] = {"kind": f"text_{kind}", "dataset_id": dataset_id, "texts": texts_fingerprint(texts)}
     if kind == "minilm":
-        from .semantic import MINILM_SPACE
+        from zsl_utils.semantic import MINILM_SPACE
 
         fingerprint["model"] = MINILM_SPACE
     elif kind == "tfidf":
@@ -409,7 +409,7 @@ def text_features(
     :func:`text_features_cache_dir`. ``shards``: compute only these shards (default:
     every missing one); returns None when the cache is still incomplete afterwards.
     """
-    from .device import pick_device
+    from zsl_utils.device import pick_device
 
     fingerprint = text_features_fingerprint(texts, dataset_id, kind, fit_texts, bert_model, max_words)
     texts = _as_texts(texts)

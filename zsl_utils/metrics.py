@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import ParameterError
+from zsl_utils.errors import ParameterError
 
 PAPER_KS = (1, 2, 5, 10, 20)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import matplotlib
 
-from . import config
+from zsl_utils import config
 
 
 def save_figure(fig: "matplotlib.figure.Figure", name: str, directory: Path | None = None) -> Path:
@@ -84,7 +84,7 @@ def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
     """One panel per test set: ``metric``@k (%) against k, one line per model.
 
     ``table``: rows with columns ``test set``, ``model`` and ``<metric>@<k>`` (as returned by
-    ``zsl_utils.imagenet.evaluate_conse(...).table``).
+    ``zsl_utils.conse.imagenet.evaluate_conse(...).table``).
     """
     import matplotlib.pyplot as plt
 

@@ -49,8 +49,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from . import config
-from .errors import ParameterError, ZslError
+from zsl_utils import config
+from zsl_utils.errors import ParameterError, ZslError
 
 PATH_SUFFIXES = ("_root", "_dir", "_path", "_file")
 CREATED_MARKER = "(created if missing)"

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import AssetUnavailableError, DataLayoutError, ParameterError
+from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 PACKAGED_GLOVE = "glove-6b-50d"
 WORD_VECTOR_KINDS = ("word2vec-bin", "word2vec-text", "glove-text", "fasttext-bin", "keyedvectors")
@@ -257,7 +257,7 @@ def _normalise_table(lemmas: LemmaTable) -> tuple[list[str], list[tuple[str, ...
 def label_embeddings(kv, lemmas: LemmaTable, on_missing: str = "warn", space: str | None = None) -> LabelEmbeddings:
     """Embed labels by averaging their lemmas' vectors (ConSE's synonym averaging).
 
-    ``lemmas``: ``{label: [lemma, ...]}`` (e.g. from :func:`zsl_utils.classifiers.wnid_lemmas`)
+    ``lemmas``: ``{label: [lemma, ...]}`` (e.g. from :func:`zsl_utils.data.wnids.wnid_lemmas`)
     or a list of lemma lists (labels are then the first lemmas). ``on_missing``: ``"warn"``
     (default; emits :meth:`LabelEmbeddings.report`), ``"raise"`` or ``"ignore"`` (still
     recorded in ``found``/``missing``).
@@ -323,7 +323,7 @@ def sentence_label_embeddings(
     become spaces) and a label's vector is the mean over its lemmas, as for word vectors; or
     a list of strings, one text per label (e.g. glosses), labelled by the text itself.
     """
-    from .device import pick_device
+    from zsl_utils.device import pick_device
 
     if isinstance(texts, Mapping):
         labels, groups = list(texts.keys()), [[t] if isinstance(t, str) else list(t) for t in texts.values()]

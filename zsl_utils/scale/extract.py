@@ -3,7 +3,7 @@
 One command fills the same :class:`~zsl_utils.cache.ShardedCache` that the notebooks
 fill in-process, on 1 process or on N processes of one or several machines::
 
-    torchrun --nproc_per_node 4 -m zsl_utils.dist_extract --kind probs \\
+    torchrun --nproc_per_node 4 -m zsl_utils.scale.extract --kind probs \\
         --images-root /data/imagenet21k --cache-dir /scratch/cache/probs_21k
 
 Kinds, and the in-process function whose cache each one fills (same fingerprint, same
@@ -54,9 +54,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import temporary_sibling, write_text_atomically
-from .cache import CacheError, ShardedCache, fingerprint_differences, normalise_fingerprint, read_meta
-from .distributed import (
+from zsl_utils.atomic import temporary_sibling, write_text_atomically
+from zsl_utils.cache import CacheError, ShardedCache, fingerprint_differences, normalise_fingerprint, read_meta
+from zsl_utils.scale.launch import (
     DEFAULT_TIMEOUT_S,
     DistContext,
     agree_on,
@@ -69,8 +69,8 @@ from .distributed import (
     rank_failure_guard,
     shutdown_distributed,
 )
-from .errors import DataLayoutError, ParameterError, ZslError
-from .extract import ImageLoader, classifier_outputs_fingerprint, extract_to_cache
+from zsl_utils.errors import DataLayoutError, ParameterError, ZslError
+from zsl_utils.extract import ImageLoader, classifier_outputs_fingerprint, extract_to_cache
 
 KINDS = ("probs", "image_features", "text_features")
 _DEFAULT_DTYPE = {"probs": "float16", "image_features": "float32", "text_features": "float32"}
@@ -171,7 +171,7 @@ class ExtractionSpec:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node N -m zsl_utils.dist_extract",
+        prog="torchrun --nproc_per_node N -m zsl_utils.scale.extract",
         description="Fill a sharded cache with classifier probabilities or features, on 1..N processes. "
         "Rerunning the same command resumes: only missing shards are computed.",
     )
@@ -367,7 +367,7 @@ class _Job:
 
 
 def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
-    from .classifiers import load_classifier
+    from zsl_utils.classifiers import load_classifier
 
     classifier = load_classifier(spec.classifier, spec.weights, device=ctx.device)
     autocast_dtype = spec.autocast_dtype(ctx.device)
@@ -378,7 +378,7 @@ def _image_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job
         forward, name, width = _softmax_of(classifier.model), "probs", len(classifier.wnids)
     else:
         # The fingerprint of features.image_features: this cache is the HUSE notebook's cache.
-        from .features import image_features_fingerprint
+        from zsl_utils.features import image_features_fingerprint
 
         fingerprint = image_features_fingerprint(classifier, items, dataset_id, spec.storage_dtype, autocast_dtype)
         forward, name, width = classifier.pooled_features, "features", _feature_width(classifier)
@@ -400,8 +400,8 @@ def _feature_width(classifier: Any) -> int:
 
 def _text_job(spec: ExtractionSpec, items: list[str], ctx: DistContext) -> _Job:
     """MiniLM sentence features, the cache of ``features.text_features(kind="minilm")``."""
-    from .features import non_empty_text, text_features_fingerprint
-    from .semantic import MINILM_SPACE, load_sentence_encoder
+    from zsl_utils.features import non_empty_text, text_features_fingerprint
+    from zsl_utils.semantic import MINILM_SPACE, load_sentence_encoder
 
     encoder_model = load_sentence_encoder(str(ctx.device))
     dataset_id = spec.dataset_id or Path(spec.texts_file).stem
@@ -440,7 +440,7 @@ def run_extraction(
     same code, in-process, is what the notebooks run for the demo profile. Returns the
     rank's report, the cache fingerprint and the cache's items (paths or texts).
     """
-    from .device import pick_device
+    from zsl_utils.device import pick_device
 
     ctx = ctx or DistContext(device=pick_device(spec.device))
     began = time.perf_counter()
@@ -677,10 +677,10 @@ def run_distributed_extraction(
     run_dir: str | os.PathLike | None = None,
     collective_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> ExtractionSummary:
-    """Launch ``torchrun --standalone --nproc_per_node nproc -m zsl_utils.dist_extract`` for ``spec``.
+    """Launch ``torchrun --standalone --nproc_per_node nproc -m zsl_utils.scale.extract`` for ``spec``.
 
     Checks that the cache directory is writable first (no process is started otherwise).
-    Raises :class:`~zsl_utils.distributed.DistributedRunError` with the failing rank's
+    Raises :class:`~zsl_utils.scale.launch.DistributedRunError` with the failing rank's
     error if any rank fails; ``timeout_s`` bounds the whole run (None: no limit).
     """
     check_cache_dir_writable(spec.cache_dir)
@@ -689,7 +689,7 @@ def run_distributed_extraction(
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     args = [*spec.to_args(), "--summary-json", str(summary_path), "--timeout-s", str(collective_timeout_s)]
-    launch_torchrun("zsl_utils.dist_extract", args, nproc, run_dir, timeout_s, echo)
+    launch_torchrun("zsl_utils.scale.extract", args, nproc, run_dir, timeout_s, echo)
     summary = ExtractionSummary.from_json(summary_path.read_text())
     summary.wall_seconds = time.perf_counter() - began
     return summary
@@ -725,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = spec_from_args(args)
         distributed_main(spec, args.timeout_s, args.summary_json, args.error_dir)
     except ZslError as error:  # a problem the user can fix: one readable message, no traceback
-        print(f"zsl_utils.dist_extract, rank {os.environ.get('RANK', '0')}: error: {error}", file=sys.stderr)
+        print(f"zsl_utils.scale.extract, rank {os.environ.get('RANK', '0')}: error: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -43,8 +43,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .atomic import write_text_atomically
-from .errors import ParameterError, ZslError
+from zsl_utils.atomic import write_text_atomically
+from zsl_utils.errors import ParameterError, ZslError
 
 # Long enough for the slowest rank of an unbalanced extraction to finish its shards
 # while the others wait at the final barrier; short enough that a hung job dies today.
@@ -113,7 +113,7 @@ def choose_backend(device: torch.device) -> str:
 
 def _rank_device(preference: str, local_rank: int) -> torch.device:
     """One GPU per local rank when CUDA is wanted and present; otherwise the preferred device."""
-    from .device import pick_device
+    from zsl_utils.device import pick_device
 
     choice = (preference or "auto").strip().lower()
     if choice.startswith("cuda:"):
@@ -145,7 +145,7 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
     if not timeout_s > 0:
         raise ParameterError(f"timeout_s must be > 0 seconds, got {timeout_s!r}.")
     if not launched_by_torchrun():
-        from .device import pick_device
+        from zsl_utils.device import pick_device
 
         return DistContext(device=pick_device(device))
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")

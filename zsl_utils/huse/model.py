@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ParameterError
+from zsl_utils.errors import ParameterError
 
 MODALITIES = ("image", "text")
 # Retrieval directions in the order of the paper's tables: (query, gallery).
@@ -225,8 +225,8 @@ def semantic_class_distance(phrases: Sequence[str], device: str = "cpu") -> torc
     The paper embeds class names with the Universal Sentence Encoder; MiniLM is the
     sentence encoder shipped with this project.
     """
-    from .huse_losses import class_distance_matrix
-    from .semantic import sentence_label_embeddings
+    from zsl_utils.huse.losses import class_distance_matrix
+    from zsl_utils.semantic import sentence_label_embeddings
 
     vectors = sentence_label_embeddings(list(phrases), device=device).vectors
     return class_distance_matrix(torch.as_tensor(vectors, dtype=torch.float32))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import config
-from .atomic import write_atomically
-from .errors import AssetUnavailableError
+from zsl_utils import config
+from zsl_utils.atomic import write_atomically
+from zsl_utils.errors import AssetUnavailableError
 
 _HYPERNYM_POINTERS = {"@", "@i"}
 _HYPONYM_POINTERS = {"~", "~i"}
@@ -95,7 +95,7 @@ class WordNet:
             if not path.is_file():
                 raise AssetUnavailableError(
                     f"WordNet file {path} is missing. Run `make data` (or "
-                    "`python -m zsl_utils.assets`) to fetch WordNet 3.0, or point WordNet.load(path=...) "
+                    "`python -m zsl_utils.data.assets`) to fetch WordNet 3.0, or point WordNet.load(path=...) "
                     "to a folder holding data.noun and index.noun."
                 )
         # WordNet offsets are byte offsets, so the file must be read as bytes -> latin-1 text.

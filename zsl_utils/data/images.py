@@ -33,9 +33,11 @@ from typing import Collection, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from . import config
-from .errors import DataLayoutError, ParameterError
+from zsl_utils import config
+from zsl_utils.data import wnids
+from zsl_utils.errors import DataLayoutError, ParameterError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 WNID_PATTERN = re.compile(r"^n\d{8}$")
@@ -99,6 +101,26 @@ def normalise_stamp_name(name: str) -> str:
     text = name.strip().lower().replace("-", "_").replace(" ", "_")
     return re.sub(r"_?\d+$", "", text) or text
 
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL image as RGB; transparent pixels are composited onto ``background`` (white).
+
+    A plain ``convert('RGB')`` would turn the transparent background of a PNG (all Tux
+    Paint stamps) black, which no ImageNet photo looks like.
+    """
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully (truncated files fail here, not later) and return it as RGB (alpha on white)."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
 
 def _singular_forms(word: str) -> list[str]:
     forms = []
@@ -170,24 +192,23 @@ def tuxpaint_by_wnid(
     as label space, and the ILSVRC-2012 labels as the seen set. Keep the mapped rows with
     ``frame[frame.wnid.notna()]``.
     """
-    from . import imagenet
-    from .tuxpaint import load_stamps
-    from .wordnet import WordNet
+    from zsl_utils.data.tuxpaint import load_stamps
+    from zsl_utils.data.wordnet import WordNet
 
     stamps = load_stamps() if stamps is None else stamps
     wordnet = WordNet.load() if wordnet is None else wordnet
-    seen = set(imagenet.ilsvrc2012_wnids() if seen_wnids is None else seen_wnids)
-    space = set(label_space) if label_space is not None else set(imagenet.imagenet21k_wnids()) | seen
+    seen = set(wnids.ilsvrc2012_wnids() if seen_wnids is None else seen_wnids)
+    space = set(label_space) if label_space is not None else set(wnids.imagenet21k_wnids()) | seen
     table = load_tuxpaint_table(table_path).set_index("name")
     decisions = [map_name_to_wnid(name, wordnet, space, table) for name in stamps["name"]]
     frame = stamps.copy()
-    wnids = [d[0] for d in decisions]
-    frame["wnid"] = pd.Series(wnids, index=frame.index, dtype=object)
+    wnid_column = [d[0] for d in decisions]
+    frame["wnid"] = pd.Series(wnid_column, index=frame.index, dtype=object)
     frame["how"] = [d[1] for d in decisions]
     frame["detail"] = [d[2] for d in decisions]
-    frame["lemma"] = pd.Series([wordnet.synset(w).lemmas[0] if w else None for w in wnids], index=frame.index,
+    frame["lemma"] = pd.Series([wordnet.synset(w).lemmas[0] if w else None for w in wnid_column], index=frame.index,
                                dtype=object)
-    frame["seen"] = [w is not None and w in seen for w in wnids]
+    frame["seen"] = [w is not None and w in seen for w in wnid_column]
     return frame
 
 
@@ -207,7 +228,7 @@ def filter_stamps(
         under: keep rows whose ``wnid`` is this synset or below it (e.g. ``n00015388``,
             animal); rows without a WNID drop. The animals folder also holds things that are
             not animals (a teddy bear), which this removes.
-        wordnet: the :class:`~zsl_utils.wordnet.WordNet` that ``under`` is resolved in.
+        wordnet: the :class:`~zsl_utils.data.wordnet.WordNet` that ``under`` is resolved in.
 
     Returns the kept rows, re-indexed from 0.
     """
@@ -221,7 +242,7 @@ def filter_stamps(
         keep &= frame["top_category"].isin(list(top_categories))
     if under is not None:
         if wordnet is None:
-            raise ParameterError(f"filter_stamps: under={under!r} needs wordnet= (zsl_utils.wordnet.WordNet.load()).")
+            raise ParameterError(f"filter_stamps: under={under!r} needs wordnet= (zsl_utils.data.wordnet.WordNet.load()).")
         if under not in wordnet:
             raise ParameterError(f"filter_stamps: under={under!r} is not a WordNet 3.0 noun synset (n + 8 digits).")
         keep &= np.array([isinstance(w, str) and (w == under or under in wordnet.ancestors(w))

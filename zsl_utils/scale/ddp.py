@@ -1,6 +1,6 @@
 """HUSE training with DistributedDataParallel on cached features, resumable from checkpoints.
 
-Goal: N processes train the *same* model as :func:`zsl_utils.huse_train.train_huse` in
+Goal: N processes train the *same* model as :func:`zsl_utils.huse.training.train_huse` in
 one process, up to floating-point summation order. Three things make that true:
 
 1. **Same global batches.** Every rank draws the same seeded permutation (the batches
@@ -53,9 +53,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .atomic import write_atomically
-from .checkpoint import latest_checkpoint, save_checkpoint
-from .distributed import (
+from zsl_utils.atomic import write_atomically
+from zsl_utils.checkpoint import latest_checkpoint, save_checkpoint
+from zsl_utils.scale.launch import (
     DEFAULT_TIMEOUT_S,
     DistContext,
     agree_on,
@@ -65,10 +65,10 @@ from .distributed import (
     rank_failure_guard,
     shutdown_distributed,
 )
-from .errors import DataLayoutError, ParameterError, ZslError
-from .huse import HuseArchitecture, HuseModel, HuseSplit
-from .huse_losses import LossWeights, huse_loss
-from .huse_train import (  # noqa: F401 - ResumableBatches and training_fingerprint are part of this API too
+from zsl_utils.errors import DataLayoutError, ParameterError, ZslError
+from zsl_utils.huse.model import HuseArchitecture, HuseModel, HuseSplit
+from zsl_utils.huse.losses import LossWeights, huse_loss
+from zsl_utils.huse.training import (  # noqa: F401 - ResumableBatches and training_fingerprint are part of this API too
     LOSS_PARTS,
     ResumableBatches,
     TrainConfig,
@@ -213,8 +213,8 @@ def train_huse_ddp(
 ) -> TrainedHuse:
     """Train HUSE on ``ctx.world_size`` ranks (DDP) or in this process (``ctx`` None), resumably.
 
-    Same arguments and result as :func:`zsl_utils.huse_train.train_huse`, plus:
-        ctx: from :func:`zsl_utils.distributed.init_distributed`; None = one process on CPU.
+    Same arguments and result as :func:`zsl_utils.huse.training.train_huse`, plus:
+        ctx: from :func:`zsl_utils.scale.launch.init_distributed`; None = one process on CPU.
         checkpoint_dir: where rank 0 writes checkpoints; if it holds one for the same
             fingerprint, training continues from it (nothing recomputed).
         checkpoint_every: steps between checkpoints (one is always written at the end).
@@ -306,7 +306,7 @@ def read_training_job(job_dir: str | os.PathLike) -> tuple[HuseSplit, torch.Tens
     except (OSError, ValueError) as error:
         raise DataLayoutError(
             f"training job {job_dir} needs {INPUTS_NAME} and {CONFIG_NAME} ({error}); create it with "
-            f"zsl_utils.huse_ddp.write_training_job."
+            f"zsl_utils.scale.ddp.write_training_job."
         ) from error
     split = HuseSplit(arrays.get("image"), arrays.get("text"), arrays["labels"])
     train_settings = dict(settings["train"], modalities=tuple(settings["train"]["modalities"]))
@@ -335,7 +335,7 @@ def run_distributed_training(
     nproc: int, job_dir: str | os.PathLike, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     device: str = "auto", timeout_s: float | None = None, echo: bool = False,
 ) -> TrainedHuse:
-    """Launch ``torchrun --standalone --nproc_per_node nproc -m zsl_utils.huse_ddp`` on a job folder.
+    """Launch ``torchrun --standalone --nproc_per_node nproc -m zsl_utils.scale.ddp`` on a job folder.
 
     Checkpoints go to ``<job_dir>/checkpoints``, so calling this again after an
     interruption resumes. Raises ``DistributedRunError`` with the failing rank's error.
@@ -343,7 +343,7 @@ def run_distributed_training(
     job_dir = Path(job_dir)
     read_training_job(job_dir)  # fail here, not in N processes, if the job is malformed
     args = ["--job-dir", str(job_dir), "--checkpoint-every", str(checkpoint_every), "--device", device]
-    launch_torchrun("zsl_utils.huse_ddp", args, nproc, Path(tempfile.mkdtemp(prefix="zsl_huse_ddp_")), timeout_s, echo)
+    launch_torchrun("zsl_utils.scale.ddp", args, nproc, Path(tempfile.mkdtemp(prefix="zsl_huse_ddp_")), timeout_s, echo)
     return load_training_result(job_dir)
 
 
@@ -364,7 +364,7 @@ def distributed_main(job_dir: str, checkpoint_every: int, device: str, timeout_s
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node N -m zsl_utils.huse_ddp",
+        prog="torchrun --nproc_per_node N -m zsl_utils.scale.ddp",
         description="Train HUSE with DDP on a job folder written by write_training_job; rerun to resume.",
     )
     parser.add_argument("--job-dir", required=True, help="folder with inputs.npz and config.json")
@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed_main(args.job_dir, args.checkpoint_every, args.device, args.timeout_s, args.error_dir,
                          args.debug_step_delay_s)
     except ZslError as error:  # a problem the user can fix: one readable message, no traceback
-        print(f"zsl_utils.huse_ddp, rank {os.environ.get('RANK', '0')}: error: {error}", file=sys.stderr)
+        print(f"zsl_utils.scale.ddp, rank {os.environ.get('RANK', '0')}: error: {error}", file=sys.stderr)
         return 1
     return 0
 

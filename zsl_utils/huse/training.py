@@ -12,7 +12,7 @@ named after a hash of everything that determines the result (settings, loss weig
 architecture, ``num_steps``, the training data). A rerun with the same arguments
 continues from the latest checkpoint and ends bit-identical to an uninterrupted run; a
 run with other settings gets its own subfolder, so the grid search and the ablations can
-share one ``checkpoint_dir``. ``zsl_utils.huse_ddp`` trains with the same state on N
+share one ``checkpoint_dir``. ``zsl_utils.scale.ddp`` trains with the same state on N
 processes.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ParameterError
-from .huse import MODALITIES, HuseArchitecture, HuseModel, HuseSplit, embed_split
-from .huse_eval import HuseEvaluation, choose_fusion_weight, evaluate_huse
-from .huse_losses import LossWeights, huse_loss
+from zsl_utils.errors import ParameterError
+from zsl_utils.huse.model import MODALITIES, HuseArchitecture, HuseModel, HuseSplit, embed_split
+from zsl_utils.huse.evaluation import HuseEvaluation, choose_fusion_weight, evaluate_huse
+from zsl_utils.huse.losses import LossWeights, huse_loss
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def log_step(run: TrainingRun, parts: Mapping[str, torch.Tensor], step: int, con
 
 def checkpoint_state(run: TrainingRun) -> dict[str, Any]:
     """The state to save: model, optimizer, batch stream, RNG states, loss history and window."""
-    from .checkpoint import capture_rng_state
+    from zsl_utils.checkpoint import capture_rng_state
 
     window = torch.stack(run.window).cpu() if run.window else torch.zeros((0, len(LOSS_PARTS)))
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": capture_rng_state(),
@@ -184,7 +184,7 @@ def restore_checkpoint(run: TrainingRun, path: str | os.PathLike, fingerprint: M
 
     Raises ``StaleCheckpointError`` when it belongs to another ``fingerprint``.
     """
-    from .checkpoint import load_checkpoint, restore_rng_state
+    from zsl_utils.checkpoint import load_checkpoint, restore_rng_state
 
     step, state = load_checkpoint(path, fingerprint, map_location="cpu")
     if step > num_steps:
@@ -243,7 +243,7 @@ def train_huse(
     the steps after the last checkpoint are recomputed. ``extras`` records
     ``resumed_from_step`` and the folder.
     """
-    from .checkpoint import latest_checkpoint, save_checkpoint
+    from zsl_utils.checkpoint import latest_checkpoint, save_checkpoint
 
     weights, config, architecture = weights or LossWeights(), config or TrainConfig(), architecture or HuseArchitecture()
     class_distance = torch.as_tensor(class_distance, dtype=torch.float32)

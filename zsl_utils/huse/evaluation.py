@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config
-from .errors import ParameterError
-from .huse import DIRECTIONS, MODALITIES, SplitOutputs
+from zsl_utils import config
+from zsl_utils.data.images import load_image_rgb
+from zsl_utils.errors import ParameterError
+from zsl_utils.huse.model import DIRECTIONS, MODALITIES, SplitOutputs
 
 PAPER_TABLE = config.TABLES_DIR / "paper_huse.csv"
 
@@ -61,7 +62,7 @@ def classification_table(outputs: SplitOutputs, image_weight: float) -> pd.DataF
 
 def retrieval_table(outputs: SplitOutputs, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> pd.DataFrame:
     """Recall@K (%) for the four query -> gallery directions; each item is excluded from its own gallery."""
-    from . import metrics
+    from zsl_utils import metrics
 
     rows = {}
     for query, gallery in DIRECTIONS:
@@ -80,7 +81,7 @@ def hierarchical_table(
     chunk_size: int = 1024,
 ) -> pd.DataFrame:
     """Hierarchical precision H@k (%) per direction; ``correct_sets[k][c]`` = classes counted right for class c."""
-    from . import metrics
+    from zsl_utils import metrics
 
     rows = {}
     for query, gallery in DIRECTIONS:
@@ -154,8 +155,7 @@ def retrieval_examples(
     *texts* and its text the ``k`` nearest *images* (the item's own pair excluded).
     ``items`` is the split's item table (``HuseSplit.items``: ``image_path, text, label``).
     """
-    from .extract import load_image_rgb
-    from .metrics import retrieval_neighbours
+    from zsl_utils.metrics import retrieval_neighbours
 
     chosen = np.random.default_rng(seed).choice(len(items), size=min(n_queries, len(items)), replace=False)
     image_to_text = retrieval_neighbours(outputs.embeddings["image"], outputs.embeddings["text"], k, True)

@@ -24,8 +24,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import ParameterError
-from .semantic import LabelEmbeddings
+from zsl_utils.errors import ParameterError
+from zsl_utils.semantic import LabelEmbeddings
 
 PAPER_T_VALUES = (1, 10, 1000)
 # Small T gathers T vectors per image; large T multiplies by a sparse-as-dense weight matrix.
@@ -47,7 +47,7 @@ def _like_input(result: torch.Tensor, reference):
 
 def _resolve_device(device, reference) -> torch.device:
     if device is not None:
-        from .device import pick_device
+        from zsl_utils.device import pick_device
 
         return device if isinstance(device, torch.device) else pick_device(device)
     if isinstance(reference, torch.Tensor):
@@ -225,7 +225,7 @@ class ConSE:
         candidate_labels: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        from .device import pick_device
+        from zsl_utils.device import pick_device
 
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.train = _to_tensor(train_vectors, self.device)
@@ -425,7 +425,7 @@ def hit_at_k_by_T(predictions: dict[int, ConSEPrediction], true_labels: Sequence
     """Flat hit@k (%) per ``T``; a true label absent from the candidates is never a hit."""
     import pandas as pd
 
-    from .metrics import flat_hit_at_k
+    from zsl_utils.metrics import flat_hit_at_k
 
     rows = []
     for T, prediction in predictions.items():

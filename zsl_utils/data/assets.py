@@ -25,8 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import config
-from .errors import AssetUnavailableError
+from zsl_utils import config
+from zsl_utils.errors import AssetUnavailableError
 
 WORDNET_FILES = ("data.noun", "index.noun")
 TUXPAINT_UPSTREAM_URL = (
@@ -247,6 +247,6 @@ def ensure_all() -> dict[str, Path]:
     return {"wordnet": ensure_wordnet(), "tuxpaint": ensure_tuxpaint()}
 
 
-if __name__ == "__main__":  # ``python -m zsl_utils.assets`` is the setup step
+if __name__ == "__main__":  # ``python -m zsl_utils.data.assets`` is the setup step
     for name, path in ensure_all().items():
         print(f"{name}: {path} ({(path / _COMPLETE_MARKER).read_text().strip()})")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import assets
-from .errors import DataLayoutError
+from zsl_utils.data import assets
+from zsl_utils.errors import DataLayoutError
 
 MIRROR_SUFFIX = "_mirror"
 COLUMNS = ("path", "name", "description", "category", "top_category")
@@ -40,7 +40,7 @@ def load_stamps(root: Path | None = None) -> pd.DataFrame:
     root = Path(root) if root else assets.ensure_tuxpaint()
     if not root.is_dir():
         raise DataLayoutError(
-            f"Tux Paint stamps folder {root} does not exist; run `python -m zsl_utils.assets` "
+            f"Tux Paint stamps folder {root} does not exist; run `python -m zsl_utils.data.assets` "
             "or pass the folder that holds <category>/<sub>/NAME.png."
         )
     rows = []

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import ParameterError
+from zsl_utils.errors import ParameterError
 
 GRAPH_VARIANTS = ("equation", "prose")
 

@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import config
-from .errors import DataLayoutError, ParameterError
+from zsl_utils import config
+from zsl_utils.errors import DataLayoutError, ParameterError
 
 FOOD101_CLASSES: tuple[str, ...] = tuple(
     """apple_pie baby_back_ribs baklava beef_carpaccio beef_tartare beet_salad beignets bibimbap bread_pudding
@@ -342,7 +342,7 @@ class ClassTaxonomy:
 
     def correct_sets(self, ks: Iterable[int] = (2, 5, 10)) -> dict[int, list[frozenset[int]]]:
         """``{k: [S_k(c) for c in classes]}``: the classes H@k counts right, per class."""
-        from .metrics import hierarchy_correct_sets
+        from zsl_utils.metrics import hierarchy_correct_sets
 
         return {int(k): hierarchy_correct_sets(self.classes, self.parents, int(k)) for k in ks}
 
@@ -373,7 +373,7 @@ def load_food101_wordnet_table(path: Path | None = None) -> pd.DataFrame:
 
 def food101_taxonomy(wordnet=None, table: pd.DataFrame | None = None) -> ClassTaxonomy:
     """Food-101 classes as leaves under their mapped synsets, then WordNet's hypernym graph."""
-    from .wordnet import WordNet
+    from zsl_utils.data.wordnet import WordNet
 
     wordnet = wordnet or WordNet.load()
     table = load_food101_wordnet_table() if table is None else table
@@ -439,7 +439,7 @@ def load_huse_dataset(
     becomes validation.
     """
     if dataset == "tuxpaint":
-        from .tuxpaint import load_stamps
+        from zsl_utils.data.tuxpaint import load_stamps
 
         stamps = load_stamps(Path(data_root) if str(data_root) else None)
         read, _ = tuxpaint_items(stamps, min_items_per_class)

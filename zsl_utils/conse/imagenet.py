@@ -36,81 +36,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import config
-from .errors import DataLayoutError, ParameterError
-from .metrics import PAPER_KS, Hierarchy, correct_sets
+from zsl_utils import config
+from zsl_utils.data.wnids import candidate_wnids, ilsvrc2012_wnids, load_wnid_list
+from zsl_utils.errors import DataLayoutError, ParameterError
+from zsl_utils.metrics import PAPER_KS, Hierarchy, correct_sets
 
 PUBLISHED_TEST_SET_SIZES = {"2-hop": 1549, "3-hop": 7860, "all": 20841}
 # Our reading of "n-hop" as a maximum tree distance in edges (see module docstring).
 PAPER_HOP_EDGES = {"2-hop": 1, "3-hop": 2}
 PAPER_TABLE = config.TABLES_DIR / "paper_conse_imagenet.csv"
-
-
-# ----------------------------------------------------------------------------- label spaces
-def _timm_wnids(filename: str) -> list[str]:
-    import timm.data
-
-    path = Path(timm.data.__file__).parent / "_info" / filename
-    if not path.is_file():
-        raise DataLayoutError(f"timm's synset list {path} is missing; reinstall timm (pip install --force-reinstall timm).")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-@lru_cache(maxsize=1)
-def _ilsvrc2012() -> tuple[str, ...]:
-    return tuple(_timm_wnids("imagenet_synsets.txt"))
-
-
-@lru_cache(maxsize=1)
-def _release2011() -> tuple[str, ...]:
-    return tuple(_timm_wnids("imagenet22k_synsets.txt"))
-
-
-def ilsvrc2012_wnids() -> list[str]:
-    """The 1,000 ILSVRC-2012 training labels, sorted (the classifier output order)."""
-    return list(_ilsvrc2012())
-
-
-def imagenet21k_wnids() -> list[str]:
-    """The 21,841 synsets of the ImageNet fall-2011 release, in timm's order."""
-    return list(_release2011())
-
-
-def candidate_wnids(training: Iterable[str] | None = None, release: Iterable[str] | None = None) -> list[str]:
-    """Release synsets that are not training labels (20,842 by default), in release order."""
-    seen = set(ilsvrc2012_wnids() if training is None else training)
-    return [w for w in (imagenet21k_wnids() if release is None else release) if w not in seen]
-
-
-def _is_wnid(token: str) -> bool:
-    return len(token) == 9 and token[0] == "n" and token[1:].isdigit()
-
-
-def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[str]:
-    """WNIDs from a text file (one per line, or separated by commas/whitespace; ``#`` comments).
-
-    Every line must start with a WNID; further WNIDs on the line count too, other
-    tokens (names, as in ``n01440764 tench``) are ignored. ``known`` (e.g. the release) makes unknown WNIDs an error that lists them.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataLayoutError(f"WNID list {path} does not exist; pass a text file with one WNID per line.")
-    wnids = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.split("#", 1)[0].replace(",", " ").strip()
-        if not line:
-            continue
-        tokens = line.split()
-        if not _is_wnid(tokens[0]):
-            raise DataLayoutError(f"{path}:{number}: {tokens[0]!r} is not a WNID (expected n + 8 digits, e.g. n01440764).")
-        wnids.extend(t for t in tokens if _is_wnid(t))  # other tokens are names: ignored
-    if not wnids:
-        raise DataLayoutError(f"WNID list {path} holds no WNIDs.")
-    if known is not None:
-        unknown = sorted(set(wnids) - set(known))
-        if unknown:
-            raise DataLayoutError(f"{path}: {len(unknown)} WNIDs are not in the label space, e.g. {unknown[:5]}.")
-    return list(dict.fromkeys(wnids))  # drop repeats, keep order
 
 
 # ----------------------------------------------------------------------------- hierarchy
@@ -123,7 +57,7 @@ def wordnet_hierarchy(wordnet=None) -> Hierarchy:
 
 @lru_cache(maxsize=1)
 def _default_hierarchy() -> Hierarchy:
-    from .wordnet import WordNet
+    from zsl_utils.data.wordnet import WordNet
 
     return wordnet_hierarchy(WordNet.load())
 
@@ -285,7 +219,7 @@ class _TaskModels:
     """ConSE models for one task: ranks only embeddable candidates, maps back to full positions."""
 
     def __init__(self, task: EvalTask, train_embeddings, label_embeddings, T_values, device) -> None:
-        from .conse import ConSE
+        from zsl_utils.conse.model import ConSE
 
         position = {w: i for i, w in enumerate(label_embeddings.labels)}
         missing = [c for c in task.candidates if c not in position]
@@ -345,8 +279,8 @@ def evaluate_conse(
     """
     import torch
 
-    from .conse import check_probabilities
-    from .metrics import hierarchical_precision_sums
+    from zsl_utils.conse.model import check_probabilities
+    from zsl_utils.metrics import hierarchical_precision_sums
 
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
     k_max = max(ks)
@@ -433,7 +367,7 @@ def _tasks_by_images(tasks: Sequence[EvalTask], true_position: dict[str, np.ndar
 
 def _probability_batches(source, batch_size: int):
     """Yield ``(start_row, probs float32, ok bool)`` from a cache (shard by shard) or an array."""
-    from .cache import ShardedCache
+    from zsl_utils.cache import ShardedCache
 
     if isinstance(source, ShardedCache):
         for _, start, arrays in source.iter_shards(["probs", "ok"]):

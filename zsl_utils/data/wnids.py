@@ -1,0 +1,123 @@
+"""ImageNet WNID lists: the 1K training labels, the 21K release, candidates, lemmas, list files.
+
+Everything comes from the synset files that timm ships in ``timm/data/_info`` (no
+WordNet needed): ``imagenet_synsets.txt`` (the 1,000 ILSVRC-2012 classes, sorted, the
+order every ImageNet classifier uses), ``imagenet22k_synsets.txt`` (the 21,841 synsets
+of the fall-2011 release, the ConSE paper's label space) and
+``imagenet_synset_to_lemma.txt``. One 1K class, teddy bear (``n04399382``), is not
+among the 21,841.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import timm.data
+
+from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
+
+_SUBSET_FILES = {"1k": "imagenet_synsets.txt", "21k": "imagenet22k_synsets.txt"}
+
+
+def timm_info_file(filename: str) -> Path:
+    """Path of one of the ImageNet synset files that timm ships in ``timm/data/_info``."""
+    path = Path(timm.data.__file__).parent / "_info" / filename
+    if not path.is_file():
+        raise AssetUnavailableError(
+            f"timm's info file {path} is missing; reinstall timm (pip install --force-reinstall timm)."
+        )
+    return path
+
+
+@lru_cache(maxsize=2)
+def _subset(subset: str) -> tuple[str, ...]:
+    if subset not in _SUBSET_FILES:
+        raise ParameterError(f"imagenet_wnids(subset={subset!r}): expected one of {sorted(_SUBSET_FILES)}.")
+    text = timm_info_file(_SUBSET_FILES[subset]).read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def imagenet_wnids(subset: str = "1k") -> list[str]:
+    """WNIDs of an ImageNet label space: ``"1k"`` (classifier output order) or ``"21k"`` (release order)."""
+    return list(_subset(subset))
+
+
+def ilsvrc2012_wnids() -> list[str]:
+    """The 1,000 ILSVRC-2012 training labels, sorted (the classifier output order)."""
+    return imagenet_wnids("1k")
+
+
+def imagenet21k_wnids() -> list[str]:
+    """The 21,841 synsets of the ImageNet fall-2011 release, in timm's order."""
+    return imagenet_wnids("21k")
+
+
+def candidate_wnids(training: Iterable[str] | None = None, release: Iterable[str] | None = None) -> list[str]:
+    """Release synsets that are not training labels (20,842 by default), in release order."""
+    seen = set(ilsvrc2012_wnids() if training is None else training)
+    return [w for w in (imagenet21k_wnids() if release is None else release) if w not in seen]
+
+
+@lru_cache(maxsize=1)
+def _all_wnid_lemmas() -> dict[str, tuple[str, ...]]:
+    table: dict[str, tuple[str, ...]] = {}
+    for line in timm_info_file("imagenet_synset_to_lemma.txt").read_text(encoding="utf-8").splitlines():
+        wnid, _, names = line.partition("\t")
+        # timm writes "tabby, tabby cat"; WordNet spells multi-word lemmas with underscores.
+        table[wnid] = tuple(name.strip().replace(" ", "_") for name in names.split(",") if name.strip())
+    return table
+
+
+def wnid_lemmas(wnids: Iterable[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """``{wnid: lemmas}`` (WordNet spelling, e.g. ``('tabby', 'tabby_cat')``); None = every synset timm knows."""
+    table = _all_wnid_lemmas()
+    if wnids is None:
+        return dict(table)
+    wnids = list(wnids)
+    unknown = [w for w in wnids if w not in table]
+    if unknown:
+        raise ParameterError(
+            f"{len(unknown)} WNID(s) have no lemmas in timm's imagenet_synset_to_lemma.txt, "
+            f"e.g. {unknown[:5]}; use zsl_utils.data.wordnet.WordNet.load().synset(wnid).lemmas for them."
+        )
+    return {w: table[w] for w in wnids}
+
+
+def wnid_names(wnids: Iterable[str]) -> dict[str, str]:
+    """``{wnid: readable name}``: the first lemma with spaces (``'tabby'``), for tables and plots."""
+    table = _all_wnid_lemmas()
+    return {w: (table[w][0].replace("_", " ") if table.get(w) else w) for w in wnids}
+
+
+def is_wnid(token: str) -> bool:
+    return len(token) == 9 and token[0] == "n" and token[1:].isdigit()
+
+
+def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[str]:
+    """WNIDs from a text file (one per line, or separated by commas/whitespace; ``#`` comments).
+
+    Every line must start with a WNID; further WNIDs on the line count too, other tokens
+    (names, as in ``n01440764 tench``) are ignored. ``known`` (e.g. the release) makes
+    unknown WNIDs an error that lists them.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataLayoutError(f"WNID list {path} does not exist; pass a text file with one WNID per line.")
+    wnids = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].replace(",", " ").strip()
+        if not line:
+            continue
+        tokens = line.split()
+        if not is_wnid(tokens[0]):
+            raise DataLayoutError(f"{path}:{number}: {tokens[0]!r} is not a WNID (expected n + 8 digits, e.g. n01440764).")
+        wnids.extend(t for t in tokens if is_wnid(t))  # other tokens are names: ignored
+    if not wnids:
+        raise DataLayoutError(f"WNID list {path} holds no WNIDs.")
+    if known is not None:
+        unknown = sorted(set(wnids) - set(known))
+        if unknown:
+            raise DataLayoutError(f"{path}: {len(unknown)} WNIDs are not in the label space, e.g. {unknown[:5]}.")
+    return list(dict.fromkeys(wnids))  # drop repeats, keep order

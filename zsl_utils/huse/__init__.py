@@ -1,0 +1,1 @@
+"""HUSE (Narayana et al., 2019): towers, losses, training and evaluation."""
