@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zsl_utils.classifiers import load_classifier  # noqa: E402
 from zsl_utils.scale.extract import ExtractionSpec, extract, list_image_files, run_distributed_extraction  # noqa: E402
-from zsl_utils.extract import ImageLoader  # noqa: E402
+from zsl_utils.extract import image_loader  # noqa: E402
 
 
 def make_images(folder: Path, n_images: int, size: tuple[int, int] = (256, 192)) -> list[str]:
@@ -51,7 +51,7 @@ def make_images(folder: Path, n_images: int, size: tuple[int, int] = (256, 192))
 @torch.inference_mode()
 def plain_loop(classifier, paths: list[str], batch_size: int) -> float:
     """Seconds for the bare load-forward-softmax loop over ``paths``."""
-    loader = ImageLoader(classifier.preprocess)
+    loader = image_loader(classifier.preprocess)
     began = time.perf_counter()
     outputs = []
     for start in range(0, len(paths), batch_size):

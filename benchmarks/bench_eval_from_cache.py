@@ -28,8 +28,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zsl_utils.cache import ShardedCache  # noqa: E402
+from zsl_utils.classifiers import load_classifier  # noqa: E402
+from zsl_utils.conse import imagenet  # noqa: E402
+from zsl_utils.data.wnids import wnid_lemmas  # noqa: E402
+from zsl_utils.semantic import label_embeddings, load_word_vectors  # noqa: E402
 
 T_VALUES = (1, 10, 1000)
 
@@ -45,11 +52,6 @@ def _synthetic_probs(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def child(n_images: int, batch_size: int) -> dict:
     """Fill a cache with ``n_images`` rows and time one evaluation; return the measurements."""
-    from zsl_utils.conse import imagenet
-    from zsl_utils.cache import ShardedCache
-    from zsl_utils.data.wnids import wnid_lemmas
-    from zsl_utils.semantic import label_embeddings, load_word_vectors
-
     rng = np.random.default_rng(0)
     hierarchy = imagenet.wordnet_hierarchy()
     label_sets = imagenet.build_label_sets(hierarchy)
@@ -78,10 +80,6 @@ def child(n_images: int, batch_size: int) -> dict:
 
 def classifier_images_per_s(batch_size: int = 32, batches: int = 4) -> float:
     """EfficientNet-Lite0 forward passes per second on CPU (synthetic inputs, no decoding)."""
-    import torch
-
-    from zsl_utils.classifiers import load_classifier
-
     classifier = load_classifier("efficientnet_lite0", device=torch.device("cpu"))
     batch = torch.randn(batch_size, 3, 224, 224)
     classifier.probabilities(batch)  # warm-up

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from zsl_utils.cache import ShardedCache
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.huse.model import HuseArchitecture, HuseModel
 from zsl_utils.huse.losses import LossWeights, class_distance_matrix, huse_loss, semantic_graph_loss
@@ -37,8 +38,6 @@ def synchronize(device: torch.device) -> None:
 def load_features(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     if args.cache_dir is None:
         return torch.randn(args.items, args.image_dim), torch.randn(args.items, args.text_dim)
-    from zsl_utils.cache import ShardedCache
-
     image = ShardedCache.open_existing(Path(args.cache_dir) / "image").load("features")
     text = ShardedCache.open_existing(Path(args.cache_dir) / "text").load("features")
     return torch.as_tensor(image, dtype=torch.float32), torch.as_tensor(text, dtype=torch.float32)

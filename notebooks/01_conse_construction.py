@@ -33,13 +33,13 @@ device: str = "auto"  # compute device (one of: "auto", "cpu", "cuda", "cuda:*",
 classifier_name: str = "efficientnet_lite0"  # classifier: efficientnet_lite0, timm:<arch> or torchvision:<arch>
 classifier_weights: str = ""  # optional local checkpoint for the classifier; empty means its default weights
 semantic_space: str = "glove-6b-50d"  # label embeddings: "glove-6b-50d", "minilm" (sentence encoder) or a word-vector file
-conse_T: int = 10  # how many top training labels ConSE combines (the paper tries 1, 10 and 1000)
-T_values: list[int] = [1, 2, 5, 10, 100, 1000]  # values of T compared in section 6
-top_k: int = 5  # unseen labels listed per image
+conse_T: int = 10  # how many top training labels ConSE combines (the paper tries 1, 10 and 1000) (at least 1)
+T_values: list[int] = [1, 2, 5, 10, 100, 1000]  # values of T compared in section 6 (at least 1) (non-empty)
+top_k: int = 5  # unseen labels listed per image (at least 1)
 example_stamps: list[str] = ["giraffe", "penguin", "elephant", "capybara", "kangaroo", "owl", "seahorse"]  # Tux Paint stamps shown
 stamps_dir: str = ""  # Tux Paint stamps folder; empty means the copy fetched into data/raw
-batch_size: int = 32  # images per classifier forward pass
-extraction_processes: int = 1  # processes for cache extraction (1: in this notebook; N: torchrun on this machine)
+batch_size: int = 32  # images per classifier forward pass (at least 1)
+extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
 
 
 # %%
@@ -50,26 +50,20 @@ import pandas as pd
 from PIL import Image
 from scipy.stats import spearmanr
 
-from zsl_utils import config, plots
+from zsl_utils import plots
 from zsl_utils.conse import model as conse
-from zsl_utils.data import images as datasets
-from zsl_utils.scale import extract as dist_extract
 from zsl_utils.classifiers import load_classifier
 from zsl_utils.data.images import load_image_rgb
 from zsl_utils.data.wnids import imagenet_wnids, wnid_lemmas, wnid_names
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.errors import ParameterError
-from zsl_utils.extract import classifier_outputs
+from zsl_utils.extract import cached_outputs
 from zsl_utils.semantic import embed_labels, load_word_vectors
-from zsl_utils.data.tuxpaint import load_stamps
+from zsl_utils.data.tuxpaint import filter_stamps, load_stamps, tuxpaint_by_wnid
 from zsl_utils.data.wordnet import WordNet
 
 seed_everything(seed)
 torch_device = pick_device(device)
-for _name, _value in {"conse_T": conse_T, "top_k": top_k, "batch_size": batch_size, "min(T_values)": min(T_values),
-                      "extraction_processes": extraction_processes}.items():
-    if _value < 1:
-        raise ParameterError(f"Notebook parameter {_name} must be >= 1, got {_value}.")
 stamps = load_stamps(Path(stamps_dir) if stamps_dir else None)
 wordnet = WordNet.load()
 ANIMAL = "n00015388"  # WordNet's 'animal' synset: the demo's unseen photos are animals
@@ -158,34 +152,28 @@ print(f"zero-shot candidate set: {len(unseen):,} embedded unseen labels")
 #
 # The Tux Paint stamps include cut-out photos of animals. A stamp's file name becomes a
 # WordNet synset through the same reviewed mapping notebook 02 uses
-# (`zsl_utils.data.images.tuxpaint_by_wnid`): a committed table decides the names whose
+# (`zsl_utils.data.tuxpaint.tuxpaint_by_wnid`): a committed table decides the names whose
 # WordNet senses are ambiguous, e.g. *seahorse*, whose first sense is the walrus, or
 # *hedgehog*, first the porcupine, and any other name takes its only sense among the
-# training and candidate labels. `datasets.filter_stamps` then keeps the photos (Tux Paint
+# training and candidate labels. `filter_stamps` then keeps the photos (Tux Paint
 # stores drawings in `cartoon/` folders) whose synset is an animal; a photo is *unseen* when
 # its synset is not a training class but is among the candidates. Softmax outputs for every
-# stamp are computed once and cached on disk (`zsl_utils.extract.classifier_outputs`);
+# stamp are computed once and cached on disk (`zsl_utils.extract.cached_outputs`);
 # everything below works on that probability matrix. With `extraction_processes` > 1 the
-# cache is first filled by that many processes (`zsl_utils.scale.extract.fill_cache`, one per
-# GPU when there are GPUs) and `classifier_outputs` then only reads it.
+# cache is filled by that many processes (`torchrun`, one per GPU when there are GPUs).
 
 # %%
-stamp_labels = datasets.tuxpaint_by_wnid(stamps, wordnet, label_space=set(classifier.wnids) | set(unseen_wnids),
-                                         seen_wnids=classifier.wnids)
-animals = datasets.filter_stamps(stamp_labels, top_categories=("animals",), under=ANIMAL, wordnet=wordnet)
+stamp_labels = tuxpaint_by_wnid(stamps, wordnet, label_space=set(classifier.wnids) | set(unseen_wnids),
+                                seen_wnids=classifier.wnids)
+animals = filter_stamps(stamp_labels, top_categories=("animals",), under=ANIMAL, wordnet=wordnet)
 candidate_set = set(unseen.labels)
 unseen_photos = animals[animals.wnid.isin(candidate_set)].reset_index(drop=True)
-seen_photos = datasets.filter_stamps(stamp_labels)
+seen_photos = filter_stamps(stamp_labels)
 seen_photos = seen_photos[seen_photos.seen].reset_index(drop=True)
 stamp_paths = [str(p) for p in stamps.path]
-cache_folder = config.CACHE_DIR / f"01_tuxpaint_{classifier.name.replace(':', '_')}"
-if extraction_processes > 1:  # same items, dataset_id, model and dtype: the cache classifier_outputs reads
-    dist_extract.fill_cache("probs", stamp_paths, cache_folder, "tuxpaint_stamps", processes=extraction_processes,
-                            classifier=classifier_name, weights=classifier_weights or None, batch_size=batch_size,
-                            dtype="float32", autocast="none", device=device, progress=False)
-cache = classifier_outputs(classifier, stamp_paths, cache_folder, dataset_id="tuxpaint_stamps",
-                           batch_size=batch_size, device=torch_device, dtype="float32", progress=False)
-probs_all, ok = cache.load("probs"), cache.load("ok").astype(bool)
+outputs = cached_outputs("probs", stamp_paths, classifier, dataset_id="tuxpaint_stamps", processes=extraction_processes,
+                         batch_size=batch_size, dtype="float32", progress=False)
+probs_all, ok = outputs.load(), outputs.ok
 row_of = {str(path): row for row, path in enumerate(stamps.path)}
 print(f"{len(animals)} animal photos, {len(unseen_photos)} of them unseen; "
       f"{len(seen_photos)} photos of training classes; {int((~ok).sum())} unreadable stamps")

@@ -38,22 +38,22 @@ seed: int = 0  # random seed (example picking)
 device: str = "auto"  # compute device (one of: "auto", "cpu", "cuda", "cuda:*", "mps")
 classifier_name: str = "efficientnet_lite0"  # classifier: efficientnet_lite0, timm:<arch> or torchvision:<arch>
 classifier_weights: str = ""  # optional local checkpoint for the classifier; empty means its default weights
-word_vectors: str = "glove-6b-50d"  # semantic space: the packaged GloVe or a word2vec/GloVe/fastText file
+semantic_space: str = "glove-6b-50d"  # label embeddings: "glove-6b-50d", "minilm" (sentence encoder) or a word-vector file
 imagenet21k_root: str = ""  # ImageNet fall-2011 images as <root>/<wnid>/*.JPEG; empty runs the Tux Paint demo
 ilsvrc2012_val_root: str = ""  # optional ILSVRC-2012 val images as <root>/<wnid>/*.JPEG (seen-class images)
-max_images_per_class: int = 0  # use at most this many images per class (0 keeps all)
+max_images_per_class: int = 0  # use at most this many images per class (0 keeps all) (at least 0)
 published_2hop_file: str = ""  # optional published 2-hop WNID list (one per line) replacing the derived set
 published_3hop_file: str = ""  # optional published 3-hop WNID list replacing the derived set
 stamps_dir: str = ""  # Tux Paint stamps folder for the demo; empty means the copy fetched into data/raw
 cache_dir: str = ""  # folder for cached classifier outputs (created if missing); empty means data/cache
-T_values: list[int] = [1, 10, 1000]  # ConSE's T: how many top training labels are combined
-ks: list[int] = [1, 2, 5, 10, 20]  # cut-offs k of hit@k and hp@k
-batch_size: int = 64  # images per classifier forward pass
-num_workers: int = 0  # DataLoader processes decoding images (0 decodes in the notebook process)
-extraction_processes: int = 1  # processes for cache extraction (1: in this notebook; N: torchrun on this machine)
-shard_size: int = 1024  # images per cache shard (the unit of resumption)
-eval_batch_size: int = 4096  # cached rows ranked at once during evaluation
-n_examples: int = 4  # hits and misses shown in the example figure
+T_values: list[int] = [1, 10, 1000]  # ConSE's T: how many top training labels are combined (at least 1) (non-empty)
+ks: list[int] = [1, 2, 5, 10, 20]  # cut-offs k of hit@k and hp@k (at least 1) (non-empty) (increasing)
+batch_size: int = 64  # images per classifier forward pass (at least 1)
+num_workers: int = 0  # DataLoader processes decoding images (0 decodes in the notebook process) (at least 0)
+extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
+shard_size: int = 1024  # images per cache shard, the unit of resumption (at least 1)
+eval_batch_size: int = 4096  # cached rows ranked at once during evaluation (at least 1)
+n_examples: int = 4  # hits and misses shown in the example figure (at least 0)
 
 
 # %%
@@ -64,29 +64,19 @@ import pandas as pd
 from PIL import Image
 
 from zsl_utils import config, plots
-from zsl_utils.scale import extract as dist_extract
 from zsl_utils.conse import imagenet
 from zsl_utils.classifiers import load_classifier
 from zsl_utils.data.wnids import wnid_lemmas, wnid_names
-from zsl_utils.data.images import image_folder_by_wnid, tuxpaint_by_wnid
+from zsl_utils.data.images import image_folder_by_wnid
 from zsl_utils.device import pick_device, seed_everything
-from zsl_utils.errors import ParameterError
 from zsl_utils.data.images import load_image_rgb
-from zsl_utils.extract import classifier_outputs, read_skipped
-from zsl_utils.semantic import label_embeddings, load_word_vectors
-from zsl_utils.data.tuxpaint import load_stamps
+from zsl_utils.extract import cached_outputs
+from zsl_utils.semantic import embed_labels
+from zsl_utils.data.tuxpaint import load_stamps, tuxpaint_by_wnid
 from zsl_utils.data.wordnet import WordNet
 
 seed_everything(seed)
 torch_device = pick_device(device)
-for _name, _value in {"batch_size": batch_size, "shard_size": shard_size, "eval_batch_size": eval_batch_size,
-                      "min(T_values)": min(T_values), "min(ks)": min(ks), "n_examples": n_examples + 1,
-                      "num_workers": num_workers + 1, "max_images_per_class": max_images_per_class + 1,
-                      "extraction_processes": extraction_processes}.items():
-    if _value < 1:
-        raise ParameterError(f"Notebook parameter {_name} is out of range (got {_value}); see the parameters cell.")
-if list(ks) != sorted(set(ks)):
-    raise ParameterError(f"ks={ks} must be increasing without repeats, e.g. [1, 2, 5, 10, 20].")
 mode = "full" if imagenet21k_root else "demo"
 outputs_dir = Path(cache_dir) if cache_dir else config.CACHE_DIR / "classifier_outputs"
 published = {name: path for name, path in (("2-hop", published_2hop_file), ("3-hop", published_3hop_file)) if path}
@@ -214,7 +204,7 @@ if mode == "demo":
 # %% [markdown]
 # ## 4 · Classifier outputs, computed once
 #
-# `classifier_outputs` stores the softmax over all 1,000 outputs (ConSE(1000) needs them
+# `cached_outputs("probs", ...)` stores the softmax over all 1,000 outputs (ConSE(1000) needs them
 # all) as float16 in shards of `shard_size` images. Each shard is written to a temporary
 # file and renamed into place, so an interrupted run leaves no half-written shard and the
 # next run computes only the missing ones. The cache is keyed by the classifier's
@@ -224,24 +214,19 @@ if mode == "demo":
 #
 # On a machine with several GPUs, set `extraction_processes` to their number: the same
 # cache is then filled by that many processes launched with `torchrun` (each takes every
-# N-th shard; `zsl_utils.scale.extract.fill_cache`, see `docs/DISTRIBUTED.md`), and
-# `classifier_outputs` below finds it complete and only reads it. The cached numbers are
+# N-th shard; `zsl_utils.scale.extract`, see `docs/DISTRIBUTED.md`), and the call below
+# then only reads it. The cached numbers are
 # the same either way.
 
 # %%
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
-cache_folder = outputs_dir / f"{classifier.name}--{dataset_id}".replace("/", "_").replace(":", "_")
+the_cache = dict(kind="probs", items=images["path"].tolist(), model=classifier, dataset_id=dataset_id,
+                 cache_root=outputs_dir, shard_size=shard_size)  # what names and fills the cache
 started = time.perf_counter()
-if extraction_processes > 1:  # same items, dataset_id, model and settings: the cache classifier_outputs reads
-    dist_extract.fill_cache("probs", images["path"].tolist(), cache_folder, dataset_id, processes=extraction_processes,
-                            classifier=classifier_name, weights=classifier_weights or None, batch_size=batch_size,
-                            shard_size=shard_size, num_workers=num_workers, autocast="none", device=device)
-probs_cache = classifier_outputs(classifier, images["path"].tolist(), cache_folder, dataset_id,
-                                 batch_size=batch_size, device=torch_device, num_workers=num_workers,
-                                 shard_size=shard_size)
-skipped = read_skipped(probs_cache, images["path"].tolist())
-print(f"{probs_cache} ready in {time.perf_counter() - started:.1f} s; {len(skipped)} unreadable images skipped")
-pd.DataFrame([vars(s) for s in skipped[:10]], columns=["row", "item", "reason"])
+outputs = cached_outputs(**the_cache, processes=extraction_processes, batch_size=batch_size, num_workers=num_workers)
+probs_cache = outputs.cache
+print(f"{probs_cache} ready in {time.perf_counter() - started:.1f} s; {len(outputs.skipped)} unreadable images skipped")
+outputs.skipped.head(10)
 
 # %% [markdown]
 # ## 5 · Label vectors
@@ -251,10 +236,9 @@ pd.DataFrame([vars(s) for s in skipped[:10]], columns=["row", "item", "reason"])
 # but can never be predicted, so their images count as misses.
 
 # %%
-word_space = load_word_vectors(word_vectors)
-train_vectors = label_embeddings(word_space, wnid_lemmas(classifier.wnids), on_missing="ignore")
+train_vectors = embed_labels(semantic_space, wnid_lemmas(classifier.wnids), device=device)
 all_labels = list(dict.fromkeys(label_sets.training + label_sets.candidates))
-label_vectors = label_embeddings(word_space, wnid_lemmas(all_labels), on_missing="ignore")
+label_vectors = embed_labels(semantic_space, wnid_lemmas(all_labels), device=device)
 print("training labels:", train_vectors.report(max_names=5))
 print("all labels:", label_vectors.report(max_names=5))
 
@@ -348,8 +332,7 @@ plots.save_figure(fig, "02_imagenet_examples")
 
 # %%
 started = time.perf_counter()
-again = classifier_outputs(classifier, images["path"].tolist(), cache_folder, dataset_id, shard_size=shard_size,
-                           device=torch_device, progress=False)
+again = cached_outputs(**the_cache, progress=False).cache
 print(f"reopened the complete cache in {time.perf_counter() - started:.2f} s "
       f"({again.n_shards} shard(s), missing: {again.missing_shards()}); evaluation took {evaluation_seconds:.1f} s")
 

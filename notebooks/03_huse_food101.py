@@ -38,32 +38,32 @@ verify_images: bool = False  # open every image while reading the item table (sl
 min_items_per_class: int = 6  # demo only: classes with fewer stamps are dropped
 test_fraction: float = 0.25  # demo only: share of each class held out for testing
 val_fraction: float = 0.2  # share of each class's training items held out for validation
-image_model: str = "efficientnet_lite0"  # classifier whose pooled features feed the image tower
-image_weights: str = ""  # optional local checkpoint for image_model; empty means its default weights
+classifier_name: str = "efficientnet_lite0"  # classifier feeding the image tower: efficientnet_lite0, timm:<arch> or torchvision:<arch>
+classifier_weights: str = ""  # optional local checkpoint for the classifier; empty means its default weights
 text_kind: str = "minilm"  # text features (one of: "minilm", "bert", "tfidf")
 bert_model: str = ""  # local Hugging Face folder used when text_kind is bert
-feature_batch_size: int = 32  # images per forward pass during feature extraction
-feature_shard_size: int = 128  # rows per feature-cache shard (the unit of resumption)
-num_workers: int = 0  # image-loading worker processes during extraction
-extraction_processes: int = 1  # processes for cache extraction (1: in this notebook; N: torchrun on this machine)
+batch_size: int = 32  # images per classifier forward pass during feature extraction (at least 1)
+shard_size: int = 128  # images per feature-cache shard, the unit of resumption (at least 1)
+num_workers: int = 0  # image-loading worker processes during extraction (at least 0)
+extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
 torch_threads: int = 1  # CPU threads for torch; 0 keeps torch's default (1 is fastest on a busy shared CPU)
-embedding_dim: int = 512  # D, the size of the shared space
-num_steps: int = 600  # training steps of the final model (paper: 250000)
-batch_size: int = 128  # items per training step (paper: 1024)
+embedding_dim: int = 512  # D, the size of the shared space (at least 1)
+num_steps: int = 600  # training steps of the final model (paper: 250000) (at least 1)
+train_batch_size: int = 128  # items per training step (paper: 1024) (at least 1)
 learning_rate: float = 0.001  # RMSProp learning rate (paper: 1.6192e-5 over 250k steps)
 momentum: float = 0.9  # RMSProp momentum (paper: 0.9)
-log_every: int = 50  # steps per point of the loss curves
-checkpoint_every: int = 0  # steps between training checkpoints (0: none)
+log_every: int = 50  # steps per point of the loss curves (at least 1)
+checkpoint_every: int = 0  # steps between training checkpoints (0: none) (at least 0)
 alpha: float = 1.0  # classification-loss weight (kept fixed; the grid varies the others)
 graph_variant: str = "equation"  # graph loss (one of: "equation", "prose")
-grid_steps: int = 300  # training steps of each grid-search model
-grid_beta: list[float] = [1.0, 3.0]  # candidate graph-loss weights
-grid_gamma: list[float] = [0.0, 1.0]  # candidate gap-loss weights
-grid_margin: list[float] = [0.6]  # candidate margins zeta (cosine distance)
+grid_steps: int = 300  # training steps of each grid-search model (at least 1)
+grid_beta: list[float] = [1.0, 3.0]  # candidate graph-loss weights (non-empty)
+grid_gamma: list[float] = [0.0, 1.0]  # candidate gap-loss weights (non-empty)
+grid_margin: list[float] = [0.6]  # candidate margins zeta, cosine distance (non-empty)
 recall_ks: list[int] = [1, 5, 10]  # K of recall@K
 hierarchy_ks: list[int] = [2, 5, 10]  # k of hierarchical precision H@k
 run_ablations: bool = True  # also train without the graph loss and separate per-modality models
-n_examples: int = 3  # retrieval examples drawn per direction
+n_examples: int = 3  # retrieval examples drawn per direction (at least 1)
 
 
 # %%
@@ -74,13 +74,10 @@ import pandas as pd
 import torch
 
 from zsl_utils import plots
-from zsl_utils.scale import extract as dist_extract
 from zsl_utils.classifiers import load_classifier
 from zsl_utils.config import RUNS_DIR
 from zsl_utils.device import pick_device, seed_everything
-from zsl_utils.errors import ParameterError
-from zsl_utils.features import (TEXT_BATCH_SIZE, TEXT_SHARD_SIZE, image_features, image_features_cache_dir,
-                                text_features, text_features_cache_dir)
+from zsl_utils.extract import cached_outputs
 from zsl_utils.data.food101 import load_huse_dataset
 from zsl_utils.huse.model import HuseArchitecture, build_splits, embed_split, semantic_class_distance
 from zsl_utils.huse.evaluation import (choose_fusion_weight, evaluate_huse, project_2d, retrieval_examples,
@@ -92,22 +89,13 @@ seed_everything(seed)
 torch_device = pick_device(device)
 if torch_threads > 0:
     torch.set_num_threads(torch_threads)
-for _name, _value in {"num_steps": num_steps, "batch_size": batch_size, "grid_steps": grid_steps,
-                      "embedding_dim": embedding_dim, "log_every": log_every, "n_examples": n_examples}.items():
-    if _value < 1:
-        raise ParameterError(f"Notebook parameter {_name} must be >= 1, got {_value}.")
-if not (grid_beta and grid_gamma and grid_margin):
-    raise ParameterError("grid_beta, grid_gamma and grid_margin each need at least one value.")
-if extraction_processes < 1 or checkpoint_every < 0:
-    raise ParameterError(f"Notebook parameters: extraction_processes must be >= 1 (got {extraction_processes}) and "
-                         f"checkpoint_every >= 0 (got {checkpoint_every}).")
 # Each training run checkpoints into its own subfolder (named by its settings and data), so a rerun after an
 # interruption continues every run where it stopped.
 checkpoint_dir = RUNS_DIR / "03_huse_checkpoints" if checkpoint_every else None
 architecture = HuseArchitecture(embedding_dim=embedding_dim)
-final_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
+final_config = TrainConfig(num_steps=num_steps, batch_size=train_batch_size, learning_rate=learning_rate,
                            momentum=momentum, log_every=log_every, seed=seed)
-grid_config = TrainConfig(num_steps=grid_steps, batch_size=batch_size, learning_rate=learning_rate,
+grid_config = TrainConfig(num_steps=grid_steps, batch_size=train_batch_size, learning_rate=learning_rate,
                           momentum=momentum, log_every=grid_steps, seed=seed)
 data = load_huse_dataset(dataset, data_root, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                          min_items_per_class=min_items_per_class, verify_images=verify_images)
@@ -198,32 +186,22 @@ data.items.groupby("split").head(1)[["split", "label", "text", "image_path"]]
 #
 # With `extraction_processes` > 1 (say, the number of GPUs), the same two cache folders are
 # first filled by that many processes launched with `torchrun` (each takes every N-th shard;
-# `zsl_utils.scale.extract.fill_cache`, see `docs/DISTRIBUTED.md`), and the two calls below
-# find them complete and only read them. Only the MiniLM text features have a distributed
+# `zsl_utils.scale.extract`, see `docs/DISTRIBUTED.md`), and the two calls below then only
+# read them. Only the MiniLM text features have a distributed
 # path; TF-IDF and BERT-style text features are always computed here.
 
 # %%
 cache_id = data.name  # the cache folders also carry a hash of model and items
 image_paths, texts = data.items["image_path"].tolist(), data.items["text"].tolist()
 train_texts = data.items.loc[data.items["split"] == "train", "text"].tolist()
-classifier = load_classifier(image_model, weights=image_weights or None, device=torch_device)
-image_cache = image_features_cache_dir(classifier, image_paths, cache_id, feature_shard_size)
-text_cache = text_features_cache_dir(texts, cache_id, text_kind, fit_texts=train_texts, bert_model=bert_model or None,
-                                     shard_size=TEXT_SHARD_SIZE)
-if extraction_processes > 1:  # same items, dataset id, model and settings: the caches the two calls below read
-    dist_extract.fill_cache("image_features", image_paths, image_cache, cache_id, processes=extraction_processes,
-                            classifier=image_model, weights=image_weights or None, batch_size=feature_batch_size,
-                            shard_size=feature_shard_size, num_workers=num_workers, autocast="none", device=device)
-    if text_kind == "minilm":
-        dist_extract.fill_cache("text_features", texts, text_cache, cache_id, processes=extraction_processes,
-                                batch_size=TEXT_BATCH_SIZE, shard_size=TEXT_SHARD_SIZE, device=device)
-image = image_features(image_paths, cache_id, model=classifier, cache_dir=image_cache, batch_size=feature_batch_size,
-                       num_workers=num_workers, shard_size=feature_shard_size, progress=True)
-text = text_features(texts, cache_id, kind=text_kind, fit_texts=train_texts, bert_model=bert_model or None,
-                     cache_dir=text_cache, device=str(torch_device), batch_size=TEXT_BATCH_SIZE,
-                     shard_size=TEXT_SHARD_SIZE, progress=True)
-splits, unusable = build_splits(data.items, data.classes, image.features, text.features, image.ok & text.ok)
-print(f"image features {image.features.shape}, text features {text.features.shape}; "
+classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
+image = cached_outputs("image_features", image_paths, classifier, dataset_id=cache_id, processes=extraction_processes,
+                       batch_size=batch_size, shard_size=shard_size, num_workers=num_workers)
+text = cached_outputs("text_features", texts, text_kind, dataset_id=cache_id, processes=extraction_processes,
+                      fit_texts=train_texts, bert_model=bert_model or None, device=torch_device)
+image_features, text_features = image.load(), text.load()
+splits, unusable = build_splits(data.items, data.classes, image_features, text_features, image.ok & text.ok)
+print(f"image features {image_features.shape}, text features {text_features.shape}; "
       f"{len(unusable)} items without usable features")
 unusable[["item_id", "image_path"]].head()
 
@@ -285,8 +263,8 @@ grid.drop(columns=["alpha", "graph_variant"]).round(2)
 # With `checkpoint_every` > 0, every training in this notebook (grid, final model,
 # ablations) saves its full state every that many steps; if the kernel dies, running the
 # notebook again continues each training from its last checkpoint and ends with exactly
-# the weights an uninterrupted run would have (`zsl_utils.huse.training.train_huse`; the
-# multi-GPU version is `zsl_utils.scale.ddp`, see `docs/DISTRIBUTED.md`).
+# the weights an uninterrupted run would have (`zsl_utils.huse.training.train_huse`). Training
+# on several GPUs runs from the command line with `torchrun`, see `docs/DISTRIBUTED.md`.
 
 # %%
 trained = train_huse(splits["train"], class_distance, chosen, final_config, architecture, torch_device,
@@ -364,7 +342,7 @@ if run_ablations:
     ablations["without graph loss"] = headline(evaluate_huse(embed_split(no_graph.model, splits["test"], torch_device),
                                                              w_no_graph, correct_sets, ks=recall_ks))
     separate = {m: t.model for m, t in train_separate(splits["train"], class_distance, chosen, final_config,
-                                                      architecture, torch_device, progress=False,
+                                                      architecture=architecture, device=torch_device, progress=False,
                                                       checkpoint_dir=checkpoint_dir,
                                                       checkpoint_every=checkpoint_every).items()}
     w_separate = choose_fusion_weight(embed_split(separate, splits["val"], torch_device))
@@ -407,7 +385,7 @@ plots.save_figure(figure, "03_huse_retrievals")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-short = TrainConfig(num_steps=20, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum, seed=seed)
+short = TrainConfig(num_steps=20, batch_size=train_batch_size, learning_rate=learning_rate, momentum=momentum, seed=seed)
 print("identical weights after two seeded trainings:",
       seeded_repeat_check(splits["train"], class_distance, weights=chosen, config=short, architecture=architecture,
                           device=torch_device))

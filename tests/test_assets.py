@@ -58,7 +58,7 @@ def test_wordnet_from_a_user_copy(tmp_path, monkeypatch):
 
 def test_missing_wordnet_everywhere_gives_one_actionable_error(tmp_path, monkeypatch):
     monkeypatch.delenv("ZSL_WORDNET_SOURCE", raising=False)
-    monkeypatch.setattr(assets, "_wordnet_from_dir", lambda source: (lambda staging: None))
+    monkeypatch.setattr(assets, "_from_dir", lambda source, **kwargs: (lambda staging: None))
     monkeypatch.setattr(assets, "_wordnet_from_apt", lambda staging: None)
 
     def offline(staging):

@@ -178,7 +178,7 @@ def test_read_only_directory_refused_up_front(tmp_path):
 def test_unwritable_location_refused_up_front(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("I am a file, not a folder")
-    with pytest.raises(CacheError, match="cannot create cache directory"):
+    with pytest.raises(CacheError, match=r"file/cache is not writable \(Not a directory\); pass a writable cache_dir"):
         ShardedCache(blocker / "cache", FP, 10, 4)
 
 

@@ -80,16 +80,16 @@ def test_pooled_features_feed_the_classifier(lite0):
     torch.testing.assert_close(relogits, lite0.logits(batch), rtol=1e-4, atol=1e-4)
 
 
-def test_predict_proba_on_paths_and_transparent_png(lite0, tmp_path):
+def test_probabilities_on_paths_and_transparent_png(lite0, tmp_path):
     rgba = Image.new("RGBA", (40, 30), (10, 20, 30, 0))
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white background
     rgba.save(tmp_path / "stamp.png")
-    probs = lite0.predict_proba([tmp_path / "stamp.png", Image.fromarray(data.chelsea())], batch_size=1)
-    assert probs.shape == (2, 1000) and probs.dtype == np.float32
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    probs = lite0.probabilities(lite0.preprocess_images([tmp_path / "stamp.png", Image.fromarray(data.chelsea())]))
+    assert probs.shape == (2, 1000) and probs.dtype == torch.float32
+    np.testing.assert_allclose(probs.sum(dim=1).numpy(), 1.0, atol=1e-5)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataLayoutError, match="broken.png"):
-        lite0.predict_proba([tmp_path / "broken.png"])
+        lite0.preprocess_images([tmp_path / "broken.png"])
     with pytest.raises(ParameterError, match=r"\[B, 3, H, W\]"):
         lite0.logits(torch.zeros(3, 224, 224))
 

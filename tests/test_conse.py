@@ -9,12 +9,18 @@ import torch
 
 from zsl_utils.conse.model import (
     ConSE,
+    check_probabilities,
+    classifier_confidence,
     conse_embed,
     generalised_candidates,
+    hit_at_k_by_T,
     label_collisions,
+    predictions_by_T,
     rank,
     softmax_vs_conse1,
     summarise_conse1_check,
+    top1_by_T,
+    top_training_labels,
 )
 from zsl_utils.errors import ParameterError
 from zsl_utils.semantic import LabelEmbeddings
@@ -148,8 +154,6 @@ def test_bad_inputs_raise_parameter_errors():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-6])
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_check_probabilities_rejects_each_kind_of_bad_value(bad, kind):
-    from zsl_utils.conse.model import check_probabilities
-
     probs = PROBS.copy()
     probs[1, 2] = bad
     data = torch.from_numpy(probs) if kind == "torch" else probs
@@ -194,7 +198,7 @@ def _embeddings(labels, vectors, found=None):
     vectors = np.asarray(vectors, dtype=np.float32)
     found = np.ones(len(labels), bool) if found is None else np.asarray(found)
     lemmas = [(label,) for label in labels]
-    return LabelEmbeddings(list(labels), vectors, found, lemmas, lemmas, "toy")
+    return LabelEmbeddings(list(labels), vectors, found, lemmas, "toy")
 
 
 def test_from_embeddings_drops_missing_candidates_and_generalised_dedups():
@@ -226,8 +230,6 @@ def test_collisions_and_conse1_sanity_check():
 # --------------------------------------------------------------------------- analysis helpers
 
 def test_classifier_confidence_by_hand():
-    from zsl_utils.conse.model import classifier_confidence
-
     table = classifier_confidence(np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]]))
     np.testing.assert_allclose(table.max_prob, [0.5, 1.0, 0.5])
     # H = -sum p ln p: ln 2; 0; 2 * 0.25 ln 4 + 0.5 ln 2 = 1.5 ln 2
@@ -235,16 +237,12 @@ def test_classifier_confidence_by_hand():
 
 
 def test_top_training_labels_respects_mask():
-    from zsl_utils.conse.model import top_training_labels
-
     assert top_training_labels(PROBS[0], ["a", "b", "c"], n=2) == [("a", 0.5), ("b", pytest.approx(0.3))]
     masked = top_training_labels(PROBS[0], ["a", "b", "c"], n=2, mask=[False, True, True])
     assert [name for name, _ in masked] == ["b", "c"]
 
 
 def test_hit_at_k_and_top1_by_T_on_the_toy():
-    from zsl_utils.conse.model import hit_at_k_by_T, predictions_by_T, top1_by_T
-
     model = ConSE(TRAIN, UNSEEN, T=1, candidate_labels=["u1", "u2", "u3"])
     by_T = predictions_by_T(model, PROBS[:1], [1, 2], k=3)
     # Image 0 ranks u2, u1, u3 at T=1 and u1, u3, u2 at T=2 (see EXPECTED_ZSL); truth u1.

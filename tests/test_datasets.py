@@ -4,9 +4,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from zsl_utils.data.images import (
+from zsl_utils.data import wnids
+from zsl_utils.data.images import image_folder_by_wnid
+from zsl_utils.data.tuxpaint import (
     filter_stamps,
-    image_folder_by_wnid,
+    load_stamps,
     load_tuxpaint_table,
     map_name_to_wnid,
     normalise_stamp_name,
@@ -77,8 +79,6 @@ def test_map_name_rules(name, expected):
 
 def test_reviewed_table_is_well_formed(wordnet):
     table = load_tuxpaint_table()
-    from zsl_utils.data import wnids
-
     space = set(wnids.imagenet21k_wnids()) | set(wnids.ilsvrc2012_wnids())
     listed = table[table["wnid"] != ""]
     assert listed["wnid"].isin(space).all()
@@ -88,8 +88,6 @@ def test_reviewed_table_is_well_formed(wordnet):
 
 
 def test_tuxpaint_mapping_on_real_stamps(wordnet, tuxpaint_root):
-    from zsl_utils.data.tuxpaint import load_stamps
-
     frame = tuxpaint_by_wnid(load_stamps(tuxpaint_root), wordnet)
     assert "ambiguous" not in set(frame["how"])  # the reviewed table covers every ambiguous name
     mapped = frame[frame["wnid"].notna()]
@@ -144,8 +142,6 @@ def test_filter_stamps_errors():
 
 def test_animal_photos_on_real_stamps(wordnet, tuxpaint_root):
     """The reviewed mapping fixes first-sense errors that a plain WordNet lookup makes."""
-    from zsl_utils.data.tuxpaint import load_stamps
-
     animal = "n00015388"
     photos = filter_stamps(tuxpaint_by_wnid(load_stamps(tuxpaint_root), wordnet), top_categories=("animals",),
                            under=animal, wordnet=wordnet)

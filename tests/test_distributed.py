@@ -39,7 +39,6 @@ from zsl_utils.scale.extract import (
     CacheVerificationError,
     ExtractionSpec,
     extract,
-    fill_cache,
     list_image_files,
     run_distributed_extraction,
     verify_cache,
@@ -49,15 +48,13 @@ from zsl_utils.errors import StaleCacheError
 from zsl_utils.huse.model import HuseArchitecture, HuseSplit
 from zsl_utils.scale.ddp import (
     GlobalBatchDropout,
-    ResumableBatches,
     RowSlice,
-    rank_row_counts,
     run_distributed_training,
     train_huse_ddp,
     write_training_job,
 )
 from zsl_utils.huse.losses import LossWeights
-from zsl_utils.huse.training import TrainConfig, batch_indices, train_huse
+from zsl_utils.huse.training import ResumableBatches, TrainConfig, train_huse
 
 N_GOOD, SHARD_SIZE = 12, 2
 BAD_FILES = {"img_03_corrupt.jpg": "truncated JPEG", "img_07_empty.png": "zero bytes", "img_10_notes.txt": "text"}
@@ -174,33 +171,41 @@ def test_bad_files_are_skipped_and_listed(reference, image_folder):
     assert not probs[~ok].any()
 
 
-def test_in_process_cache_is_the_cache_of_classifier_outputs(reference, tmp_path, image_folder, tiny_weights):
-    """Same fingerprint and bytes as extract.classifier_outputs, which the notebooks also call."""
-    from zsl_utils.classifiers import load_classifier
-    from zsl_utils.extract import classifier_outputs
+def _in_process(kind, items, cache_dir, tiny_weights, **settings):
+    """The notebooks' call, zsl_utils.extract.cached_outputs, with the settings of _spec."""
+    from zsl_utils.extract import cached_outputs
 
+    model = "timm:test_efficientnet" if kind != "text_features" else None
+    weights = tiny_weights if kind != "text_features" else None
+    settings = {"batch_size": 2, "shard_size": SHARD_SIZE, "device": "cpu", "progress": False, **settings}
+    return cached_outputs(kind, items, model, cache_dir, dataset_id="tiny", weights=weights, **settings)
+
+
+def test_in_process_cache_is_the_cache_of_cached_outputs(reference, tmp_path, monkeypatch, image_folder, tiny_weights):
+    """Same fingerprint and bytes as extract.cached_outputs, which the notebooks call."""
     cache_dir, _ = reference
-    classifier = load_classifier("timm:test_efficientnet", tiny_weights)
     paths = list_image_files(image_folder)
-    fresh = classifier_outputs(classifier, paths, tmp_path / "co", "tiny", batch_size=2, device="cpu",
-                               shard_size=SHARD_SIZE, progress=False)
-    _assert_same_cache(cache_dir, fresh.directory)
+    fresh = _in_process("probs", paths, tmp_path / "co", tiny_weights)
+    _assert_same_cache(cache_dir, fresh.cache.directory)
     # ... so the notebook's own call reads a cache we filled without recomputing anything.
     shutil.copytree(cache_dir, tmp_path / "ours")
     before = _shard_files(tmp_path / "ours")
-    classifier_outputs(classifier, paths, tmp_path / "ours", "tiny", shard_size=SHARD_SIZE, device="cpu", progress=False)
+    _in_process("probs", paths, tmp_path / "ours", tiny_weights, batch_size=64)
     assert _shard_files(tmp_path / "ours") == before
+    # Without a cache_dir both name the same folder (extract.cache_folder).
+    from zsl_utils import config
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache_root")
+    named = extract(ExtractionSpec(**{**vars(_spec(tmp_path, image_folder, tiny_weights)), "cache_dir": None}),
+                    progress=False)
+    assert Path(named.cache_dir) == _in_process("probs", paths, None, tiny_weights).cache.directory
 
 
-def test_image_features_cache_is_the_cache_of_features_image_features(tmp_path, image_folder, tiny_weights):
-    """The HUSE notebook's feature cache (zsl_utils.features) and ours are one cache."""
-    from zsl_utils.features import image_features
-
+def test_image_features_cache_is_the_cache_of_cached_image_features(tmp_path, image_folder, tiny_weights):
+    """The HUSE notebook's feature cache and ours are one cache."""
     summary = extract(_spec(tmp_path / "ours", image_folder, tiny_weights, kind="image_features"), progress=False)
-    theirs = image_features(list_image_files(image_folder), "tiny", model="timm:test_efficientnet",
-                            weights=tiny_weights, cache_dir=tmp_path / "theirs", device="cpu", batch_size=2,
-                            shard_size=SHARD_SIZE, progress=False)
-    _assert_same_cache(tmp_path / "ours", theirs.cache_dir)
+    theirs = _in_process("image_features", list_image_files(image_folder), tmp_path / "theirs", tiny_weights)
+    _assert_same_cache(tmp_path / "ours", theirs.cache.directory)
     assert summary.arrays["features"] == [[256], "float32"] and len(summary.skipped) == len(BAD_FILES)
 
 
@@ -208,11 +213,8 @@ def test_image_features_cache_is_the_cache_of_features_image_features(tmp_path, 
 def test_a_rank_whose_files_are_all_unreadable_writes_its_shards_first(tmp_path, image_folder, tiny_weights, kind):
     """Rank 0 of 2 owns shard 0, whose two files are both unreadable, and runs before rank 1
     has written anything: its shard must still get the arrays of the in-process cache."""
-    from zsl_utils.classifiers import load_classifier
     from zsl_utils.scale.extract import run_extraction
     from zsl_utils.scale.launch import DistContext
-    from zsl_utils.extract import classifier_outputs
-    from zsl_utils.features import image_features
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -225,44 +227,39 @@ def test_a_rank_whose_files_are_all_unreadable_writes_its_shards_first(tmp_path,
         report, fingerprint, items = run_extraction(spec, DistContext(rank=rank, world_size=2), progress=False)
         assert report.computed_shards == [rank]
     assert verify_cache(spec.cache_dir, fingerprint, items).ok
-    paths = list_image_files(folder)
-    if kind == "probs":
-        classifier = load_classifier("timm:test_efficientnet", tiny_weights)
-        reference = classifier_outputs(classifier, paths, tmp_path / "in_process", "tiny", device="cpu",
-                                       shard_size=SHARD_SIZE, progress=False).directory
-    else:
-        reference = image_features(paths, "tiny", model="timm:test_efficientnet", weights=tiny_weights,
-                                   cache_dir=tmp_path / "in_process", device="cpu", shard_size=SHARD_SIZE,
-                                   progress=False).cache_dir
-    _assert_same_cache(reference, Path(spec.cache_dir))
+    reference = _in_process(kind, list_image_files(folder), tmp_path / "in_process", tiny_weights)
+    _assert_same_cache(reference.cache.directory, Path(spec.cache_dir))
 
 
 @pytest.mark.slow  # loads the MiniLM sentence encoder (~10 s on 2 busy cores)
-def test_text_features_cache_is_the_cache_of_features_text_features(tmp_path):
-    from zsl_utils.features import text_features
-
+def test_text_features_cache_is_the_cache_of_cached_text_features(tmp_path):
     texts = ["a bowl of ramen", "chocolate cake\nwith berries", "", "fried rice", "apple pie"]
     (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps(t) for t in texts) + "\n", encoding="utf-8")
     spec = ExtractionSpec("text_features", str(tmp_path / "ours"), texts_file=str(tmp_path / "texts.jsonl"),
                           dataset_id="tiny", batch_size=2, shard_size=3, device="cpu")
     summary = extract(spec, progress=False)
-    theirs = text_features(texts, "tiny", cache_dir=tmp_path / "theirs", device="cpu", batch_size=2, shard_size=3,
-                           progress=False)
-    _assert_same_cache(tmp_path / "ours", theirs.cache_dir)
+    theirs = _in_process("text_features", texts, tmp_path / "theirs", None, shard_size=3)
+    _assert_same_cache(tmp_path / "ours", theirs.cache.directory)
     assert [item["row"] for item in summary.skipped] == [2]  # the empty text
 
 
 def test_two_gloo_processes_build_the_single_process_cache(reference, tmp_path, image_folder, tiny_weights):
     cache_dir, single = reference
-    # The notebooks' route: their item list, written to a file list, extracted by 2 ranks.
-    settings = {k: v for k, v in vars(_spec(tmp_path, image_folder, tiny_weights)).items()
-                if k not in ("kind", "cache_dir", "images_root", "dataset_id", "file_list", "texts_file")}
-    summary = fill_cache("probs", list_image_files(image_folder), tmp_path / "probs", "tiny", processes=2,
-                         timeout_s=240, progress=False, **settings)
+    summary = run_distributed_extraction(2, _spec(tmp_path / "probs", image_folder, tiny_weights), timeout_s=240)
     _assert_same_cache(cache_dir, tmp_path / "probs")
     assert summary.processes == 2
     assert summary.computed_shards == {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}  # shard s -> rank s % 2
     assert summary.skipped == single.skipped
+
+
+def test_notebook_call_with_two_processes_builds_the_single_process_cache(reference, tmp_path, image_folder,
+                                                                           tiny_weights):
+    """The notebooks' route: cached_outputs(processes=2) runs the scale-out CLI as a subprocess."""
+    cache_dir, single = reference
+    paths = list_image_files(image_folder)
+    outputs = _in_process("probs", paths, tmp_path / "probs", tiny_weights, processes=2, num_workers=0)
+    _assert_same_cache(cache_dir, tmp_path / "probs")
+    assert outputs.skipped.to_dict("records") == single.skipped
 
 
 def test_killed_extraction_resumes_and_recomputes_nothing(reference, tmp_path, image_folder, tiny_weights):
@@ -429,12 +426,6 @@ def _toy_problem(n_items: int = 40, n_classes: int = 5):
     return split, distance, LossWeights(margin=1.0), config, architecture
 
 
-def test_rank_row_counts_split_like_tensor_split():
-    for rows, world in ((15, 2), (10, 4), (3, 4), (0, 2)):
-        expected = [len(part) for part in torch.tensor_split(torch.arange(rows), world)]
-        assert rank_row_counts(rows, world) == expected
-
-
 def test_global_batch_dropout_reproduces_nn_dropout_and_slices_it():
     x = torch.randn(9, 6)
     torch.manual_seed(5)
@@ -447,8 +438,9 @@ def test_global_batch_dropout_reproduces_nn_dropout_and_slices_it():
     assert torch.equal(GlobalBatchDropout(0.3, RowSlice(9, 0, 9)).eval()(x), x)
 
 
-def test_resumable_batches_are_batch_indices_and_restore_mid_epoch():
-    reference = batch_indices(40, 15, torch.Generator().manual_seed(3))
+def test_resumable_batches_are_seeded_epoch_permutations_and_restore_mid_epoch():
+    generator = torch.Generator().manual_seed(3)
+    reference = iter([part for _ in range(4) for part in torch.randperm(40, generator=generator).split(15)])
     stream = ResumableBatches(40, 15, seed=3)
     for _ in range(4):  # into the second epoch
         assert torch.equal(next(reference), stream.next())

@@ -1,6 +1,7 @@
-"""Frozen HUSE features: caching, skipping, and the text encoders on tiny inputs."""
+"""Frozen HUSE features through zsl_utils.extract: caching, skipping, the text encoders on tiny inputs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,17 +12,8 @@ from PIL import Image
 
 from zsl_utils.errors import AssetUnavailableError, ParameterError, StaleCacheError
 from zsl_utils.cache import normalise_fingerprint, read_meta
-from zsl_utils.features import (
-    _BertStyleEncoder,
-    fit_tfidf,
-    image_features,
-    image_features_cache_dir,
-    image_features_fingerprint,
-    salient_words,
-    text_features,
-    text_features_cache_dir,
-    text_features_fingerprint,
-)
+from zsl_utils.extract import (_BertStyleEncoder, PooledFeaturesEncoder, TextEncoder, cache_folder, cached_outputs,
+                               fit_tfidf, salient_words)
 
 
 def minilm_dir() -> Path:
@@ -30,19 +22,27 @@ def minilm_dir() -> Path:
     return Path(get_model_path())
 
 
+def text_features(texts, dataset_id, kind="minilm", **settings):
+    return cached_outputs("text_features", texts, kind, dataset_id=dataset_id, **settings)
+
+
+def image_features(paths, dataset_id, model=None, **settings):
+    return cached_outputs("image_features", paths, model, dataset_id=dataset_id, **settings)
+
+
 def test_minilm_text_features_cached_and_empty_texts_skipped(tmp_path):
     texts = ["apple pie with cinnamon", "   ", "a bowl of ramen"]
     first = text_features(texts, "toy", cache_dir=tmp_path / "c", device="cpu", progress=False)
-    assert first.features.shape == (3, 384)
+    assert first.load().shape == (3, 384)
     assert first.ok.tolist() == [True, False, True]
     assert first.skipped["row"].tolist() == [1]
-    assert np.allclose(np.linalg.norm(first.features[[0, 2]], axis=1), 1.0, atol=1e-5)
-    assert np.all(first.features[1] == 0)
+    assert np.allclose(np.linalg.norm(first.load()[[0, 2]], axis=1), 1.0, atol=1e-5)
+    assert np.all(first.load()[1] == 0)
     shard = next((tmp_path / "c").glob("shard_*.npz"))
     stamp = shard.stat().st_mtime_ns
     again = text_features(texts, "toy", cache_dir=tmp_path / "c", device="cpu", progress=False)
     assert shard.stat().st_mtime_ns == stamp  # reused, not recomputed
-    assert np.array_equal(first.features, again.features)
+    assert np.array_equal(first.load(), again.load())
     with pytest.raises(StaleCacheError):
         text_features(["other text", "x", "y"], "toy", cache_dir=tmp_path / "c", device="cpu", progress=False)
 
@@ -54,11 +54,11 @@ def test_tfidf_features_match_hand_computation(tmp_path):
     idf_apple, idf_pie = 1.0, math.log(3 / 2) + 1
     norm = math.hypot(idf_apple, idf_pie)
     vocabulary = fit_tfidf(texts).vocabulary_
-    row = result.features[0]
+    row = result.load()[0]
     assert row[vocabulary["apple"]] == pytest.approx(idf_apple / norm, rel=1e-5)
     assert row[vocabulary["pie"]] == pytest.approx(idf_pie / norm, rel=1e-5)
     assert row[vocabulary["tart"]] == 0.0
-    assert result.features.shape == (2, 3)  # vocabulary smaller than 512 terms
+    assert result.load().shape == (2, 3)  # vocabulary smaller than 512 terms
 
 
 def test_salient_words_keep_highest_tfidf_in_order():
@@ -74,8 +74,8 @@ def test_salient_words_keep_highest_tfidf_in_order():
 def test_bert_style_features_mean_over_last_four_layers_ignore_padding():
     encoder = _BertStyleEncoder(minilm_dir(), torch.device("cpu"))
     short, long = "pho", "a steaming bowl of vietnamese beef noodle soup with herbs"
-    together = encoder([short, long])["features"]
-    alone = encoder([short])["features"]
+    together = encoder([short, long])
+    alone = encoder([short])
     assert together.shape == (2, 4 * 384)
     assert np.allclose(together[0], alone[0], atol=1e-5)  # padding in the batch does not leak in
     # Hand check of the recipe for the single text: concatenate layers -4..-1, mean over tokens.
@@ -103,26 +103,28 @@ def test_image_features_pooled_and_unreadable_skipped(tmp_path):
     other = tmp_path / "c.png"
     Image.new("RGBA", (30, 40), (0, 0, 255, 255)).save(other)
     result = image_features([good, bad, other], "toy", cache_dir=tmp_path / "img", device="cpu", progress=False)
-    assert result.features.shape == (3, 1280)
+    features = result.load()
+    assert features.shape == (3, 1280) and features.dtype == np.float32
     assert result.ok.tolist() == [True, False, True]
     assert result.skipped["row"].tolist() == [1] and "b.jpg" in result.skipped["item"].iloc[0]
-    assert np.all(result.features[1] == 0) and np.all(np.isfinite(result.features))
-    assert not np.allclose(result.features[0], result.features[2])
+    assert np.all(features[1] == 0) and np.all(np.isfinite(features))
+    assert not np.allclose(features[0], features[2])
 
 
 def test_default_cache_dirs_differ_by_content(monkeypatch, tmp_path):
     from zsl_utils import config
-    from zsl_utils.features import default_cache_dir
 
     monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
-    a = default_cache_dir("toy", "text_tfidf", {"fit": "aaa"})
-    b = default_cache_dir("toy", "text_tfidf", {"fit": "bbb"})
-    assert a != b and a.parent == b.parent == tmp_path / "huse" / "toy"
-    assert a == default_cache_dir("toy", "text_tfidf", {"fit": "aaa"})
+    a = cache_folder("text_features", "tfidf", "toy", {"fit": "aaa"}, 4096)
+    b = cache_folder("text_features", "tfidf", "toy", {"fit": "bbb"}, 4096)
+    assert a != b and a.parent == b.parent == tmp_path / "toy"
+    assert a == cache_folder("text_features", "tfidf", "toy", {"fit": "aaa"}, 4096)
+    assert a != cache_folder("text_features", "tfidf", "toy", {"fit": "aaa"}, 128)  # another shard size
+    assert cache_folder("probs", "timm:x", "toy", {}, 1, root=tmp_path / "r").parent == tmp_path / "r" / "toy"
     first = text_features(["soup", "salad"], "toy", kind="tfidf", fit_texts=["soup"], device="cpu", progress=False)
     second = text_features(["soup", "salad"], "toy", kind="tfidf", fit_texts=["salad"], device="cpu", progress=False)
-    assert first.cache_dir != second.cache_dir  # no StaleCacheError: another fit gets its own folder
-    assert first.features[0].tolist() == [1.0] and second.features[1].tolist() == [1.0]
+    assert first.cache.directory != second.cache.directory  # no StaleCacheError: another fit gets its own folder
+    assert first.load()[0].tolist() == [1.0] and second.load()[1].tolist() == [1.0]
 
 
 def test_public_text_fingerprints_and_folders_are_what_the_cache_stores(monkeypatch, tmp_path):
@@ -132,14 +134,17 @@ def test_public_text_fingerprints_and_folders_are_what_the_cache_stores(monkeypa
     texts, fit = ["apple pie", float("nan"), "miso ramen"], ["apple pie"]
     for kind in ("tfidf", "minilm"):
         result = text_features(texts, "toy", kind=kind, fit_texts=fit, shard_size=2, device="cpu", progress=False)
-        expected = text_features_fingerprint(texts, "toy", kind=kind, fit_texts=fit)
-        assert read_meta(result.cache_dir)["fingerprint"] == normalise_fingerprint(expected)
-        assert result.cache_dir == text_features_cache_dir(texts, "toy", kind=kind, fit_texts=fit, shard_size=2)
-    assert text_features_fingerprint(texts, "toy")["model"] == "all-MiniLM-L6-v2"
-    assert text_features_fingerprint(texts, "toy", dtype="float16")["dtype"] == "float16"
-    assert "dtype" not in text_features_fingerprint(texts, "toy")  # float32 caches keep their old fingerprint
+        expected = TextEncoder(kind, fit_texts=fit).fingerprint(texts, "toy")
+        assert read_meta(result.cache.directory)["fingerprint"] == normalise_fingerprint(expected)
+        assert result.cache.directory == cache_folder("text_features", kind, "toy", expected, 2)
+    assert TextEncoder().fingerprint(texts, "toy")["model"] == "all-MiniLM-L6-v2"
+    assert TextEncoder(dtype="float16").fingerprint(texts, "toy")["dtype"] == "float16"
+    assert "dtype" not in TextEncoder().fingerprint(texts, "toy")  # float32 caches keep their old fingerprint
+    # The fields that caches made before the encoders were merged carry.
+    assert sorted(TextEncoder("tfidf").fingerprint(texts, "toy")) == ["dataset_id", "fit", "kind", "max_features",
+                                                                      "texts"]
     with pytest.raises(ParameterError, match="dtype"):
-        text_features_fingerprint(texts, "toy", dtype="int8")
+        TextEncoder(dtype="int8")
 
 
 def test_public_image_fingerprint_and_folder_are_what_the_cache_stores(monkeypatch, tmp_path):
@@ -152,30 +157,35 @@ def test_public_image_fingerprint_and_folder_are_what_the_cache_stores(monkeypat
     Image.new("RGB", (32, 32), (30, 30, 200)).save(paths[1])
     classifier = load_classifier("efficientnet_lite0", device="cpu")
     by_name = image_features(paths, "toy", device="cpu", progress=False)  # default folder
-    expected = image_features_fingerprint(classifier, paths, "toy")
-    assert read_meta(by_name.cache_dir)["fingerprint"] == normalise_fingerprint(expected)
-    assert by_name.cache_dir == image_features_cache_dir(classifier, paths, "toy", shard_size=1024)
-    shard = next(by_name.cache_dir.glob("shard_*.npz"))
+    expected = PooledFeaturesEncoder(classifier).fingerprint(paths, "toy")
+    assert read_meta(by_name.cache.directory)["fingerprint"] == normalise_fingerprint(expected)
+    assert by_name.cache.directory == cache_folder("image_features", "efficientnet_lite0", "toy", expected, 1024)
+    assert sorted(expected) == ["alpha_background", "classifier", "dataset", "dataset_id", "kind"]
+    shard = next(by_name.cache.directory.glob("shard_*.npz"))
     stamp = shard.stat().st_mtime_ns
     loaded = image_features(paths, "toy", model=classifier, progress=False)  # a loaded classifier: same cache
-    assert loaded.cache_dir == by_name.cache_dir and shard.stat().st_mtime_ns == stamp
-    assert np.array_equal(loaded.features, by_name.features)
-    bf16 = image_features_fingerprint(classifier, paths, "toy", dtype="float16", autocast_dtype="bfloat16")
+    assert loaded.cache.directory == by_name.cache.directory and shard.stat().st_mtime_ns == stamp
+    assert np.array_equal(loaded.load(), by_name.load())
+    on_gpu = dataclasses.replace(classifier, device=torch.device("cuda"))  # only its fingerprint is used
+    bf16 = PooledFeaturesEncoder(on_gpu, dtype="float16", autocast_dtype="bfloat16").fingerprint(paths, "toy")
     assert (bf16["dtype"], bf16["autocast_dtype"]) == ("float16", "bfloat16")
     assert {k: v for k, v in bf16.items() if k not in ("dtype", "autocast_dtype")} == expected
+    assert "autocast_dtype" not in PooledFeaturesEncoder(classifier, autocast_dtype="bfloat16").fingerprint(paths, "x")
     with pytest.raises(ParameterError, match="weights"):
         image_features(paths, "toy", model=classifier, weights=paths[0], progress=False)
+    with pytest.raises(ParameterError, match="load_classifier"):
+        image_features(paths, "toy", model=object(), progress=False)
     with pytest.raises(ParameterError, match="autocast_dtype"):
-        image_features_fingerprint(classifier, paths, "toy", autocast_dtype="fp8")
+        PooledFeaturesEncoder(classifier, autocast_dtype="fp8")
 
 
-def test_shards_compute_only_those_and_return_none_until_complete(tmp_path):
+def test_shards_compute_only_those_until_complete(tmp_path):
     texts = ["apple pie", "apple tart", "", "plum tart", "pie"]  # shard_size 2: shards 0, 1, 2
     settings = dict(kind="tfidf", shard_size=2, device="cpu", progress=False)
     partial = text_features(texts, "toy", cache_dir=tmp_path / "part", shards=[1], **settings)
-    assert partial is None
+    assert partial.cache.missing_shards() == [0, 2]
     assert sorted(p.name for p in (tmp_path / "part").glob("shard_*.npz")) == ["shard_000001.npz"]
     rest = text_features(texts, "toy", cache_dir=tmp_path / "part", shards=[0, 2], **settings)
     whole = text_features(texts, "toy", cache_dir=tmp_path / "whole", **settings)
-    assert np.array_equal(rest.features, whole.features) and rest.ok.tolist() == [True, True, False, True, True]
+    assert np.array_equal(rest.load(), whole.load()) and rest.ok.tolist() == [True, True, False, True, True]
     assert rest.skipped["row"].tolist() == [2]

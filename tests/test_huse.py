@@ -29,8 +29,8 @@ from zsl_utils.huse.losses import (
     semantic_graph_loss,
 )
 from zsl_utils.huse.training import (
+    ResumableBatches,
     TrainConfig,
-    batch_indices,
     best_weights,
     grid_search,
     seeded_repeat_check,
@@ -198,9 +198,9 @@ def toy_split(n_per_class: int = 4, n_classes: int = 4, seed: int = 0) -> tuple[
     return HuseSplit(image, text, labels), class_distance
 
 
-def test_batch_indices_cover_each_epoch_once():
-    batches = batch_indices(10, 4, torch.Generator().manual_seed(0))
-    first_epoch = torch.cat([next(batches) for _ in range(3)])  # 4 + 4 + 2
+def test_batches_cover_each_epoch_once():
+    batches = ResumableBatches(10, 4, seed=0)
+    first_epoch = torch.cat([batches.next() for _ in range(3)])  # 4 + 4 + 2
     assert sorted(first_epoch.tolist()) == list(range(10))
 
 

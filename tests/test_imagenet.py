@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from zsl_utils.conse import imagenet
+from zsl_utils.conse import model as conse
 from zsl_utils.cache import ShardedCache
 from zsl_utils.errors import DataLayoutError, ParameterError
 from zsl_utils.conse.imagenet import EvalTask, build_label_sets, evaluate_conse
@@ -82,7 +83,7 @@ def test_real_label_sets(wordnet):
 def _embeddings(labels, vectors, found=None):
     vectors = np.asarray(vectors, np.float32)
     found = np.ones(len(labels), bool) if found is None else np.asarray(found)
-    return LabelEmbeddings(list(labels), vectors, found, [(l,) for l in labels], [(l,) for l in labels], "toy")
+    return LabelEmbeddings(list(labels), vectors, found, [(l,) for l in labels], "toy")
 
 
 TRAIN = _embeddings(["A", "B"], [[1, 0], [0, 1]])
@@ -133,10 +134,8 @@ def test_evaluate_from_cache_equals_array_and_skips_unreadable(tmp_path):
 def test_tasks_over_the_same_images_embed_once_and_match_separate_runs(monkeypatch):
     """'zsl' and 'zsl +1K' evaluate the same images: one check per batch, one f(x) per T
     for both, and exactly the numbers of evaluating each task on its own."""
-    from zsl_utils.conse import model as conse
-
     calls = {"check": 0, "embed": 0}
-    original_check, original_embed = conse.check_probabilities, conse.ConSE.embed
+    original_check, original_embed = imagenet.check_probabilities, conse.ConSE.embed
 
     def counting_check(*args, **kwargs):
         calls["check"] += 1
@@ -146,7 +145,7 @@ def test_tasks_over_the_same_images_embed_once_and_match_separate_runs(monkeypat
         calls["embed"] += 1
         return original_embed(self, *args, **kwargs)
 
-    monkeypatch.setattr(conse, "check_probabilities", counting_check)
+    monkeypatch.setattr(imagenet, "check_probabilities", counting_check)
     monkeypatch.setattr(conse.ConSE, "embed", counting_embed)
     seen = EvalTask("seen", ["A", "B", "c1"], frozenset({"A"}))
     tasks = [*TASKS, seen]

@@ -56,7 +56,8 @@ def parameters_cell_problems(path: Path) -> list[str]:
         dropped = [name for name in declared if name not in inferred]
         problems.append(
             f"papermill does not see {dropped or 'the same order'}: avoid '=' inside comments and "
-            f"annotations with '|' or quotes (use Optional[...], and '(one of: ...)' for choices)"
+            f"annotations with '|' or quotes (use Optional[...], '(one of: ...)' for choices and "
+            f"'(at least N)' for bounds)"
         )
     for parameter in inferred.values():
         problems.extend(_parameter_problems(parameter))
@@ -95,13 +96,11 @@ def _parameter_problems(parameter: profiles.NotebookParameter) -> list[str]:
         return problems + [f"{name}: default {parameter.default} is not a literal"]
     try:
         if not profiles.value_matches_type(default, parameter.type_name):
-            problems.append(f"{name}: default {default!r} is not a {parameter.type_name}")
-        choices = parameter.choices
-        if choices and not profiles.value_in_choices(default, choices):
-            problems.append(f"{name}: default {default!r} is not one of {choices}")
+            return problems + [f"{name}: default {default!r} is not a {parameter.type_name}"]
+        rule = parameter.broken_rule(default)
     except ParameterError as exc:
-        problems.append(f"{name}: {exc}")
-    return problems
+        return problems + [f"{name}: {exc}"]
+    return problems + ([f"{name}: default {default!r} breaks its comment's rule: {rule}"] if rule else [])
 
 
 def help_notebook_output(path: Path) -> str:
@@ -112,10 +111,9 @@ def help_notebook_output(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- the checker
-def _write(path: Path, cells: list[nbformat.NotebookNode], kernel: bool = True) -> Path:
+def _write(path: Path, cells: list[nbformat.NotebookNode], kernel: str = "python3") -> Path:
     nb = nbformat.v4.new_notebook()
-    if kernel:
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python 3", "language": "python"}
     nb.cells = cells
     nbformat.write(nb, path)
     return path
@@ -126,6 +124,7 @@ GOOD_PARAMETERS = (
     "seed: int = 0  # random seed\n"
     'device: str = "auto"  # torch device (one of: "auto", "cpu", "cuda", "cuda:*", "mps")\n'
     "top_k: int = 5  # hits counted (one of: 1, 2, 5, 10)\n"
+    "ks: list[int] = [1, 5]  # cut-offs (at least 1) (non-empty) (increasing)\n"
 )
 
 
@@ -146,6 +145,8 @@ def test_checker_flags_every_kind_of_dirt(tmp_path):
     dirty_parameters = (
         "seed = 0  # untyped\n"
         "top_k: int = 3  # hits (one of: 1, 5)\n"
+        "ks: list[int] = [5, 0]  # cut-offs (at least 1)\n"
+        "steps: int = 10  # training steps (at least 1) (>= 1)\n"
         "lr: float = 0.1  # step (lr=0.1 in the paper)\n"
         "root: str | None = None  # data\n"
         "size: int = 4\n"
@@ -157,17 +158,18 @@ def test_checker_flags_every_kind_of_dirt(tmp_path):
         executed,
         nbformat.v4.new_code_cell(dirty_parameters, metadata={"tags": ["parameters"]}),
     ]
-    path = _write(tmp_path / "01_dirty.ipynb", cells, kernel=False)
+    path = _write(tmp_path / "01_dirty.ipynb", cells, kernel="python")
     assert output_problems(nbformat.read(path, as_version=4)) == ["cell 0 has outputs", "cell 0 has execution_count 3"]
     problems = parameters_cell_problems(path)
     expected_fragments = [
         "kernelspec.name must be 'python3'",
         "not the first code cell",
         "line 1: only `name: type = value",  # seed has no annotation
-        "line 6: only `name: type = value",  # import
-        "papermill does not see ['lr', 'root']",  # '=' in a comment, '|' in an annotation
+        "line 8: only `name: type = value",  # import
+        "papermill does not see ['steps', 'lr', 'root']",  # '=' in a comment, '|' in an annotation
         "size has no comment",
-        "top_k: default 3 is not one of (1, 5)",
+        "top_k: default 3 breaks its comment's rule: it must be one of 1, 5",
+        "ks: default [5, 0] breaks its comment's rule: each item must be at least 1",
         "missing required parameter `profile_name: str`",
         "missing required parameter `seed: int`",
         "missing required parameter `device: str`",

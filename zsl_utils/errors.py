@@ -1,8 +1,5 @@
-"""Exception types the suite raises for problems a user can fix.
-
-Every message names the thing at fault (a file, a parameter, a profile) and the fix,
-so that a notebook stops with one readable line instead of a deep traceback.
-"""
+"""Exception types for problems a user can fix: each message names the thing at fault
+(a file, a parameter, a profile) and the fix, so a notebook stops with one readable line."""
 from __future__ import annotations
 
 

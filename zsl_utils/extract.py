@@ -1,33 +1,27 @@
-"""Images (or texts) -> model outputs in a :class:`~zsl_utils.cache.ShardedCache`.
+"""Items (image paths or texts) -> model outputs in a :class:`~zsl_utils.cache.ShardedCache`.
 
-``extract_to_cache`` is the generic engine: it walks the cache's missing shards only,
-loads the items of each shard (in DataLoader worker processes when ``num_workers > 0``),
-encodes them in batches and writes the shard atomically. Items that cannot be loaded
-(corrupt, truncated, zero-byte or non-image files) are *skipped*: their rows hold zeros,
-the row-aligned ``ok`` mask is False, and the shard also stores which rows were
-skipped and why (``skipped_rows``, ``skipped_reasons``), so a resumed run, or an
-evaluation months later, still reports them. A run over millions of images therefore
-never stops for one bad file.
-
-``classifier_outputs`` applies that engine to a pretrained classifier and stores its
-softmax probabilities over its output classes (all of them: ConSE(1000) needs the full
-distribution).
-
-Storage choice: probabilities are stored as **float16** by default. That halves the disk
-(ImageNet-21K, ~14 M images x 1000 classes: 28 GB instead of 56 GB). float16 keeps
-about 3 significant digits, so two classes whose probabilities differ by less than
-~0.05 % relative may swap rank, and probabilities below ~6e-8 flush to zero; both
-change a ConSE embedding by a negligible amount (the weights involved are that small).
-Pass ``dtype="float32"`` for bit-faithful storage.
+:func:`cached_outputs` is the one call. One encoder per kind owns its cache fingerprint (what
+changes the stored numbers; never batch size, workers or processes): ``probs``
+(:class:`ProbsEncoder`; float16 by default: half the disk, ~3 significant digits, a negligible
+change to a ConSE embedding), ``image_features`` (:class:`PooledFeaturesEncoder`) and
+``text_features`` (:class:`TextEncoder`). :func:`extract_to_cache` is the engine: it computes
+only missing shards and *skips* unreadable items (zero rows, ``ok`` False, rows and reasons
+stored in the shard), so one bad file never stops a run over millions.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+import re
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,85 +29,71 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from sklearn.feature_extraction.text import TfidfVectorizer
 from tqdm.auto import tqdm
 
-from zsl_utils.cache import ShardedCache
+from zsl_utils import config
+from zsl_utils.cache import ShardedCache, normalise_fingerprint
+from zsl_utils.classifiers import load_classifier
 from zsl_utils.data.images import load_image_rgb
-from zsl_utils.errors import ParameterError, ZslError
+from zsl_utils.device import autocast, pick_device
+from zsl_utils.errors import AssetUnavailableError, ParameterError, ZslError
+from zsl_utils.semantic import MINILM_SPACE, load_sentence_encoder
 
+KINDS = ("probs", "image_features", "text_features")
+TEXT_MODELS = ("minilm", "bert", "tfidf")
+DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+TFIDF_FEATURES = 512  # vocabulary size of the "tfidf" text model
+SALIENT_WORDS = 512  # words kept per text before the "bert" text model
 # Errors that mean "this file is bad" rather than "the code is wrong". Anything else
-# (TypeError, AttributeError, ...) stops the run: silently skipping every image because
-# of a bug would be far worse than a traceback.
+# (TypeError, AttributeError, ...) stops the run: skipping every item because of a bug
+# would be far worse than a traceback.
 LOAD_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes PIL.UnidentifiedImageError, truncated files, missing files
-    ValueError,
-    SyntaxError,  # PIL raises it for some malformed headers
-    EOFError,
-    IndexError,
-    RuntimeError,
-    struct.error,
-    zlib.error,
+    OSError,  # includes PIL.UnidentifiedImageError, truncated and missing files
+    ValueError, SyntaxError, EOFError, IndexError, RuntimeError, struct.error, zlib.error,
     Image.DecompressionBombError,
 )
 _MAX_REASON_CHARS = 200
+_UNALIGNED = ("skipped_rows", "skipped_reasons")
 # Row-aligned output arrays of a cache: name -> (shape of one row, dtype).
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
+_SKIPPED_COLUMNS = ["row", "item", "reason"]
+
+
 class ExtractionError(ZslError):
-    """Extraction cannot proceed (bad encoder output, nothing loadable, bad parameter)."""
-
-
-@dataclass(frozen=True)
-class SkippedItem:
-    """One item that could not be loaded: its row in the cache, the item and why."""
-
-    row: int
-    item: str
-    reason: str
+    """Extraction cannot proceed (bad encoder output, nothing loadable, failed scale-out run)."""
 
 
 @dataclass
 class ExtractionReport:
-    """What ``extract_to_cache`` did: shards computed vs reused and the skipped items."""
+    """What ``extract_to_cache`` did: shards computed vs reused and the skipped items (row, item, reason)."""
 
     n_items: int
     n_shards: int
-    computed_shards: list[int] = field(default_factory=list)
-    reused_shards: int = 0
-    skipped: list[SkippedItem] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def n_skipped(self) -> int:
-        return len(self.skipped)
-
-    @property
-    def n_ok(self) -> int:
-        return self.n_items - self.n_skipped
-
-    def skipped_frame(self) -> pd.DataFrame:
-        """Skipped items as a DataFrame with columns ``row``, ``item``, ``reason``."""
-        return pd.DataFrame([vars(s) for s in self.skipped], columns=["row", "item", "reason"])
+    computed_shards: list[int]
+    reused_shards: int
+    skipped: pd.DataFrame
+    seconds: float
 
     def __str__(self) -> str:
         return (
             f"{self.n_items} items in {self.n_shards} shards: computed {len(self.computed_shards)}, "
-            f"reused {self.reused_shards} from cache; {self.n_skipped} skipped as unreadable; "
+            f"reused {self.reused_shards} from cache; {len(self.skipped)} skipped as unreadable; "
             f"{self.seconds:.1f} s"
         )
 
 
-# ---------------------------------------------------------------------- image loading
-class ImageLoader:
+def _load_image(preprocess: Callable[[Image.Image], Any], path: str | os.PathLike) -> Any:
+    return preprocess(load_image_rgb(path))
+
+
+def image_loader(preprocess: Callable[[Image.Image], Any]) -> Callable[[str | os.PathLike], Any]:
     """Picklable ``path -> preprocess(load_image_rgb(path))`` for DataLoader workers."""
-
-    def __init__(self, preprocess: Callable[[Image.Image], Any] | None = None) -> None:
-        self.preprocess = preprocess
-
-    def __call__(self, path: str | os.PathLike) -> Any:
-        image = load_image_rgb(path)
-        return self.preprocess(image) if self.preprocess is not None else image
+    return functools.partial(_load_image, preprocess)
 
 
 # ---------------------------------------------------------------------- the engine
@@ -121,8 +101,7 @@ class _LoadingDataset(torch.utils.data.Dataset):
     """Wraps ``load_item`` so a bad item yields ``(row, None, reason)`` instead of raising."""
 
     def __init__(self, items: Sequence, load_item: Callable[[Any], Any]) -> None:
-        self.items = items
-        self.load_item = load_item
+        self.items, self.load_item = items, load_item
 
     def __len__(self) -> int:
         return len(self.items)
@@ -132,26 +111,11 @@ class _LoadingDataset(torch.utils.data.Dataset):
             value = self.load_item(self.items[row])
         except LOAD_ERRORS as error:
             return row, None, f"{type(error).__name__}: {error}"[:_MAX_REASON_CHARS]
-        if value is None:
-            return row, None, "load_item returned None"
-        return row, value, ""
-
-
-class LoadedBatch(list):
-    """The loadable values of one batch: the list that ``encode_batch`` receives.
-
-    With ``extract_to_cache(..., pin_memory=True)`` and values that are tensors of one
-    shape, ``stacked`` also holds them as one ``[B, ...]`` tensor, stacked in the loading
-    worker and pinned by the DataLoader (on CUDA): an encoder can copy it to the GPU with
-    ``non_blocking=True`` instead of stacking again (the list items are views of it).
-    Otherwise ``stacked`` is None.
-    """
-
-    stacked: torch.Tensor | None = None
+        return (row, None, "load_item returned None") if value is None else (row, value, "")
 
 
 class _Batch:
-    """One loaded batch: its first row, the loaded rows/values and the skipped rows."""
+    """One loaded batch (the DataLoader's collate_fn): first row, loaded rows/values, skipped rows."""
 
     def __init__(self, loaded: list[tuple[int, Any, str]], stack: bool) -> None:
         self.first_row = loaded[0][0]
@@ -167,31 +131,18 @@ class _Batch:
             self.stacked = self.stacked.pin_memory()
         return self
 
-    def encoder_input(self) -> LoadedBatch:
-        values = LoadedBatch(self.values if self.stacked is None else self.stacked.unbind(0))
-        values.stacked = self.stacked
-        return values
+    def encoder_input(self) -> list | torch.Tensor:
+        return self.values if self.stacked is None else self.stacked
 
 
 def _stack_if_uniform(values: list) -> torch.Tensor | None:
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors or len(tensors) != len(values) or len({(v.shape, v.dtype) for v in tensors}) != 1:
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
         return None
-    return torch.stack(tensors)
-
-
-class _Collate:
-    """Picklable collate_fn: ``[(row, value, reason)] -> _Batch``."""
-
-    def __init__(self, stack: bool) -> None:
-        self.stack = stack
-
-    def __call__(self, loaded: list[tuple[int, Any, str]]) -> _Batch:
-        return _Batch(loaded, self.stack)
+    return torch.stack(values) if len({(v.shape, v.dtype) for v in values}) == 1 else None
 
 
 def _batches_for_shards(cache: ShardedCache, shards: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Row batches that never cross a shard boundary, in shard order."""
+    """Row batches that never cross a shard boundary (so any rank encodes a shard the same way)."""
     batches = []
     for shard in shards:
         start, stop = cache.shard_bounds(shard)
@@ -199,86 +150,66 @@ def _batches_for_shards(cache: ShardedCache, shards: Sequence[int], batch_size: 
     return batches
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 class _ShardAssembler:
     """Collects encoded batches of one shard and writes it when its last row arrives."""
 
-    def __init__(self, cache: ShardedCache, items: Sequence, declared_layout: Layout | None = None) -> None:
-        self.cache, self.items = cache, items
-        self.declared_layout = declared_layout  # extract_to_cache(output_layout=...), checked against outputs
+    def __init__(self, cache: ShardedCache, declared: Layout | None) -> None:
+        self.cache, self.declared = cache, declared  # declared: extract_to_cache(output_layout=...)
         self.layout: Layout | None = None
         self.pending: dict[int, dict] = {}
-        self.deferred: list[int] = []  # shards with no loadable item seen before any layout
+        self.deferred: list[int] = []  # all-unreadable shards seen before any layout was known
 
     def add(self, shard: int, rows: list[int], outputs: Mapping[str, np.ndarray] | None, skipped: list) -> bool:
-        state = self.pending.setdefault(shard, {"seen": 0, "rows": [], "outputs": [], "skipped": []})
+        state = self.pending.setdefault(shard, {"seen": 0, "parts": [], "skipped": []})
         state["seen"] += len(rows) + len(skipped)
+        state["skipped"].extend(skipped)
         if outputs is not None:
-            state["rows"].append(rows)
-            state["outputs"].append(outputs)
+            state["parts"].append((rows, outputs))
             if self.layout is None:
                 self.layout = {k: (tuple(v.shape[1:]), v.dtype) for k, v in outputs.items()}
                 self._check_declared(self.layout, f"encode_batch's output for rows {rows[0]}..{rows[-1]}")
-        state["skipped"].extend(skipped)
         start, stop = self.cache.shard_bounds(shard)
         if state["seen"] < stop - start:
             return False
-        if self.layout is None:
-            self.deferred.append(shard)
-            return True
-        self._write(shard, self.pending.pop(shard))
+        self.deferred.append(shard)
         self._flush_deferred()
         return True
-
-    def _write(self, shard: int, state: dict) -> None:
-        start, stop = self.cache.shard_bounds(shard)
-        arrays = {k: np.zeros((stop - start, *shape), dtype) for k, (shape, dtype) in self.layout.items()}
-        ok = np.zeros(stop - start, bool)
-        for rows, outputs in zip(state["rows"], state["outputs"]):
-            local = np.asarray(rows) - start
-            ok[local] = True
-            for key, value in outputs.items():
-                arrays[key][local] = value
-        skipped = sorted(state["skipped"])
-        unaligned = {
-            "skipped_rows": np.asarray([row for row, _ in skipped], np.int64),
-            "skipped_reasons": np.asarray([reason for _, reason in skipped], dtype=str),
-        }
-        self.cache.write_shard(shard, ok=ok, unaligned=unaligned, **arrays)
 
     def _flush_deferred(self) -> None:
         while self.deferred and self.layout is not None:
             shard = self.deferred.pop()
-            self._write(shard, self.pending.pop(shard))
+            start, stop = self.cache.shard_bounds(shard)
+            state = self.pending.pop(shard)
+            arrays = {k: np.zeros((stop - start, *shape), dtype) for k, (shape, dtype) in self.layout.items()}
+            ok = np.zeros(stop - start, bool)
+            for rows, outputs in state["parts"]:
+                local = np.asarray(rows) - start
+                ok[local] = True
+                for key, value in outputs.items():
+                    arrays[key][local] = value
+            skipped = sorted(state["skipped"])
+            unaligned = {"skipped_rows": np.asarray([row for row, _ in skipped], np.int64),
+                         "skipped_reasons": np.asarray([reason for _, reason in skipped], dtype=str)}
+            self.cache.write_shard(shard, ok=ok, unaligned=unaligned, **arrays)
 
     def finish(self) -> None:
-        """Write shards whose every item was unreadable, once a layout is known."""
+        """Write the shards whose every item was unreadable, once a layout is known."""
         if self.deferred and self.layout is None:
-            # Another rank (or an earlier run) may have written a shard meanwhile.
-            self.layout = _layout_from_existing_shard(self.cache)
-            if self.layout is not None:
-                self._check_declared(self.layout, "the cache's existing shards")
+            self.layout = self.declared
         if self.deferred and self.layout is None:
-            self.layout = self.declared_layout
-        if self.deferred and self.layout is None:
+            reasons = [r for s in self.pending.values() for _, r in s["skipped"]][:3]
             raise ExtractionError(
-                f"none of the {len(self.items)} items of cache {self.cache.directory} could be "
-                f"loaded, so the output shape is unknown; check the paths and the loader "
-                f"(first reasons: {[r for s in self.pending.values() for _, r in s['skipped']][:3]}), "
-                f"or pass output_layout=... to extract_to_cache."
+                f"none of the {self.cache.n_items} items of cache {self.cache.directory} could be loaded, so the "
+                f"output shape is unknown; check the paths and the loader (first reasons: {reasons}), or pass "
+                f"output_layout=... to extract_to_cache."
             )
         self._flush_deferred()
 
     def _check_declared(self, found: Layout, source: str) -> None:
-        if self.declared_layout is not None and found != self.declared_layout:
+        if self.declared is not None and found != self.declared:
             raise ExtractionError(
-                f"output_layout {_describe(self.declared_layout)} passed to extract_to_cache differs from "
-                f"{source}: {_describe(found)}; fix the declared layout (array name -> (row shape, dtype))."
+                f"output_layout {_describe(self.declared)} passed to extract_to_cache differs from {source}: "
+                f"{_describe(found)}; fix the declared layout (array name -> (row shape, dtype))."
             )
 
 
@@ -291,7 +222,7 @@ def normalise_layout(layout: Mapping[str, tuple[Sequence[int], Any]]) -> Layout:
             f"output_layout must map array names to (row shape, dtype), e.g. {{'probs': ((1000,), 'float16')}}; "
             f"got {layout!r} ({error})."
         ) from error
-    reserved = sorted(set(normal) & {"ok", "skipped_rows", "skipped_reasons"})
+    reserved = sorted(set(normal) & {"ok", *_UNALIGNED})
     if not normal or reserved:
         raise ParameterError(f"output_layout {layout!r} must name at least one output array and none of {reserved}.")
     return normal
@@ -301,41 +232,29 @@ def _describe(layout: Layout) -> str:
     return "{" + ", ".join(f"{k}: {shape} {dtype}" for k, (shape, dtype) in sorted(layout.items())) + "}"
 
 
-def _layout_from_existing_shard(cache: ShardedCache) -> Layout | None:
-    done = [s for s in range(cache.n_shards) if cache.has_shard(s)]
-    if not done:
-        return None
-    arrays = cache.read_shard(done[0])
-    skip = {"ok", "skipped_rows", "skipped_reasons"}
-    return {k: (tuple(v.shape[1:]), v.dtype) for k, v in arrays.items() if k not in skip}
-
-
 def _encode(encode_batch: Callable, values: list, rows: list[int]) -> dict[str, np.ndarray]:
     outputs = encode_batch(values)
     if not isinstance(outputs, Mapping) or not outputs:
-        raise ExtractionError(
-            f"encode_batch must return a non-empty dict name -> array, got {type(outputs).__name__}."
-        )
-    arrays = {str(k): _to_numpy(v) for k, v in outputs.items()}
+        raise ExtractionError(f"encode_batch must return a non-empty dict name -> array, got {type(outputs).__name__}.")
+    arrays = {str(k): v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+              for k, v in outputs.items()}
     for key, value in arrays.items():
         if value.ndim == 0 or value.shape[0] != len(values):
             raise ExtractionError(
-                f"encode_batch output {key!r} has shape {value.shape} for a batch of {len(values)} "
-                f"items (rows {rows[0]}..{rows[-1]}); its first axis must be the batch size."
+                f"encode_batch output {key!r} has shape {value.shape} for a batch of {len(values)} items "
+                f"(rows {rows[0]}..{rows[-1]}); its first axis must be the batch size."
             )
     return arrays
 
 
-def read_skipped(cache: ShardedCache, items: Sequence | None = None) -> list[SkippedItem]:
-    """Skipped items recorded in the shards written so far (works on resumed caches)."""
+def _read_skipped(cache: ShardedCache, items: Sequence | None = None) -> pd.DataFrame:
+    """Skipped items (row, item, reason) recorded in the shards written so far, reused ones included."""
     skipped = []
-    for shard in range(cache.n_shards):
-        if not cache.has_shard(shard):
-            continue
-        arrays = cache.read_shard(shard, ["skipped_rows", "skipped_reasons"])
+    for shard in (s for s in range(cache.n_shards) if cache.has_shard(s)):
+        arrays = cache.read_shard(shard, list(_UNALIGNED))
         for row, reason in zip(arrays["skipped_rows"].tolist(), arrays["skipped_reasons"].tolist()):
-            skipped.append(SkippedItem(row, str(items[row]) if items is not None else str(row), reason))
-    return skipped
+            skipped.append((row, str(items[row])[:_MAX_REASON_CHARS] if items is not None else str(row), reason))
+    return pd.DataFrame(skipped, columns=_SKIPPED_COLUMNS)
 
 
 def extract_to_cache(
@@ -351,33 +270,14 @@ def extract_to_cache(
     pin_memory: bool = False,
     output_layout: Mapping[str, tuple[Sequence[int], Any]] | None = None,
 ) -> ExtractionReport:
-    """Fill the missing shards of ``cache`` with ``encode_batch`` outputs for ``items``.
+    """Fill the missing shards of ``cache`` (or only ``shards``) with ``encode_batch`` outputs for ``items``.
 
-    Args:
-        items: the cache's rows, in order (``len(items) == cache.n_items``); e.g. paths.
-        load_item: ``item -> value`` (runs in worker processes when ``num_workers > 0``,
-            so it must be picklable). Return ``None`` or raise one of :data:`LOAD_ERRORS`
-            for an unreadable item: it is skipped, counted and listed.
-        encode_batch: ``list of values -> {name: array}`` with first axis ``len(values)``.
-        cache: the target cache; only its missing shards are computed.
-        batch_size: items per ``encode_batch`` call (batches never cross shards).
-        num_workers: DataLoader worker processes for loading (0 = in this process).
-        shards: compute only these shards (default: all missing) -- e.g.
-            ``cache.shards_for_rank(rank, world_size)`` for one rank of a distributed job.
-        progress: show a tqdm bar over shards.
-        pin_memory: for a GPU encoder: the loaded tensors of a batch are stacked in the
-            loading worker and the DataLoader pins that batch (page-locked memory, so the
-            host-to-GPU copy can be asynchronous); the encoder finds it as
-            ``values.stacked`` (see :class:`LoadedBatch`). Pinning happens only when CUDA is
-            available; without CUDA the flag only moves the stacking into the loader.
-        output_layout: ``{name: (row shape, dtype)}`` of ``encode_batch``'s outputs, e.g.
-            ``{"probs": ((1000,), "float16")}``. Needed only when every item of the shards
-            to compute is unreadable and no shard of the cache exists yet (say, one rank
-            of a distributed job whose files are all corrupt): without it the array shapes
-            of such shards are unknown. When given, it is checked against the real outputs.
-
-    Returns:
-        An :class:`ExtractionReport`; its ``skipped`` list also covers reused shards.
+    ``load_item`` (picklable: it runs in ``num_workers`` DataLoader workers) returns None or
+    raises one of :data:`LOAD_ERRORS` for an unreadable item, which is skipped and listed.
+    ``encode_batch`` maps the loaded values (a list; with ``pin_memory``, one stacked tensor,
+    pinned on CUDA for an asynchronous copy) to ``{name: array}`` with first axis the batch.
+    ``output_layout`` (``{name: (row shape, dtype)}``, checked against the real outputs) lets
+    a run whose items are all unreadable still write its shards.
     """
     _check_extraction_arguments(items, cache, batch_size, num_workers)
     declared = normalise_layout(output_layout) if output_layout is not None else None
@@ -388,10 +288,10 @@ def extract_to_cache(
         _LoadingDataset(items, load_item),
         batch_sampler=_batches_for_shards(cache, todo, batch_size),
         num_workers=num_workers,
-        collate_fn=_Collate(stack=bool(pin_memory)),
+        collate_fn=functools.partial(_Batch, stack=bool(pin_memory)),
         pin_memory=bool(pin_memory) and torch.cuda.is_available(),
     )
-    assembler = _ShardAssembler(cache, items, declared)
+    assembler = _ShardAssembler(cache, declared)
     bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress)
     for batch in loader:
         outputs = _encode(encode_batch, batch.encoder_input(), batch.rows) if batch.rows else None
@@ -399,10 +299,8 @@ def extract_to_cache(
             bar.update(1)
     assembler.finish()
     bar.close()
-    report = ExtractionReport(cache.n_items, cache.n_shards, todo, cache.n_shards - len(missing_before))
-    report.skipped = read_skipped(cache, items)
-    report.seconds = time.perf_counter() - began
-    return report
+    return ExtractionReport(cache.n_items, cache.n_shards, todo, cache.n_shards - len(missing_before),
+                            _read_skipped(cache, items), time.perf_counter() - began)
 
 
 def _check_extraction_arguments(items: Sequence, cache: ShardedCache, batch_size: int, num_workers: int) -> None:
@@ -417,20 +315,13 @@ def _check_extraction_arguments(items: Sequence, cache: ShardedCache, batch_size
         raise ParameterError(f"num_workers must be an int >= 0, got {num_workers!r}.")
 
 
-# ---------------------------------------------------------------------- classifiers
-def dataset_fingerprint(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
-    """SHA-256 of the files' relative paths and byte sizes, **in row order**.
-
-    Row order matters because cache rows are aligned to it: the same files listed in a
-    different order are a different cache. Paths are made relative to ``root`` (default:
-    their common folder), so moving a dataset to another disk keeps its fingerprint.
-    Sizes catch a file replaced in place; contents are not hashed (too slow for 14 M files).
-    """
+# ---------------------------------------------------------------------- fingerprints of items
+def dataset_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+    """SHA-256 of the files' paths (relative to their common folder: a moved dataset keeps it) and
+    byte sizes (a file replaced in place changes it; contents are too slow to hash), in row order."""
     paths = [Path(p) for p in paths]
-    if root is None:
-        root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
-        if len(paths) == 1:
-            root = paths[0].parent
+    root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
+    root = paths[0].parent if len(paths) == 1 else root
     digest = hashlib.sha256()
     for path in paths:
         try:
@@ -441,127 +332,348 @@ def dataset_fingerprint(paths: Sequence[str | os.PathLike], root: str | os.PathL
     return digest.hexdigest()
 
 
-def _classifier_fingerprint(classifier: Any) -> Any:
-    value = getattr(classifier, "fingerprint", None)
-    if value is None:
-        raise ExtractionError(
-            f"classifier {getattr(classifier, 'name', classifier)!r} has no fingerprint; load it with "
-            f"zsl_utils.classifiers.load_classifier so that its cache can be validated."
-        )
-    return value if isinstance(value, (str, int, float, list, dict)) else str(value)
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """SHA-256 of the texts in row order (the cache rows are aligned to it)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", errors="replace") + b"\x00")
+    return digest.hexdigest()
 
 
-class _SoftmaxEncoder:
-    """``list of CHW tensors -> {'probs': (B, C)}`` on ``device``, in eval mode, no grad."""
+def _storage_dtype(dtype: str) -> str:
+    if dtype not in STORAGE_DTYPES:
+        raise ParameterError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
+    return dtype
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: np.dtype, autocast_dtype) -> None:
-        self.model, self.device, self.dtype, self.autocast_dtype = model, device, dtype, autocast_dtype
+
+# ---------------------------------------------------------------------- image encoders
+class _ImageEncoder:
+    """Preprocessed CHW images -> ``{output: (B, D)}`` on the classifier's device, eval mode, no grad."""
+
+    kind = output = ""
+    default_dtype, batch_size, shard_size = "float32", 64, 1024
+
+    def __init__(self, classifier: Any, dtype: str | None = None, autocast_dtype: str | None = None) -> None:
+        if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
+            raise ParameterError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
+        self.classifier, self.model_name = classifier, classifier.name
+        self.device = torch.device(classifier.device)
+        self.dtype = _storage_dtype(dtype or self.default_dtype)
+        # Autocast only runs on CUDA; elsewhere the numbers are float32 and the fingerprint says so.
+        self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
+        self.load_item = image_loader(classifier.preprocess)
+        self.pin_memory = self.device.type == "cuda"
+
+    def rows(self, paths: Sequence) -> list[str]:
+        return [str(p) for p in paths]
+
+    def _fingerprint(self, paths: Sequence, dataset_id: str) -> dict[str, Any]:
+        value = getattr(self.classifier, "fingerprint", None)
+        if value is None:
+            raise ExtractionError(f"classifier {self.model_name!r} has no fingerprint; load it with "
+                                  f"zsl_utils.classifiers.load_classifier so that its cache can be validated.")
+        return {"classifier": value if isinstance(value, (str, int, float, list, dict)) else str(value),
+                "dataset_id": dataset_id, "dataset": dataset_fingerprint(self.rows(paths)),
+                "alpha_background": "white"}
+
+    def output_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {self.output: ((self.width(),), self.dtype)}
+
+    def cli_args(self) -> list[str]:
+        """Arguments of the scale-out CLI that rebuild this encoder."""
+        weights = (self.classifier.fingerprint.get("weights") or {}).get("path")  # see classifiers._fingerprint
+        return ["--classifier", self.model_name, *(["--weights", weights] if weights else []),
+                "--autocast", self.autocast_dtype or "none"]
 
     @torch.inference_mode()
-    def __call__(self, tensors: list) -> dict[str, np.ndarray]:
-        batch = getattr(tensors, "stacked", None)  # stacked (and pinned on CUDA) by the loader
-        if batch is None:
-            batch = torch.stack(tensors)
-        batch = batch.to(self.device, non_blocking=True)
-        if self.autocast_dtype is not None and self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=self.autocast_dtype):
-                logits = self.model(batch)
-        else:
-            logits = self.model(batch)
-        probs = torch.softmax(logits.float(), dim=1)
-        return {"probs": probs.cpu().numpy().astype(self.dtype)}
+    def __call__(self, values: list) -> dict[str, np.ndarray]:
+        # A tensor when the loader stacked the batch (and pinned it, on CUDA).
+        batch = (values if isinstance(values, torch.Tensor) else torch.stack(values)).to(self.device, non_blocking=True)
+        with autocast(self.device, AUTOCAST_DTYPES.get(self.autocast_dtype, torch.bfloat16),
+                      enabled=self.autocast_dtype is not None):
+            output = self.forward(batch)
+        return {self.output: output.float().cpu().numpy().astype(STORAGE_DTYPES[self.dtype])}
 
 
-_STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-_AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+class ProbsEncoder(_ImageEncoder):
+    """``probs``: the softmax over all of the classifier's outputs, columns in ``classifier.wnids`` order."""
+
+    kind, output, default_dtype = "probs", "probs", "float16"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier.model(batch).float(), dim=1)
+
+    def width(self) -> int:
+        return len(self.classifier.wnids)
+
+    def fingerprint(self, paths: Sequence, dataset_id: str) -> dict[str, Any]:
+        return {"kind": "classifier_softmax", **self._fingerprint(paths, dataset_id), "n_classes": self.width(),
+                "dtype": self.dtype, "autocast_dtype": self.autocast_dtype}
 
 
-def classifier_outputs_fingerprint(
-    classifier: Any,
-    image_paths: Sequence[str | os.PathLike],
-    dataset_id: str,
-    dtype: str,
-    autocast_dtype: str | None = None,
-    dataset_root: str | os.PathLike | None = None,
-) -> dict:
-    """The cache fingerprint of :func:`classifier_outputs` for these arguments.
+class PooledFeaturesEncoder(_ImageEncoder):
+    """``image_features``: the classifier's globally pooled penultimate layer."""
 
-    The one definition of it: ``classifier_outputs`` and the distributed extraction
-    (``dist_extract --kind probs``) both call this, so both fill the same cache. It
-    combines ``classifier.fingerprint`` (model, weights, preprocessing), the number of
-    classes, ``dataset_id``, the :func:`dataset_fingerprint` of the paths (row order and
-    file sizes), the storage ``dtype`` ("float16"/"float32") and the ``autocast_dtype``
-    (None, "bfloat16" or "float16"), which change the stored numbers.
+    kind, output = "image_features", "features"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.classifier.pooled_features(batch)
+
+    def width(self) -> int:
+        """Measured on one blank image: it fixes the shape of shards whose images are all unreadable."""
+        size = self.classifier.preprocess.config.get("input_size", (3, 224, 224))
+        return int(self.forward(torch.zeros(1, *size)).shape[-1])
+
+    def fingerprint(self, paths: Sequence, dataset_id: str) -> dict[str, Any]:
+        fingerprint = {"kind": "pooled_image_features", **self._fingerprint(paths, dataset_id)}
+        # Recorded only when not the defaults, so that float32 caches keep their fingerprint.
+        fingerprint.update({"dtype": self.dtype} if self.dtype != "float32" else {})
+        fingerprint.update({"autocast_dtype": self.autocast_dtype} if self.autocast_dtype else {})
+        return fingerprint
+
+
+# ---------------------------------------------------------------------- text encoder
+def non_empty_text(text: str) -> str | None:
+    """Loader for texts: an empty or blank text is unusable (skipped, listed)."""
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def _as_texts(texts: Sequence[Any]) -> list[str]:
+    """Non-strings (NaN from a CSV, None) become empty texts, which are skipped and listed."""
+    return [t if isinstance(t, str) else "" for t in texts]
+
+
+def fit_tfidf(texts: Sequence[str], max_features: int | None = TFIDF_FEATURES) -> TfidfVectorizer:
+    """A ``TfidfVectorizer`` (lower-cased words, smooth idf, L2 rows) fitted on ``texts``."""
+    return TfidfVectorizer(max_features=max_features, lowercase=True).fit(list(texts))
+
+
+def salient_words(text: str, vectorizer: TfidfVectorizer, max_words: int = SALIENT_WORDS) -> str:
+    """``text`` cut to its ``max_words`` highest TF-IDF words (in this text), in their original order.
+
+    Texts that already fit are returned unchanged; unknown words score 0; ties keep the earlier word.
     """
-    if dtype not in _STORAGE_DTYPES:
-        raise ParameterError(f"dtype must be one of {sorted(_STORAGE_DTYPES)}, got {dtype!r}.")
-    if autocast_dtype not in _AUTOCAST_DTYPES:
-        raise ParameterError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
-    return {
-        "kind": "classifier_softmax",
-        "classifier": _classifier_fingerprint(classifier),
-        "n_classes": len(classifier.wnids),
-        "dataset_id": dataset_id,
-        "dataset": dataset_fingerprint([str(p) for p in image_paths], dataset_root),
-        "dtype": dtype,
-        "autocast_dtype": autocast_dtype,
-        "alpha_background": "white",
-    }
+    words = text.split()
+    if len(words) <= max_words:
+        return text
+    analyzer, vocabulary = vectorizer.build_analyzer(), vectorizer.vocabulary_
+    weights = vectorizer.transform([text])
+    row = dict(zip(weights.indices.tolist(), weights.data.tolist()))
+    scores = np.array([max((row.get(vocabulary.get(t, -1), 0.0) for t in analyzer(w)), default=0.0) for w in words])
+    keep = np.sort(np.argsort(-scores, kind="stable")[:max_words])
+    return " ".join(words[i] for i in keep)
 
 
-def classifier_outputs(
-    classifier: Any,
-    image_paths: Sequence[str | os.PathLike],
-    cache_dir: str | os.PathLike,
-    dataset_id: str,
-    batch_size: int = 64,
-    device: str | torch.device = "auto",
-    num_workers: int = 0,
-    shard_size: int = 1024,
-    dtype: str = "float16",
-    autocast_dtype: str | None = None,
-    dataset_root: str | os.PathLike | None = None,
-    progress: bool = True,
-    shards: Sequence[int] | None = None,
-    pin_memory: bool | None = None,
-) -> ShardedCache:
-    """Softmax probabilities of ``classifier`` over ``image_paths``, cached in ``cache_dir``.
+class _BertStyleEncoder:
+    """Texts -> mean over non-padding tokens of the last ``n_layers`` hidden states, concatenated."""
 
-    The cache holds ``probs`` (n_images x n_classes, ``dtype``, columns in the order of
-    ``classifier.wnids``) and ``ok`` (False for unreadable images, whose rows are zero).
-    Its fingerprint (:func:`classifier_outputs_fingerprint`) combines
-    ``classifier.fingerprint``, ``dataset_id``, the :func:`dataset_fingerprint` of the
-    paths, the storage dtype and the autocast dtype, so a rerun reuses finished shards and
-    a different model/dataset is refused.
-    Batch size, workers and device are *not* in the fingerprint: they do not change the
-    numbers beyond float32 round-off (``autocast_dtype="bfloat16"`` would, hence it is).
-    Unreadable images are listed by :func:`read_skipped` (and printed when progress=True).
+    def __init__(self, model_dir: Path, device: torch.device, n_layers: int = 4, max_length: int = 512) -> None:
+        from transformers import AutoModel, AutoTokenizer  # lazy: transformers takes seconds to import
 
-    ``shards`` computes only those shards (default: every missing one); the returned
-    cache is then incomplete. ``pin_memory`` (default: True when ``device`` is CUDA)
-    pins each loaded batch for an asynchronous host-to-GPU copy.
-    """
-    from zsl_utils.device import pick_device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(device)
+        self.device, self.n_layers = device, n_layers
+        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
 
-    paths = [str(p) for p in image_paths]
-    fingerprint = classifier_outputs_fingerprint(classifier, paths, dataset_id, dtype, autocast_dtype, dataset_root)
-    torch_device = device if isinstance(device, torch.device) else pick_device(device)
-    cache = ShardedCache(cache_dir, fingerprint, len(paths), shard_size)
-    if cache.is_complete():
-        return cache
-    model = classifier.model
-    home = next(iter(model.parameters()), torch.empty(0)).device
-    encoder = _SoftmaxEncoder(model.to(torch_device).eval(), torch_device, _STORAGE_DTYPES[dtype],
-                              _AUTOCAST_DTYPES[autocast_dtype])
-    try:
-        report = extract_to_cache(
-            paths, ImageLoader(classifier.preprocess), encoder, cache, batch_size, num_workers,
-            desc=f"{getattr(classifier, 'name', 'classifier')} on {dataset_id}", shards=shards, progress=progress,
-            pin_memory=torch_device.type == "cuda" if pin_memory is None else pin_memory,
-            output_layout={"probs": ((len(classifier.wnids),), _STORAGE_DTYPES[dtype])},
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        tokens = torch.cat(self.model(**batch, output_hidden_states=True).hidden_states[-self.n_layers:], dim=-1)
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        return ((tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).float().cpu().numpy()
+
+
+def _bert_dir(bert_model: str | Path | None) -> Path:
+    if bert_model is None:
+        raise ParameterError("text model 'bert' needs bert_model=<folder with config.json and weights>.")
+    path = Path(bert_model).expanduser()
+    if not (path / "config.json").is_file():
+        raise AssetUnavailableError(
+            f"BERT-style features: {path} has no config.json; pass a local Hugging Face model folder "
+            "(config.json, tokenizer files and weights), e.g. bert-base-uncased saved with save_pretrained(). "
+            "Nothing is downloaded. Without such weights use the text model 'minilm'."
         )
-    finally:
-        model.to(home)  # leave the caller's classifier where it was
-    if progress:
-        print(report)
-    return cache
+    return path
+
+
+class TextEncoder:
+    """``text_features``: ``minilm`` (the packaged 384-d all-MiniLM-L6-v2), ``tfidf`` (512 most frequent
+    terms) or ``bert`` (the HUSE paper's recipe for a local BERT-type folder: last four layers concatenated,
+    averaged over tokens, texts cut to their most salient words). ``fit_texts`` (default: the texts) give
+    the TF-IDF statistics: pass the training split. The model loads on first use; call :meth:`rows` first.
+    """
+
+    kind, output, batch_size, shard_size, pin_memory = "text_features", "features", 128, 4096, False
+    load_item = staticmethod(non_empty_text)
+
+    def __init__(self, model: str = "minilm", device: torch.device = torch.device("cpu"), dtype: str | None = None,
+                 fit_texts: Sequence[str] | None = None, bert_model: str | Path | None = None,
+                 max_words: int = SALIENT_WORDS) -> None:
+        if model not in TEXT_MODELS:
+            raise ParameterError(f"text model={model!r}; choose one of {TEXT_MODELS}.")
+        self.model_name, self.device, self.dtype = model, device, _storage_dtype(dtype or "float32")
+        self.fit_texts = None if fit_texts is None else _as_texts(fit_texts)
+        self.bert_dir = _bert_dir(bert_model) if model == "bert" else None
+        self.max_words, self._fitting, self._encode = max_words, None, None
+
+    def rows(self, texts: Sequence) -> list[str]:
+        """The texts the model reads: strings, and for ``bert`` cut to their salient words."""
+        texts = _as_texts(texts)
+        self._fitting = self.fit_texts if self.fit_texts is not None else texts
+        if self.model_name != "bert":
+            return texts
+        vectorizer = fit_tfidf(self._fitting, max_features=None)
+        return [salient_words(t, vectorizer, self.max_words) for t in texts]
+
+    def fingerprint(self, texts: Sequence, dataset_id: str) -> dict[str, Any]:
+        texts = _as_texts(texts)
+        fit = texts_fingerprint(self.fit_texts if self.fit_texts is not None else texts)
+        fingerprint: dict[str, Any] = {"kind": f"text_{self.model_name}", "dataset_id": dataset_id,
+                                       "texts": texts_fingerprint(texts)}
+        if self.model_name == "minilm":
+            fingerprint["model"] = MINILM_SPACE
+        elif self.model_name == "tfidf":
+            fingerprint.update(fit=fit, max_features=TFIDF_FEATURES)
+        else:
+            files = [[p.name, p.stat().st_size] for p in sorted(self.bert_dir.iterdir()) if p.is_file()]
+            fingerprint.update(model=str(self.bert_dir.resolve()), weights=files, fit=fit,
+                               max_words=self.max_words, layers=4)
+        if self.dtype != "float32":  # recorded only when it differs: float32 caches keep their fingerprint
+            fingerprint["dtype"] = self.dtype
+        return fingerprint
+
+    def output_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {"features": ((int(self(["a"])["features"].shape[1]),), self.dtype)}
+
+    def cli_args(self) -> list[str] | None:
+        return [] if self.model_name == "minilm" else None  # the scale-out CLI encodes MiniLM only
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if self._encode is None:
+            self._encode = self._load()
+        return {"features": np.asarray(self._encode(list(texts)), np.float32).astype(STORAGE_DTYPES[self.dtype])}
+
+    def _load(self) -> Callable[[list[str]], Any]:
+        if self.model_name == "minilm":
+            model = load_sentence_encoder(str(self.device))
+            return lambda texts: model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+        if self.model_name == "tfidf":
+            vectorizer = fit_tfidf(self._fitting)
+            return lambda texts: vectorizer.transform(texts).toarray()
+        return _BertStyleEncoder(self.bert_dir, self.device)
+
+
+def make_encoder(kind: str, model: Any = None, weights: str | Path | None = None,
+                 device: str | torch.device = "auto", dtype: str | None = None, autocast_dtype: str | None = None,
+                 **text_settings: Any) -> _ImageEncoder | TextEncoder:
+    """The encoder of ``kind``. ``model``: a classifier from ``load_classifier`` or a name loaded with
+    ``weights`` on ``device`` (default EfficientNet-Lite0), or a text model (default ``minilm``)."""
+    if kind not in KINDS:
+        raise ParameterError(f"kind={kind!r}; choose one of {KINDS}.")
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    if kind == "text_features":
+        return TextEncoder(model or "minilm", torch_device, dtype, **text_settings)
+    if model is None or isinstance(model, str):
+        model = load_classifier(model or DEFAULT_IMAGE_MODEL, weights=weights, device=torch_device)
+    elif not hasattr(model, "fingerprint") or not hasattr(model, "preprocess"):
+        raise ParameterError(f"cached_outputs({kind!r}, model={model!r}): pass a classifier name (e.g. "
+                             f"{DEFAULT_IMAGE_MODEL!r}) or a classifier from zsl_utils.classifiers.load_classifier.")
+    elif weights is not None:
+        raise ParameterError("weights= applies to a classifier name only; this classifier is already loaded "
+                             "(pass weights to load_classifier instead).")
+    return (ProbsEncoder if kind == "probs" else PooledFeaturesEncoder)(model, dtype, autocast_dtype)
+
+
+# ---------------------------------------------------------------------- the one call
+def cache_folder(kind: str, model_name: str, dataset_id: str, fingerprint: Mapping[str, Any], shard_size: int,
+                 root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<dataset_id>/<kind>_<model>_<hash>`` (root: ``config.CACHE_DIR``): where a cache lives.
+
+    The hash of the fingerprint and shard size keeps other weights, items or fitting texts apart.
+    """
+    payload = json.dumps(normalise_fingerprint({**fingerprint, "shard_size": shard_size}), sort_keys=True)
+    safe = functools.partial(re.sub, r"[^A-Za-z0-9_.-]+", "_")
+    name = f"{safe(f'{kind}_{model_name}')}_{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+    return Path(root if root else config.CACHE_DIR) / safe(dataset_id) / name
+
+
+@dataclass
+class CachedOutputs:
+    """A cache of one kind: the :class:`ShardedCache`, its main array's name and its unreadable items."""
+
+    cache: ShardedCache
+    name: str  # "probs" or "features"
+    skipped: pd.DataFrame  # columns row, item, reason
+
+    def load(self) -> np.ndarray:
+        """Every row of the main array (the zero rows of skipped items included)."""
+        return self.cache.load(self.name)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.cache.load("ok").astype(bool)
+
+
+def cached_outputs(
+    kind: str, items: Sequence, model: Any = None, cache_dir: str | os.PathLike | None = None, *, dataset_id: str,
+    processes: int = 1, cache_root: str | os.PathLike | None = None, batch_size: int | None = None,
+    shard_size: int | None = None, num_workers: int = 0, progress: bool = True,
+    shards: Sequence[int] | None = None, **encoder_settings: Any,
+) -> CachedOutputs:
+    """The ``kind`` outputs of ``model`` for ``items`` (image paths or texts), computed once and cached.
+
+    ``cache_dir`` (default: :func:`cache_folder` under ``cache_root``) of another model or item
+    list raises ``StaleCacheError``. ``processes > 1``: torchrun workers (one per GPU) of the
+    scale-out CLI, run as a subprocess, fill the cache first (MiniLM texts and images only).
+    ``shards``: compute only those. ``encoder_settings`` go to :func:`make_encoder`.
+    """
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ParameterError(f"processes (extraction_processes) must be a positive int, got {processes!r}.")
+    if len(items) == 0:
+        raise ParameterError(f"cached_outputs({kind!r}): no items to encode; check the item list.")
+    encoder = make_encoder(kind, model, **encoder_settings)
+    shard_size, batch_size = shard_size or encoder.shard_size, batch_size or encoder.batch_size
+    fingerprint = encoder.fingerprint(items, dataset_id)
+    directory = cache_dir or cache_folder(kind, encoder.model_name, dataset_id, fingerprint, shard_size, cache_root)
+    cache = ShardedCache(directory, fingerprint, len(items), shard_size)
+    if processes > 1 and encoder.cli_args() is not None and not cache.is_complete():
+        _fill_on_processes(encoder, items, cache, dataset_id, processes, batch_size, num_workers, progress)
+    if not cache.is_complete():
+        report = extract_to_cache(encoder.rows(items), encoder.load_item, encoder, cache, batch_size, num_workers,
+                                  desc=f"{encoder.model_name} {kind} on {dataset_id}", shards=shards,
+                                  progress=progress, pin_memory=encoder.pin_memory,
+                                  output_layout=encoder.output_layout())
+        if progress:
+            print(report)
+    return CachedOutputs(cache, encoder.output, _read_skipped(cache, items))
+
+
+def _fill_on_processes(encoder: Any, items: Sequence, cache: ShardedCache, dataset_id: str, processes: int,
+                       batch_size: int, num_workers: int, progress: bool) -> None:
+    """Run ``python -m zsl_utils.scale.extract ... --processes N`` (a subprocess: the core never imports scale)."""
+    with tempfile.TemporaryDirectory(prefix="zsl_extract_") as folder:
+        text = encoder.kind == "text_features"
+        listing = Path(folder) / ("texts.jsonl" if text else "files.txt")  # .jsonl: texts may hold newlines
+        if text:
+            listing.write_text("".join(json.dumps(t) + "\n" for t in _as_texts(items)), encoding="utf-8")
+            source = ["--texts-file", str(listing)]
+        else:
+            paths = [os.path.abspath(p) for p in items]
+            listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+            root = os.path.commonpath(paths)
+            source = ["--images-root", root if os.path.isdir(root) else os.path.dirname(root), "--file-list", listing]
+        settings = {"cache-dir": cache.directory, "dataset-id": dataset_id, "dtype": encoder.dtype,
+                    "batch-size": batch_size, "shard-size": cache.shard_size, "num-workers": num_workers,
+                    "device": encoder.device, "processes": processes}
+        command = [sys.executable, "-m", "zsl_utils.scale.extract", "--kind", encoder.kind, *map(str, source),
+                   *encoder.cli_args(), *(str(x) for key, value in settings.items() for x in (f"--{key}", value))]
+        parent = str(Path(__file__).resolve().parents[1])  # the workers import this package; a notebook runs elsewhere
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [parent, os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if progress and done.stdout:
+        print(done.stdout, end="")
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise ExtractionError(f"the extraction on {processes} processes failed (exit code {done.returncode}); "
+                              f"rerun to resume, finished shards are kept:\n{tail}")

@@ -1,33 +1,29 @@
-r"""Evaluation metrics: flat hit@k and hierarchical precision@k (ConSE / DeViSE).
+r"""Evaluation metrics: flat hit@k, hierarchical precision@k (ConSE / DeViSE), retrieval (HUSE).
 
-**Flat hit@k.** For each test image the model ranks the candidate labels; the image is
-a hit at ``k`` when its true label is among the first ``k``. hit@k is the share of hits.
+**Flat hit@k**: the share of images whose true label is among the first ``k`` ranked candidates.
 
-**Tree distance.** Labels live in an is-a hierarchy (WordNet). Given a child -> parents
-map, the distance between labels ``u`` and ``v`` is the length of the shortest path that
-first climbs from ``u`` to a common ancestor ``a`` and then descends from ``a`` to ``v``:
+**Tree distance.** Labels live in an is-a hierarchy (WordNet). The distance between ``u`` and
+``v`` is the shortest path that first climbs from ``u`` to a common ancestor ``a`` and then
+descends to ``v``:
 
 .. math:: d(u, v) = \min_{a \,\in\, \mathrm{Anc}^*(u) \cap \mathrm{Anc}^*(v)}
           \big[\mathrm{up}(u, a) + \mathrm{up}(v, a)\big],
 
 where :math:`\mathrm{Anc}^*` includes the label itself and :math:`\mathrm{up}(x, a)` is the
-fewest parent links from ``x`` to ``a``. In a tree this is the ordinary path length; in a
-DAG like WordNet it ignores "down then up" paths (through a shared child to a
-co-parent), which do not express similarity. Labels with no common ancestor are at
-infinite distance.
+fewest parent links from ``x`` to ``a``. In a tree this is the path length; in a DAG like
+WordNet it ignores "down then up" paths (through a shared child to a co-parent), which do
+not express similarity. Labels with no common ancestor are at infinite distance.
 
-**Hierarchical precision@k** (DeViSE appendix; ConSE Sec. 5). For a test image with true
-label ``y`` and a candidate set ``C``, the *correct set* grows in rings around ``y``:
+**Hierarchical precision@k** (DeViSE appendix; ConSE Sec. 5). For true label ``y`` and
+candidates ``C`` the *correct set* grows in rings around ``y``:
 
 .. math:: S_k(y) = \{v \in C : d(y, v) \le R_k(y)\}, \qquad
           R_k(y) = \min\{R \ge 0 : |\{v \in C : d(y, v) \le R\}| \ge k\},
 
-with :math:`R_k(y)` the largest finite distance if fewer than ``k`` candidates are
-reachable at all. Then :math:`\mathrm{hp@}k = \frac{1}{k}\,|\mathrm{top}_k \cap S_k(y)|`,
-averaged over images. Because ``y`` is a candidate, :math:`S_1(y) = \{y\}` and hp@1 = hit@1.
-A whole ring is added at once, so :math:`|S_k|` may exceed ``k``.
-
-The retrieval metrics of HUSE (recall@K, H@k) live in this module too.
+(:math:`R_k(y)` the largest finite distance if fewer than ``k`` candidates are reachable), and
+:math:`\mathrm{hp@}k = \frac{1}{k}\,|\mathrm{top}_k \cap S_k(y)|`, averaged over images. As ``y``
+is a candidate, :math:`S_1(y) = \{y\}` and hp@1 = hit@1; a whole ring is added at once, so
+:math:`|S_k|` may exceed ``k``.
 """
 from __future__ import annotations
 
@@ -36,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
 
 from zsl_utils.errors import ParameterError
 
@@ -58,35 +56,20 @@ def _check_ranked(top_indices: np.ndarray, n_true: int, ks: Sequence[int]) -> np
     return top
 
 
-def flat_hits(top_indices: np.ndarray, true_indices: Sequence[int]) -> np.ndarray:
-    """Rank (1-based) of the true label in each row of ``top_indices``; 0 when absent."""
-    true = np.asarray(true_indices).reshape(-1, 1)
-    top = _check_ranked(top_indices, len(true), [1])
-    match = top == true
-    return np.where(match.any(axis=1), match.argmax(axis=1) + 1, 0)
-
-
-def flat_hit_at_k(top_indices: np.ndarray, true_indices: Sequence[int], ks: Sequence[int] = PAPER_KS) -> dict[int, float]:
-    """Flat hit@k for each ``k``: share of rows whose true index is among the first ``k``.
-
-    ``top_indices[i]`` are candidate indices ranked best first; ``true_indices[i]`` the index
-    of image ``i``'s true label in the same candidate list.
-    """
-    _check_ranked(top_indices, len(true_indices), ks)
-    ranks = flat_hits(top_indices, true_indices)
-    if len(ranks) == 0:
+def flat_hit_at_k(top_indices: np.ndarray, true_indices: Sequence[int],
+                  ks: Sequence[int] = PAPER_KS) -> dict[int, float]:
+    """Flat hit@k per ``k``; ``top_indices[i]`` ranks candidate indices, ``true_indices[i]`` is the truth's."""
+    top = _check_ranked(top_indices, len(true_indices), ks)
+    if len(top) == 0:
         return {int(k): float("nan") for k in ks}
-    return {int(k): float(np.mean((ranks >= 1) & (ranks <= k))) for k in ks}
+    match = top == np.asarray(true_indices).reshape(-1, 1)
+    return {int(k): float(np.mean(match[:, : int(k)].any(axis=1))) for k in ks}
 
 
 # ----------------------------------------------------------------------------- hierarchy
 @dataclass
 class Hierarchy:
-    """An is-a DAG over string labels, stored as sparse parent/child links.
-
-    Build with :meth:`from_parents` (child -> parents mapping). Labels that appear only as
-    parents are nodes too.
-    """
+    """An is-a DAG over string labels (build with :meth:`from_parents`, child -> parents)."""
 
     nodes: list[str]
     index: dict[str, int]
@@ -96,20 +79,18 @@ class Hierarchy:
 
     @classmethod
     def from_parents(cls, parents: Mapping[str, Sequence[str]]) -> "Hierarchy":
-        nodes: list[str] = []
+        """Labels that appear only as parents are nodes too; duplicate links are dropped."""
         index: dict[str, int] = {}
         for child, ps in parents.items():
             for name in (child, *ps):
-                if name not in index:
-                    index[name] = len(nodes)
-                    nodes.append(name)
-        parent_lists: list[list[int]] = [[] for _ in nodes]
-        child_lists: list[list[int]] = [[] for _ in nodes]
+                index.setdefault(name, len(index))
+        parent_lists: list[list[int]] = [[] for _ in index]
+        child_lists: list[list[int]] = [[] for _ in index]
         for child, ps in parents.items():
-            for parent in dict.fromkeys(ps):  # drop duplicate links, keep order
+            for parent in dict.fromkeys(ps):
                 parent_lists[index[child]].append(index[parent])
                 child_lists[index[parent]].append(index[child])
-        return cls(nodes, index, [tuple(p) for p in parent_lists], [tuple(c) for c in child_lists])
+        return cls(list(index), index, [tuple(p) for p in parent_lists], [tuple(c) for c in child_lists])
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -129,10 +110,9 @@ class Hierarchy:
     def rings(self, label: str) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(d, nodes first reached at tree distance d)`` for d = 0, 1, 2, ...
 
-        Breadth-first search over states (node, phase): phase "up" may step to a parent
-        or turn down to a child; phase "down" may only step to children. This yields the
-        climb-then-descend distance of the module docstring, one ring at a time, so a
-        caller can stop as soon as it has seen enough.
+        Breadth-first search over (node, phase) states: phase "up" may step to a parent or turn
+        down to a child, phase "down" only to children, which gives the climb-then-descend
+        distance one ring at a time (a caller stops as soon as it has seen enough).
         """
         start = self.index[label]
         reached = {start}
@@ -154,20 +134,11 @@ class Hierarchy:
             if ring:
                 yield distance, ring
 
-    def distances_from(self, label: str, max_distance: int | None = None) -> dict[int, int]:
-        """Tree distance from ``label`` to every node within ``max_distance`` (node index -> d)."""
-        best: dict[int, int] = {}
-        for distance, ring in self.rings(label):
-            if max_distance is not None and distance > max_distance:
-                break
-            best.update(dict.fromkeys(ring, distance))
-        return best
-
     def distance_to_nearest(self, sources: Sequence[str], max_distance: int = 64) -> np.ndarray:
         """Tree distance from each node to the nearest of ``sources`` (-1 if unreachable).
 
-        Vectorised multi-source version of :meth:`distances_from`: each step is a sparse
-        matrix-vector product over the whole graph (milliseconds for WordNet's 82k nodes).
+        Multi-source :meth:`rings`: each step is a sparse matrix-vector product over the whole
+        graph (milliseconds for WordNet's 82k nodes).
         """
         n = len(self.nodes)
         up = self._up_matrix()
@@ -184,8 +155,7 @@ class Hierarchy:
             new_down = (down @ (up_front | down_front).astype(np.float32) > 0) & ~down_seen
             up_seen |= new_up
             down_seen |= new_down
-            reached = (new_up | new_down) & (distance < 0)
-            distance[reached] = step
+            distance[(new_up | new_down) & (distance < 0)] = step
             up_front, down_front = new_up, new_down
         return distance
 
@@ -193,11 +163,8 @@ class Hierarchy:
 # ----------------------------------------------------------------------------- correct sets
 @dataclass(frozen=True)
 class CorrectSets:
-    """For one true label: candidate indices by tree distance and the radius ``R_k`` per k.
-
-    ``candidate_distance[j]`` is the distance of candidate ``j`` (only those within the
-    largest radius needed are stored). ``S_k = {j : candidate_distance[j] <= radius[k]}``.
-    """
+    """For one true label: candidate index -> tree distance (within the largest radius needed)
+    and the radius ``R_k`` per k, so ``S_k = {j : candidate_distance[j] <= radius[k]}``."""
 
     candidate_distance: Mapping[int, int]
     radius: Mapping[int, int]
@@ -206,24 +173,17 @@ class CorrectSets:
         return frozenset(j for j, d in self.candidate_distance.items() if d <= self.radius[k])
 
 
-def correct_sets(
-    true_label: str,
-    candidates: Sequence[str],
-    hierarchy: Hierarchy,
-    ks: Sequence[int] = PAPER_KS,
-    candidate_index: Mapping[str, int] | None = None,
-) -> CorrectSets:
-    """The rings ``S_k(true_label)`` over ``candidates`` for every ``k`` in ``ks``.
-
-    A true label outside the hierarchy can only ever count itself (if it is a candidate).
-    """
+def correct_sets(true_label: str, candidates: Sequence[str], hierarchy: Hierarchy, ks: Sequence[int] = PAPER_KS,
+                 candidate_index: Mapping[str, int] | None = None) -> CorrectSets:
+    """The rings ``S_k(true_label)`` over ``candidates`` for every ``k`` in ``ks``; a label outside
+    the hierarchy only ever counts itself (if it is a candidate)."""
     position = candidate_index if candidate_index is not None else {c: j for j, c in enumerate(candidates)}
     if true_label not in hierarchy:
         own = {position[true_label]: 0} if true_label in position else {}
         return CorrectSets(own, {int(k): 0 for k in ks})
     k_max = max(ks)
     found: dict[int, int] = {}
-    cumulative: dict[int, int] = {}
+    cumulative: dict[int, int] = {}  # distance -> candidates within it
     for distance, ring in hierarchy.rings(true_label):  # stop at the first ring reaching k_max
         inside = [position[hierarchy.nodes[n]] for n in ring if hierarchy.nodes[n] in position]
         if inside:
@@ -231,51 +191,41 @@ def correct_sets(
             cumulative[distance] = len(found)
             if len(found) >= k_max:
                 break
-    radius_needed = cumulative
     radius = {}
     for k in ks:
-        within = [d for d, total in radius_needed.items() if total >= k]
-        radius[int(k)] = min(within) if within else max(radius_needed, default=0)
+        within = [d for d, total in cumulative.items() if total >= k]
+        radius[int(k)] = min(within) if within else max(cumulative, default=0)
     keep = max(radius.values())
     return CorrectSets({j: d for j, d in found.items() if d <= keep}, radius)
 
 
-def hierarchy_correct_sets(classes: Sequence[str], parents: Mapping[str, Sequence[str]], k: int) -> list[frozenset[int]]:
+def hierarchy_correct_sets(classes: Sequence[str], parents: Mapping[str, Sequence[str]],
+                           k: int) -> list[frozenset[int]]:
     """``S_k`` of every class over the class list itself (indices into ``classes``)."""
     hierarchy = Hierarchy.from_parents(parents)
     position = {c: j for j, c in enumerate(classes)}
     return [correct_sets(c, classes, hierarchy, [k], position).members(k) for c in classes]
 
 
-def hierarchical_precision_at_k(
-    top_indices: np.ndarray,
-    true_labels: Sequence[str],
-    candidates: Sequence[str],
-    hierarchy: Hierarchy,
-    ks: Sequence[int] = PAPER_KS,
-    cache: dict[str, CorrectSets] | None = None,
-) -> dict[int, float]:
-    """Hierarchical precision@k (see module docstring) averaged over images.
-
-    ``top_indices[i]`` ranks indices into ``candidates`` for the image with true label
-    ``true_labels[i]`` (which must be a candidate). ``cache`` (a dict you keep) reuses the
-    correct sets across calls, e.g. across ConSE(1), ConSE(10) and ConSE(1000).
-    """
+def hierarchical_precision_at_k(top_indices: np.ndarray, true_labels: Sequence[str], candidates: Sequence[str],
+                                hierarchy: Hierarchy, ks: Sequence[int] = PAPER_KS,
+                                cache: dict[str, CorrectSets] | None = None) -> dict[int, float]:
+    """Hierarchical precision@k averaged over images (see :func:`hierarchical_precision_sums`)."""
     sums = hierarchical_precision_sums(top_indices, true_labels, candidates, hierarchy, ks, cache)
     n = len(true_labels)
     return {k: (total / n if n else float("nan")) for k, total in sums.items()}
 
 
-def hierarchical_precision_sums(
-    top_indices: np.ndarray,
-    true_labels: Sequence[str],
-    candidates: Sequence[str],
-    hierarchy: Hierarchy,
-    ks: Sequence[int] = PAPER_KS,
-    cache: dict[str, CorrectSets] | None = None,
-    candidate_index: Mapping[str, int] | None = None,
-) -> dict[int, float]:
-    """Sum over images of per-image hp@k (for streaming: add sums, divide by the count)."""
+def hierarchical_precision_sums(top_indices: np.ndarray, true_labels: Sequence[str], candidates: Sequence[str],
+                                hierarchy: Hierarchy, ks: Sequence[int] = PAPER_KS,
+                                cache: dict[str, CorrectSets] | None = None,
+                                candidate_index: Mapping[str, int] | None = None) -> dict[int, float]:
+    """Sum over images of hp@k (stream: add sums, divide by the count).
+
+    ``top_indices[i]`` ranks indices into ``candidates`` for the image with true label
+    ``true_labels[i]`` (which must be a candidate). ``cache`` (a dict you keep) reuses the
+    correct sets across calls, e.g. across ConSE(1), ConSE(10) and ConSE(1000).
+    """
     top = _check_ranked(top_indices, len(true_labels), ks)
     position = candidate_index if candidate_index is not None else {c: j for j, c in enumerate(candidates)}
     missing = sorted({y for y in true_labels if y not in position})
@@ -297,29 +247,17 @@ def hierarchical_precision_sums(
     return sums
 
 
-# ============================================================================ retrieval (issue 5, HUSE)
-# Cross-modal retrieval metrics for embedding spaces: every query ranks a gallery by
-# cosine similarity. Written for HUSE (notebook 03) but model-agnostic.
+# ----------------------------------------------------------------------------- retrieval (HUSE)
+# Every query ranks a gallery by cosine similarity; written for HUSE (notebook 03), model-agnostic.
 
-
-def retrieval_neighbours(
-    queries: "torch.Tensor | np.ndarray",
-    gallery: "torch.Tensor | np.ndarray",
-    k: int,
-    exclude_same_index: bool = False,
-    chunk_size: int = 1024,
-) -> "torch.Tensor":
+def retrieval_neighbours(queries: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray, k: int,
+                         exclude_same_index: bool = False, chunk_size: int = 1024) -> torch.Tensor:
     """Indices ``(n_queries, k)`` of each query's ``k`` most cosine-similar gallery rows, best first.
 
-    ``exclude_same_index=True`` drops gallery row ``i`` from query ``i``'s ranking: use it
-    when queries and gallery describe the same items (an item must not retrieve itself
-    or its own paired text/image). Queries are processed in chunks so that the full
-    similarity matrix is never held in memory. Exact ties are ordered as ``torch.topk``
-    returns them.
+    ``exclude_same_index=True`` drops gallery row ``i`` from query ``i``'s ranking, for queries
+    and gallery describing the same items. Queries go in chunks (the full similarity matrix is
+    never held); exact ties are ordered as ``torch.topk`` returns them.
     """
-    import torch
-    import torch.nn.functional as F
-
     queries = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
     gallery = F.normalize(torch.as_tensor(gallery, dtype=torch.float32), dim=1).to(queries.device)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
@@ -345,54 +283,35 @@ def retrieval_neighbours(
     return torch.cat(parts) if parts else torch.empty((0, k), dtype=torch.long)
 
 
-def retrieval_recall_at_k(
-    queries: "torch.Tensor | np.ndarray",
-    gallery: "torch.Tensor | np.ndarray",
-    query_labels: "Sequence[int] | torch.Tensor | np.ndarray",
-    gallery_labels: "Sequence[int] | torch.Tensor | np.ndarray",
-    ks: "Sequence[int]" = (1, 5, 10),
-    exclude_same_index: bool = False,
-    chunk_size: int = 1024,
-) -> "dict[int, float]":
-    """Recall@K as in HUSE: fraction of queries with at least one same-class item in the top K.
-
-    Returns ``{K: recall}`` with recalls in [0, 1].
-    """
-    import torch
-
+def _neighbour_labels(queries, gallery, query_labels, gallery_labels, k: int, exclude_same_index: bool,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(query labels [n], labels of the k nearest gallery rows [n, k])``."""
     query_labels = torch.as_tensor(np.asarray(query_labels), dtype=torch.long)
     gallery_labels = torch.as_tensor(np.asarray(gallery_labels), dtype=torch.long)
-    neighbours = retrieval_neighbours(queries, gallery, max(ks), exclude_same_index, chunk_size).cpu()
-    hits = gallery_labels[neighbours] == query_labels[:, None]
+    neighbours = retrieval_neighbours(queries, gallery, k, exclude_same_index, chunk_size).cpu()
+    return query_labels, gallery_labels[neighbours]
+
+
+def retrieval_recall_at_k(queries, gallery, query_labels, gallery_labels, ks: Sequence[int] = (1, 5, 10),
+                          exclude_same_index: bool = False, chunk_size: int = 1024) -> dict[int, float]:
+    """Recall@K as in HUSE: share of queries with at least one same-class item in the top K."""
+    query_labels, found = _neighbour_labels(queries, gallery, query_labels, gallery_labels, max(ks),
+                                            exclude_same_index, chunk_size)
+    hits = found == query_labels[:, None]
     return {int(k): float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
 
 
-def retrieval_hierarchical_precision_at_k(
-    queries: "torch.Tensor | np.ndarray",
-    gallery: "torch.Tensor | np.ndarray",
-    query_labels: "Sequence[int] | torch.Tensor | np.ndarray",
-    gallery_labels: "Sequence[int] | torch.Tensor | np.ndarray",
-    correct_sets: "Mapping[int, Sequence[frozenset[int]]]",
-    exclude_same_index: bool = False,
-    chunk_size: int = 1024,
-) -> "dict[int, float]":
-    """Hierarchical precision H@k of a retrieval: mean fraction of the top-k items whose class
-    is in the query class's correct set ``correct_sets[k][query_class]``.
-
-    ``correct_sets`` maps each k to one set per class, e.g.
-    ``{k: hierarchy_correct_sets(classes, parents, k) for k in (2, 5, 10)}``.
-    """
-    import torch
-
-    query_labels = torch.as_tensor(np.asarray(query_labels), dtype=torch.long)
-    gallery_labels = torch.as_tensor(np.asarray(gallery_labels), dtype=torch.long)
-    neighbours = retrieval_neighbours(queries, gallery, max(correct_sets), exclude_same_index, chunk_size).cpu()
-    neighbour_labels = gallery_labels[neighbours]
+def retrieval_hierarchical_precision_at_k(queries, gallery, query_labels, gallery_labels,
+                                          correct_sets: Mapping[int, Sequence[frozenset[int]]],
+                                          exclude_same_index: bool = False, chunk_size: int = 1024) -> dict[int, float]:
+    """H@k: mean share of the top-k items whose class is in ``correct_sets[k][query_class]``
+    (e.g. ``{k: hierarchy_correct_sets(classes, parents, k) for k in (2, 5, 10)}``)."""
+    query_labels, found = _neighbour_labels(queries, gallery, query_labels, gallery_labels, max(correct_sets),
+                                            exclude_same_index, chunk_size)
     out = {}
     for k, sets in correct_sets.items():
         allowed = torch.zeros((len(sets), len(sets)), dtype=torch.bool)  # allowed[query_class, class]
         for c, members in enumerate(sets):
             allowed[c, list(members)] = True
-        top = neighbour_labels[:, :k]
-        out[int(k)] = float(allowed[query_labels[:, None], top].float().mean())
+        out[int(k)] = float(allowed[query_labels[:, None], found[:, :k]].float().mean())
     return out

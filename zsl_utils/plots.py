@@ -1,18 +1,19 @@
-"""Figure helpers shared by the notebooks.
+"""Figure helpers shared by the notebooks (imported by them only, hence pyplot at the top).
 
-Every figure a notebook draws is saved under ``figures/`` with a name that starts
-with the notebook's number, so README links and the notebook stay in step.
+Every figure is saved under ``figures/`` with a name that starts with the notebook's number,
+so README links and the notebook stay in step.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
 from zsl_utils import config
 
 
-def save_figure(fig: "matplotlib.figure.Figure", name: str, directory: Path | None = None) -> Path:
+def save_figure(fig: plt.Figure, name: str, directory: Path | None = None) -> Path:
     """Save ``fig`` as ``<directory>/<name>.png`` (default ``figures/``) and return the path."""
     target_dir = config.ensure_dir(Path(directory) if directory else config.FIGURES_DIR)
     path = target_dir / f"{name}.png"
@@ -20,13 +21,21 @@ def save_figure(fig: "matplotlib.figure.Figure", name: str, directory: Path | No
     return path
 
 
+def _panels(n: int, max_columns: int, width: float, height: float):
+    """``(fig, axes)`` for ``n`` panels in rows of at most ``max_columns``; spare panels hidden."""
+    columns = min(max_columns, max(n, 1))
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for axis in axes.ravel()[n:]:
+        axis.axis("off")
+    return fig, axes.ravel()
+
+
 # ---------------------------------------------------------------- ConSE (notebook 01)
 
 def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str = "ConSE"):
     """One row per image: the picture, its top training labels (probability) and ConSE's
     top unseen labels (cosine). ``train_tops``/``conse_tops``: lists of ``(name, value)``."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(len(images), 3, figsize=(12, 2.4 * len(images)),
                              gridspec_kw={"width_ratios": [1, 1.6, 1.6]}, squeeze=False)
     for row, (image, title, train, conse) in enumerate(zip(images, titles, train_tops, conse_tops)):
@@ -45,16 +54,12 @@ def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str
 
 def plot_hit_vs_T(table, title: str | None = None):
     """Zero-shot hit@k (%) against T (log axis); ``table``: index T, columns 'hit@k %'."""
-    import matplotlib.pyplot as plt
-
     fig, axis = plt.subplots(figsize=(5.5, 3.6))
     if title:
         axis.set_title(title, fontsize=10)
     for column in table.columns:
         axis.plot(table.index, table[column], marker="o", label=column.replace(" %", ""))
-    axis.set_xscale("log")
-    axis.set_xlabel("T (top training labels combined)")
-    axis.set_ylabel("hit rate (%)")
+    axis.set(xscale="log", xlabel="T (top training labels combined)", ylabel="hit rate (%)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     fig.tight_layout()
@@ -63,8 +68,6 @@ def plot_hit_vs_T(table, title: str | None = None):
 
 def plot_norm_vs_confidence(norms, confidence, correlations=None):
     """Scatter of ||f(x)|| against the classifier's max probability and entropy."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for axis, column, label in ((axes[0], "max_prob", "max softmax probability"),
                                 (axes[1], "entropy", "softmax entropy (nats)")):
@@ -81,56 +84,34 @@ def plot_norm_vs_confidence(norms, confidence, correlations=None):
 # ---------------------------------------------------------------- ImageNet evaluation (notebook 02)
 
 def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
-    """One panel per test set: ``metric``@k (%) against k, one line per model.
-
-    ``table``: rows with columns ``test set``, ``model`` and ``<metric>@<k>`` (as returned by
-    ``zsl_utils.conse.imagenet.evaluate_conse(...).table``).
-    """
-    import matplotlib.pyplot as plt
-
+    """One panel per test set: ``metric``@k (%) against k, one line per model, from rows with columns
+    ``test set``, ``model`` and ``<metric>@<k>`` (``zsl_utils.conse.imagenet.evaluate_conse(...).table``)."""
     names = list(dict.fromkeys(table["test set"]))
-    columns = min(3, len(names))
-    rows = -(-len(names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for axis, name in zip(axes.ravel(), names):
+    fig, axes = _panels(len(names), 3, 4.2, 3.2)
+    for axis, name in zip(axes, names):
         part = table[table["test set"] == name]
         for _, row in part.iterrows():
             axis.plot(ks, [row[f"{metric}@{k}"] for k in ks], marker="o", label=row["model"])
-        axis.set_xscale("log")
+        axis.set(xscale="log", xlabel="k", ylabel=f"{metric}@k (%)")
         axis.set_xticks(list(ks), [str(k) for k in ks])
         axis.set_title(f"{name} ({int(part['images'].iloc[0])} images)", fontsize=10)
-        axis.set_xlabel("k")
-        axis.set_ylabel(f"{metric}@k (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    for axis in axes.ravel()[len(names):]:
-        axis.axis("off")
     fig.tight_layout()
     return fig
 
 
 def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: str = ""):
-    """A grid of images, each with its true label and top predictions; the true label green if hit.
-
-    ``predicted_names``: per image, a list of label names best first; ``hit_ranks``: per image
-    the 1-based rank of the true label among them (0 = miss).
-    """
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    columns = min(4, max(n, 1))
-    rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.9 * rows), squeeze=False)
-    for axis, image, truth, predictions, rank in zip(axes.ravel(), images, true_names, predicted_names, hit_ranks):
+    """A grid of images with their true label (green if hit) and predicted label names, best first;
+    ``hit_ranks``: per image the 1-based rank of the true label among them (0 = miss)."""
+    fig, axes = _panels(len(images), 4, 3.4, 3.9)
+    for axis, image, truth, predictions, rank in zip(axes, images, true_names, predicted_names, hit_ranks):
         axis.imshow(image)
         lines = [("> " if i + 1 == rank else "  ") + f"{i + 1}. {name[:26]}" for i, name in enumerate(predictions)]
         axis.set_title(f"true: {truth[:28]}", fontsize=9, color="green" if rank else "firebrick")
         axis.text(0.0, -0.02, "\n".join(lines), transform=axis.transAxes, va="top", ha="left",
                   family="monospace", fontsize=8)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    for axis in axes.ravel()[n:]:
-        axis.axis("off")
+        axis.set(xticks=[], yticks=[])
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -143,8 +124,6 @@ def plot_huse_losses(history, title: str = "HUSE training losses", weights=None)
     """Loss curves (total and its three parts) against the training step; log y axis.
     Parts that are zero throughout (not computed, e.g. the graph loss when beta = 0) are left out;
     with ``weights`` (a ``LossWeights``) each part's legend shows its weight in the total."""
-    import matplotlib.pyplot as plt
-
     factor = {} if weights is None else {"classification": weights.alpha, "graph": weights.beta, "gap": weights.gamma}
     fig, axis = plt.subplots(figsize=(6, 3.6))
     for column in ("total", "classification", "graph", "gap"):
@@ -153,9 +132,7 @@ def plot_huse_losses(history, title: str = "HUSE training losses", weights=None)
         values = history[column].clip(lower=1e-6)
         label = f"{column} (weight {factor[column]:g})" if column in factor else column
         axis.plot(history["step"], values, label=label, lw=2 if column == "total" else 1.2)
-    axis.set_yscale("log")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss (mean over logging window)")
+    axis.set(yscale="log", xlabel="step", ylabel="loss (mean over logging window)")
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -166,9 +143,6 @@ def plot_huse_losses(history, title: str = "HUSE training losses", weights=None)
 def plot_embedding_projection(coords, groups, title: str = "HUSE space (shared 2-D PCA)"):
     """One panel per modality (``coords``: {modality: (N, 2)}), points coloured by ``groups``
     (one superclass name per item, the same items in every modality), shared axes."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     names = sorted(set(groups))
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     groups = np.asarray(groups)
@@ -189,14 +163,8 @@ def plot_embedding_projection(coords, groups, title: str = "HUSE space (shared 2
 
 
 def plot_huse_retrievals(image_queries, text_queries, max_chars: int = 48):
-    """Cross-modal retrieval examples.
-
-    ``image_queries``: list of ``(image, label, [(text, label), ...])`` — an image query and
-    the texts it retrieves; ``text_queries``: list of ``(text, label, [(image, label), ...])``.
-    Retrieved items of the query's class are marked green (and ✓), others red.
-    """
-    import matplotlib.pyplot as plt
-
+    """Cross-modal retrieval examples: ``image_queries`` as ``(image, label, [(text, label), ...])``,
+    ``text_queries`` as ``(text, label, [(image, label), ...])``; items of the query's class green (✓), others red."""
     k = max([len(r) for _, _, r in image_queries + text_queries] or [1])
     rows = len(image_queries) + len(text_queries)
     fig, axes = plt.subplots(rows, k + 1, figsize=(2.1 * (k + 1), 2.2 * rows), squeeze=False)
@@ -218,8 +186,7 @@ def plot_huse_retrievals(image_queries, text_queries, max_chars: int = 48):
             axis = axes[row, i + 1]
             axis.imshow(image)
             axis.axis("on")
-            axis.set_xticks([])
-            axis.set_yticks([])
+            axis.set(xticks=[], yticks=[])
             for spine in axis.spines.values():
                 spine.set_edgecolor("green" if l == label else "red")
                 spine.set_linewidth(3)

@@ -1,28 +1,14 @@
 """ImageNet label spaces and ConSE's zero-shot test sets, and evaluation from cached outputs.
 
-**Label spaces.** Training labels: the 1,000 ILSVRC-2012 synsets. Release: the 21,841
-synsets of the ImageNet fall-2011 release (timm ships both lists). Candidates: the
-release minus the training labels, 20,842 synsets (one ILSVRC class, n04399382 *teddy
-bear*, is not in the 2011 release; the ConSE paper's 20,841 is 21,841 - 1,000).
-
-**Test sets by hop distance.** For each candidate ``c`` we take its tree distance to the
-nearest training label in the WordNet 3.0 is-a graph (climb to a common ancestor, then
-descend; see :mod:`zsl_utils.metrics`). Our reading of the papers' names is
-
-    "2-hop" = candidates at distance <= 1 (a parent or a child of a training label),
-    "3-hop" = candidates at distance <= 2, "all" = every candidate.
-
-The papers say "within two / three tree hops"; counting edges literally (distance <= 2
-for "2-hop") gives 5,982 labels, nearly four times the published 1,549, while distance
-<= 1 gives 1,548. We therefore read "n hops" as n nodes on the path (n - 1 edges). Our
-3-hop set has 5,982 labels against 7,860 published: the published lists were made with
-ImageNet's own 2011 is-a file, which differs from WordNet 3.0 (restricting WordNet to the
-ImageNet synsets gives 7,452 instead). For the exact benchmark, pass the published WNID
-lists (:func:`load_wnid_list`), e.g. the 2-hop / 3-hop / all lists distributed with the
-SynC code (github.com/pujols/zero-shot-learning, ``ImageNet_w2v.zip``), which the later
-literature uses.
-
-**Generalised ("+1K") variants** rank the training labels as candidates too.
+Training labels: the 1,000 ILSVRC-2012 synsets. Candidates: the fall-2011 release (21,841
+synsets) minus the training labels, 20,842 synsets (the ILSVRC class n04399382 *teddy bear* is
+not in the release; the paper's 20,841 is 21,841 - 1,000). Generalised ("+1K") tasks rank the
+training labels as candidates too. Test sets go by tree distance to the nearest training label
+in WordNet 3.0 (:mod:`zsl_utils.metrics`): we read "n-hop" as n nodes on the path, so "2-hop" =
+distance <= 1 edge (1,548 labels; published 1,549, while <= 2 edges would give 5,982) and "3-hop"
+<= 2 edges (5,982; published 7,860, made with ImageNet's own 2011 is-a file). For the exact
+benchmark pass the published WNID lists (:func:`load_wnid_list`), e.g. those of the SynC code
+(github.com/pujols/zero-shot-learning, ``ImageNet_w2v.zip``).
 """
 from __future__ import annotations
 
@@ -30,16 +16,20 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from zsl_utils import config
+from zsl_utils.cache import ShardedCache
+from zsl_utils.conse.model import ConSE, check_probabilities
 from zsl_utils.data.wnids import candidate_wnids, ilsvrc2012_wnids, load_wnid_list
-from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.metrics import PAPER_KS, Hierarchy, correct_sets
+from zsl_utils.data.wordnet import WordNet
+from zsl_utils.errors import ParameterError
+from zsl_utils.metrics import PAPER_KS, Hierarchy, correct_sets, hierarchical_precision_sums
 
 PUBLISHED_TEST_SET_SIZES = {"2-hop": 1549, "3-hop": 7860, "all": 20841}
 # Our reading of "n-hop" as a maximum tree distance in edges (see module docstring).
@@ -47,8 +37,8 @@ PAPER_HOP_EDGES = {"2-hop": 1, "3-hop": 2}
 PAPER_TABLE = config.TABLES_DIR / "paper_conse_imagenet.csv"
 
 
-# ----------------------------------------------------------------------------- hierarchy
-def wordnet_hierarchy(wordnet=None) -> Hierarchy:
+# ----------------------------------------------------------------------------- label sets
+def wordnet_hierarchy(wordnet: WordNet | None = None) -> Hierarchy:
     """The WordNet 3.0 noun is-a DAG (hypernym and instance-hypernym links) as a Hierarchy."""
     if wordnet is None:
         return _default_hierarchy()
@@ -57,12 +47,9 @@ def wordnet_hierarchy(wordnet=None) -> Hierarchy:
 
 @lru_cache(maxsize=1)
 def _default_hierarchy() -> Hierarchy:
-    from zsl_utils.data.wordnet import WordNet
-
     return wordnet_hierarchy(WordNet.load())
 
 
-# ----------------------------------------------------------------------------- label sets
 @dataclass
 class LabelSets:
     """Training labels, candidates, their hop distances and the named test sets."""
@@ -77,38 +64,29 @@ class LabelSets:
         """The labels of test set ``name``; with ``generalised`` the training labels come first."""
         if name not in self.test_sets:
             raise ParameterError(f"unknown test set {name!r}; choose from {sorted(self.test_sets)}.")
-        labels = self.test_sets[name]
-        return self.training + [w for w in labels if w not in set(self.training)] if generalised else list(labels)
+        training = set(self.training) if generalised else set()
+        return (self.training if generalised else []) + [w for w in self.test_sets[name] if w not in training]
 
     def sizes(self) -> pd.DataFrame:
         """Our test-set sizes beside the published ones, with the rule used for each."""
-        rows = []
-        for name, labels in self.test_sets.items():
-            rows.append({"test set": name, "labels (ours)": len(labels),
-                         "labels (published)": PUBLISHED_TEST_SET_SIZES.get(name, np.nan),
-                         "rule": self.rules.get(name, "")})
-        return pd.DataFrame(rows)
+        return pd.DataFrame([{"test set": name, "labels (ours)": len(labels),
+                              "labels (published)": PUBLISHED_TEST_SET_SIZES.get(name, np.nan),
+                              "rule": self.rules.get(name, "")} for name, labels in self.test_sets.items()])
 
     def distance_counts(self, max_distance: int = 6) -> pd.DataFrame:
         """Number of candidates within each tree distance of the training labels."""
         d = self.distance
-        rows = [{"max distance (edges)": r, "candidates": int(((d >= 1) & (d <= r)).sum())}
-                for r in range(1, max_distance + 1)]
-        return pd.DataFrame(rows)
+        return pd.DataFrame([{"max distance (edges)": r, "candidates": int(((d >= 1) & (d <= r)).sum())}
+                             for r in range(1, max_distance + 1)])
 
 
-def build_label_sets(
-    hierarchy: Hierarchy | None = None,
-    training: Sequence[str] | None = None,
-    release: Sequence[str] | None = None,
-    hop_edges: Mapping[str, int] = PAPER_HOP_EDGES,
-    published_lists: Mapping[str, str | os.PathLike] | None = None,
-) -> LabelSets:
+def build_label_sets(hierarchy: Hierarchy | None = None, training: Sequence[str] | None = None,
+                     release: Sequence[str] | None = None, hop_edges: Mapping[str, int] = PAPER_HOP_EDGES,
+                     published_lists: Mapping[str, str | os.PathLike] | None = None) -> LabelSets:
     """Derive the 2-hop / 3-hop / all test sets (or read published lists instead).
 
-    ``hop_edges`` maps a test-set name to the largest tree distance (in edges) it
-    admits. ``published_lists`` maps names to WNID files that replace the derived sets
-    (e.g. ``{"2-hop": ".../2-hops.txt"}``); their labels must be release synsets.
+    ``hop_edges`` maps a test-set name to the largest tree distance (in edges) it admits.
+    ``published_lists`` maps names to WNID files (release synsets) that replace derived sets.
     """
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
     training = ilsvrc2012_wnids() if training is None else list(training)
@@ -129,11 +107,29 @@ def build_label_sets(
     return LabelSets(list(training), candidates, distance, test_sets, rules)
 
 
-# ----------------------------------------------------------------------------- paper numbers
+def correct_set_example(label: str, candidates: Sequence[str], k: int, hierarchy: Hierarchy | None = None) -> list[str]:
+    """The hp@k correct set ``S_k(label)`` over ``candidates`` as WNIDs (for display)."""
+    hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
+    return [candidates[j] for j in sorted(correct_sets(label, candidates, hierarchy, [k]).members(k))]
+
+
 def paper_results() -> pd.DataFrame:
     """The paper's numbers (``zsl_utils/tables/paper_conse_imagenet.csv``), NaN where not entered."""
-    table = pd.read_csv(PAPER_TABLE, comment="#")
-    return table
+    return pd.read_csv(PAPER_TABLE, comment="#")
+
+
+def with_paper_numbers(ours: pd.DataFrame, metric: str = "hit", ks: Sequence[int] = PAPER_KS) -> pd.DataFrame:
+    """Our rows and the paper's rows for ``metric`` ('hit' or 'hp') in one table, by test set."""
+    columns = [f"{metric}@{k}" for k in ks]
+    mine = ours[["test set", "model", *columns]].assign(source="ours")
+    paper = paper_results()
+    paper = paper[paper["metric"] == metric].rename(columns={f"at{k}": f"{metric}@{k}" for k in ks})
+    paper = paper[["test set", "model", *columns]].assign(source="paper")
+    order = {name: i for i, name in enumerate(dict.fromkeys(list(ours["test set"]) + list(paper["test set"])))}
+    rank = {"test set": order, "source": {"paper": 0, "ours": 1}}  # paper rows first, models in given order
+    table = pd.concat([paper, mine], ignore_index=True)
+    table = table.sort_values(["test set", "source"], key=lambda column: column.map(rank[column.name]), kind="stable")
+    return table.reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -148,12 +144,8 @@ class EvalTask:
 
 def paper_tasks(label_sets: LabelSets, names: Sequence[str] = ("2-hop", "3-hop", "all"),
                 generalised: bool = True, seen_images: bool = False) -> list[EvalTask]:
-    """The paper's tasks: each test set alone and, if ``generalised``, with the training labels (+1K).
-
-    ``seen_images`` adds, per test set, the +1K ranking evaluated on images of the
-    *training* classes (``"<name> +1K, seen images"``): how often ConSE still names a
-    seen class correctly once unseen labels compete with it.
-    """
+    """Each test set alone and, if ``generalised``, with the training labels (+1K); ``seen_images``
+    adds the +1K ranking on images of the training classes (does ConSE still name seen classes?)."""
     tasks = []
     for name in names:
         labels = label_sets.test_set(name)
@@ -168,20 +160,15 @@ def paper_tasks(label_sets: LabelSets, names: Sequence[str] = ("2-hop", "3-hop",
 
 def classifier_hit_at_k(probs_source, image_wnids: Sequence[str], output_wnids: Sequence[str],
                         ks: Sequence[int] = (1, 5), batch_size: int = 4096) -> pd.Series:
-    """Plain softmax hit@k (percent) on the images whose label is a classifier output.
-
-    The supervised reference point for the seen images: ConSE(1) with the training
-    labels as the only candidates cannot do better than this.
-    """
+    """Plain softmax hit@k (%) on the images whose label is a classifier output: the
+    supervised reference for seen images (ConSE(1) over the training labels cannot beat it)."""
     position = {w: j for j, w in enumerate(output_wnids)}
     image_wnids = np.asarray(image_wnids, dtype=object)
     hits, count = np.zeros(len(ks)), 0
     for start, probs, ok in _probability_batches(probs_source, batch_size):
         labels = image_wnids[start : start + len(probs)]
         select = np.flatnonzero(ok & np.array([w in position for w in labels], dtype=bool))
-        if not len(select):
-            continue
-        true = np.array([position[w] for w in labels[select]])
+        true = np.array([position[w] for w in labels[select]], dtype=np.int64)
         top = np.argsort(-probs[select], axis=1, kind="stable")[:, : max(ks)]
         hits += [(top[:, :k] == true[:, None]).any(axis=1).sum() for k in ks]
         count += len(select)
@@ -215,189 +202,119 @@ class EvalResult:
                              "predicted": [predicted[i] for i in chosen], "rank": rank[chosen]})
 
 
-class _TaskModels:
-    """ConSE models for one task: ranks only embeddable candidates, maps back to full positions."""
+class _TaskState:
+    """One task during evaluation: ConSE(T) over its embeddable candidates, and running sums."""
 
-    def __init__(self, task: EvalTask, train_embeddings, label_embeddings, T_values, device) -> None:
-        from zsl_utils.conse.model import ConSE
-
-        position = {w: i for i, w in enumerate(label_embeddings.labels)}
-        missing = [c for c in task.candidates if c not in position]
+    def __init__(self, task: EvalTask, train_embeddings, label_embeddings, T_values, ks, device, hierarchy,
+                 keep_top: int) -> None:
+        row_of = {w: i for i, w in enumerate(label_embeddings.labels)}
+        missing = [c for c in task.candidates if c not in row_of]
         if missing:
             raise ParameterError(
                 f"task {task.name!r}: {len(missing)} candidates have no row in label_embeddings, e.g. "
                 f"{missing[:5]}; build the embeddings for every candidate (missing vectors are allowed)."
             )
-        found = np.array([bool(label_embeddings.found[position[c]]) for c in task.candidates])
+        found = np.array([bool(label_embeddings.found[row_of[c]]) for c in task.candidates])
         self.usable = np.flatnonzero(found)  # position in task.candidates of each ranked label
-        vectors = label_embeddings.vectors[[position[task.candidates[i]] for i in self.usable]]
+        if len(self.usable) < max(ks):
+            raise ParameterError(f"task {task.name!r} has {len(self.usable)} embeddable candidates, fewer than "
+                                 f"k={max(ks)}; lower ks or add candidates.")
+        vectors = label_embeddings.vectors[[row_of[task.candidates[i]] for i in self.usable]]
         base = ConSE(train_embeddings.vectors, vectors, T=min(T_values), train_mask=train_embeddings.found,
                      candidate_labels=[task.candidates[i] for i in self.usable], device=device)
-        self.models = {T: base.with_T(T) for T in T_values}
+        self.task, self.ks, self.hierarchy, self.keep_top = task, ks, hierarchy, keep_top
         self.n_unembedded = int((~found).sum())
+        self.models = {T: base.with_T(T) for T in T_values}
+        self.position = {c: j for j, c in enumerate(task.candidates)}
+        self.count, self.rows, self.correct_cache = 0, [], {}
+        self.hits = {T: np.zeros(len(ks)) for T in T_values}
+        self.hp = {T: np.zeros(len(ks)) for T in T_values}
+        self.kept: dict[int, list[np.ndarray]] = {T: [] for T in T_values}
+
+    def add(self, rows: np.ndarray, true_position: np.ndarray, true_labels: list[str], embedded) -> None:
+        """Rank the already embedded images ``rows`` (``embedded[T] = (f(x), norms)``) and add up."""
+        self.count += len(rows)
+        self.rows.append(rows)
+        for T, model in self.models.items():
+            ranked = self.usable[model.predict_embedded(*embedded[T], k=max(self.ks)).indices]
+            match = ranked == true_position[:, None]
+            self.hits[T] += [match[:, :k].any(axis=1).sum() for k in self.ks]
+            sums = hierarchical_precision_sums(ranked, true_labels, self.task.candidates, self.hierarchy, self.ks,
+                                               self.correct_cache, self.position)
+            self.hp[T] += [sums[int(k)] for k in self.ks]
+            if self.keep_top:
+                self.kept[T].append(ranked[:, : self.keep_top])
+
+    def table_rows(self) -> list[dict]:
+        n = self.count
+        return [{"test set": self.task.name, "model": f"ConSE({T})", "images": n,
+                 "candidates": len(self.task.candidates), "unembedded candidates": self.n_unembedded,
+                 **{f"hit@{k}": 100 * h / n if n else np.nan for k, h in zip(self.ks, self.hits[T])},
+                 **{f"hp@{k}": 100 * h / n if n else np.nan for k, h in zip(self.ks, self.hp[T])}}
+                for T in self.models]
 
 
-def evaluate_conse(
-    probs_source,
-    image_wnids: Sequence[str],
-    train_embeddings,
-    label_embeddings,
-    tasks: Sequence[EvalTask],
-    T_values: Sequence[int] = (1, 10, 1000),
-    ks: Sequence[int] = PAPER_KS,
-    hierarchy: Hierarchy | None = None,
-    batch_size: int = 4096,
-    device: str = "cpu",
-    keep_top: int = 0,
-    progress: bool = True,
-) -> EvalResult:
-    """Flat hit@k and hierarchical precision@k of ConSE(T) for every task, streaming the outputs.
+def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, label_embeddings,
+                   tasks: Sequence[EvalTask], T_values: Sequence[int] = (1, 10, 1000), ks: Sequence[int] = PAPER_KS,
+                   hierarchy: Hierarchy | None = None, batch_size: int = 4096, device: str = "cpu",
+                   keep_top: int = 0, progress: bool = True) -> EvalResult:
+    """Flat hit@k and hierarchical precision@k (%) of ConSE(T) per task: one table row per (task, T).
 
-    Args:
-        probs_source: a :class:`~zsl_utils.cache.ShardedCache` holding ``probs`` (and ``ok``),
-            or an array ``[n_images, n_train]``. Read one shard / batch at a time, so memory
-            does not grow with the number of images.
-        image_wnids: true label of every row. Rows whose image was unreadable (``ok`` False)
-            or whose label is in no task's test set are not evaluated.
-        train_embeddings: ``LabelEmbeddings`` of the classifier's outputs, in output order.
-        label_embeddings: ``LabelEmbeddings`` covering every candidate of every task. A
-            candidate without a vector stays in the candidate list (it counts for hp@k
-            sets) but is never predicted, so its images are misses.
-        tasks: see :func:`paper_tasks`.
-        hierarchy: for hp@k (default: WordNet 3.0). ``None`` and ``hp=False`` are not
-            distinguished: hp@k is always computed.
-        keep_top: keep the ``keep_top`` best predictions (label strings via the task's
-            candidates) of every evaluated image, for examples; 0 keeps none (flat memory).
-
-    Tasks that evaluate the same images (a test set and its +1K twin) share ``f(x)``: each
-    batch is checked once and embedded once per T per group of such tasks, then ranked
-    per task, which gives exactly the numbers of embedding it for every task.
-
-    Returns:
-        :class:`EvalResult` whose ``table`` has one row per (task, T): ``images``,
-        ``hit@k`` and ``hp@k`` in percent, and ``unembedded candidates``.
+    ``probs_source``: a :class:`~zsl_utils.cache.ShardedCache` with ``probs`` and ``ok``, or an array
+    ``[n_images, n_train]``, streamed batch by batch (flat memory). Rows that are unreadable or
+    whose label ``image_wnids[i]`` is in no task's test set are skipped. ``train_embeddings``
+    follow the classifier's outputs; ``label_embeddings`` cover every candidate (one without a
+    vector stays a candidate for hp@k sets but is never predicted). ``hierarchy`` defaults to
+    WordNet 3.0; ``keep_top`` keeps that many predictions per image for :meth:`EvalResult.examples`.
+    Tasks over the same images (a test set and its +1K twin) share one check and one ``f(x)`` per
+    batch and T, with exactly the numbers of separate runs.
     """
-    import torch
-
-    from zsl_utils.conse.model import check_probabilities
-    from zsl_utils.metrics import hierarchical_precision_sums
-
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
-    k_max = max(ks)
     image_wnids = np.asarray(image_wnids, dtype=object)
-    models = {t.name: _TaskModels(t, train_embeddings, label_embeddings, T_values, device) for t in tasks}
-    for task in tasks:
-        if len(models[task.name].usable) < k_max:
-            raise ParameterError(
-                f"task {task.name!r} has {len(models[task.name].usable)} embeddable candidates, fewer than "
-                f"k={k_max}; lower ks or add candidates."
-            )
-    positions = {t.name: {c: j for j, c in enumerate(t.candidates)} for t in tasks}
-    hits = {(t.name, T): np.zeros(len(ks)) for t in tasks for T in T_values}
-    hp = {(t.name, T): {int(k): 0.0 for k in ks} for t in tasks for T in T_values}
-    counts = {t.name: 0 for t in tasks}
-    kept: dict[tuple[str, int], list[np.ndarray]] = {(t.name, T): [] for t in tasks for T in T_values}
-    kept_rows: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
-    correct_cache: dict[str, dict] = {t.name: {} for t in tasks}
-    # Which images each task evaluates, and where their labels sit in its candidate list:
-    # computed once with set lookups (np.isin on strings would redo it every batch).
-    true_position = {t.name: np.array([positions[t.name].get(w, -1) if w in t.test_labels else -1
+    states = {t.name: _TaskState(t, train_embeddings, label_embeddings, T_values, ks, device, hierarchy, keep_top)
+              for t in tasks}
+    # Where each image's label sits in each task's candidates (-1: not evaluated), computed once
+    # with set lookups (np.isin on strings would redo it every batch).
+    true_position = {t.name: np.array([states[t.name].position.get(w, -1) if w in t.test_labels else -1
                                        for w in image_wnids], dtype=np.int64) for t in tasks}
-    groups = _tasks_by_images(tasks, true_position)
+    groups: dict[bytes, list[EvalTask]] = {}  # tasks by the exact set of images they evaluate
+    for task in tasks:
+        groups.setdefault(np.packbits(true_position[task.name] >= 0).tobytes(), []).append(task)
     # f(x) depends on the training vectors and T only, which every task shares: any task's models embed.
-    embedders = models[tasks[0].name].models if tasks else {}
-    n_train = len(train_embeddings.labels)
+    embedders = states[tasks[0].name].models if tasks else {}
     n_batches = -(-len(image_wnids) // batch_size)
     for start, probs, ok in tqdm(_probability_batches(probs_source, batch_size), total=n_batches,
                                  desc="evaluating", unit="batch", disable=not progress):
         labels = image_wnids[start : start + len(probs)]
         selects = [np.flatnonzero(ok & (true_position[group[0].name][start : start + len(probs)] >= 0))
-                   for group in groups]
+                   for group in groups.values()]
         if not any(len(select) for select in selects):
             continue
-        check_probabilities(probs[np.unique(np.concatenate(selects))], n_train)  # once per batch
-        for group, select in zip(groups, selects):
-            if not len(select):
-                continue
-            # The same rows as before the grouping, embedded once per T for all tasks of the group.
-            selected = torch.from_numpy(probs[select])
-            embedded = {T: embedders[T].embed(selected, validate=False) for T in T_values}
-            true_labels = labels[select].tolist()
-            for task in group:
-                counts[task.name] += len(select)
-                kept_rows[task.name].append(start + select)
-                true_pos = true_position[task.name][start + select]
-                entry = models[task.name]
-                for T, model in entry.models.items():
-                    ranked = entry.usable[model.predict_embedded(*embedded[T], k=k_max).indices]
-                    match = ranked == true_pos[:, None]
-                    hits[(task.name, T)] += [match[:, :k].any(axis=1).sum() for k in ks]
-                    sums = hierarchical_precision_sums(ranked, true_labels, task.candidates, hierarchy, ks,
-                                                       correct_cache[task.name], positions[task.name])
-                    for k in sums:
-                        hp[(task.name, T)][k] += sums[k]
-                    if keep_top:
-                        kept[(task.name, T)].append(ranked[:, :keep_top])
-    rows = []
-    for task in tasks:
-        n = counts[task.name]
-        for T in T_values:
-            row = {"test set": task.name, "model": f"ConSE({T})", "images": n,
-                   "candidates": len(task.candidates), "unembedded candidates": models[task.name].n_unembedded}
-            for i, k in enumerate(ks):
-                row[f"hit@{k}"] = 100 * hits[(task.name, T)][i] / n if n else np.nan
-            for k in ks:
-                row[f"hp@{k}"] = 100 * hp[(task.name, T)][int(k)] / n if n else np.nan
-            rows.append(row)
-    result = EvalResult(pd.DataFrame(rows), candidates={t.name: list(t.candidates) for t in tasks})
+        check_probabilities(probs[np.unique(np.concatenate(selects))], len(train_embeddings.labels))
+        for group, select in zip(groups.values(), selects):
+            if len(select):
+                selected = torch.from_numpy(probs[select])
+                embedded = {T: embedders[T].embed(selected, validate=False) for T in T_values}
+                for task in group:
+                    states[task.name].add(start + select, true_position[task.name][start + select],
+                                          labels[select].tolist(), embedded)
+    result = EvalResult(pd.DataFrame([row for state in states.values() for row in state.table_rows()]),
+                        candidates={t.name: list(t.candidates) for t in tasks})
     if keep_top:
-        result.top_predictions = {key: np.concatenate(v) if v else np.zeros((0, keep_top), int) for key, v in kept.items()}
-        result.rows = {name: np.concatenate(v) if v else np.zeros(0, int) for name, v in kept_rows.items()}
+        result.top_predictions = {(name, T): np.concatenate(kept) if kept else np.zeros((0, keep_top), int)
+                                  for name, state in states.items() for T, kept in state.kept.items()}
+        result.rows = {name: np.concatenate(s.rows) if s.rows else np.zeros(0, int) for name, s in states.items()}
     return result
-
-
-def _tasks_by_images(tasks: Sequence[EvalTask], true_position: dict[str, np.ndarray]) -> list[list[EvalTask]]:
-    """Tasks grouped by the exact set of images they evaluate (a test set and its +1K twin),
-    in first-appearance order, so each group's images are embedded once per T."""
-    groups: dict[bytes, list[EvalTask]] = {}
-    for task in tasks:
-        groups.setdefault(np.packbits(true_position[task.name] >= 0).tobytes(), []).append(task)
-    return list(groups.values())
 
 
 def _probability_batches(source, batch_size: int):
     """Yield ``(start_row, probs float32, ok bool)`` from a cache (shard by shard) or an array."""
-    from zsl_utils.cache import ShardedCache
-
     if isinstance(source, ShardedCache):
         for _, start, arrays in source.iter_shards(["probs", "ok"]):
-            probs = arrays["probs"]
-            for offset in range(0, len(probs), batch_size):
-                block = probs[offset : offset + batch_size].astype(np.float32)
-                yield start + offset, block, arrays["ok"][offset : offset + batch_size]
+            for offset in range(0, len(arrays["probs"]), batch_size):
+                yield (start + offset, arrays["probs"][offset : offset + batch_size].astype(np.float32),
+                       arrays["ok"][offset : offset + batch_size])
         return
     for start in range(0, len(source), batch_size):
         block = np.asarray(source[start : start + batch_size], dtype=np.float32)
         yield start, block, np.ones(len(block), bool)
-
-
-def with_paper_numbers(ours: pd.DataFrame, metric: str = "hit", ks: Sequence[int] = PAPER_KS) -> pd.DataFrame:
-    """Our rows and the paper's rows for ``metric`` ('hit' or 'hp') in one table, by test set."""
-    columns = [f"{metric}@{k}" for k in ks]
-    mine = ours[["test set", "model", *columns]].assign(source="ours")
-    paper = paper_results()
-    paper = paper[paper["metric"] == metric].rename(columns={f"at{k}": f"{metric}@{k}" for k in ks})
-    paper = paper[["test set", "model", *columns]].assign(source="paper")
-    order = {name: i for i, name in enumerate(dict.fromkeys(list(ours["test set"]) + list(paper["test set"])))}
-    table = pd.concat([paper, mine], ignore_index=True)
-    table["_order"] = table["test set"].map(order)
-    table["_source"] = table["source"].map({"paper": 0, "ours": 1})
-    table = table.sort_values(["_order", "_source"], kind="stable")  # paper rows first, models in given order
-    return table.drop(columns=["_order", "_source"]).reset_index(drop=True)
-
-
-def correct_set_example(label: str, candidates: Sequence[str], k: int, hierarchy: Hierarchy | None = None) -> list[str]:
-    """The hp@k correct set ``S_k(label)`` over ``candidates`` as WNIDs (for display)."""
-    hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
-    sets = correct_sets(label, candidates, hierarchy, [k])
-    return [candidates[j] for j in sorted(sets.members(k))]

@@ -7,13 +7,11 @@ probability-weighted average of its ``T`` most probable labels' vectors,
 .. math:: f(x) = \frac{1}{Z} \sum_{t=1}^{T} p(\hat y_t \mid x)\, s(\hat y_t), \qquad
           Z = \sum_{t=1}^{T} p(\hat y_t \mid x),
 
-and ranks any set of candidate labels by cosine similarity between :math:`f(x)` and
-their vectors. Unseen labels only is zero-shot learning; training + unseen labels is the
-generalised setting (the paper's "+1K" rows). :math:`\lVert f(x) \rVert_2` shrinks when the
-top labels point in different semantic directions, which the paper reads as a confidence.
-
-Everything works on a cached probability matrix (numpy, memmap or torch), in chunks so
-memory stays bounded, on any torch device.
+and ranks candidate labels by cosine similarity to :math:`f(x)`: unseen labels only
+(zero-shot) or training + unseen labels (generalised, the paper's "+1K" rows).
+:math:`\lVert f(x) \rVert_2` shrinks when the top labels point in different semantic
+directions, which the paper reads as a confidence. Inputs are numpy, memmap or torch,
+processed in chunks (bounded memory) on any torch device.
 """
 from __future__ import annotations
 
@@ -22,9 +20,13 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from zsl_utils.device import pick_device
 from zsl_utils.errors import ParameterError
+from zsl_utils.metrics import flat_hit_at_k
 from zsl_utils.semantic import LabelEmbeddings
 
 PAPER_T_VALUES = (1, 10, 1000)
@@ -32,8 +34,6 @@ PAPER_T_VALUES = (1, 10, 1000)
 _GATHER_MAX_T = 32
 _RANK_BUDGET_BYTES = 64 * 2**20  # similarity block [rows, candidates] held at once
 
-
-# --------------------------------------------------------------------------- helpers
 
 def _to_tensor(array, device: torch.device) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
@@ -45,14 +45,11 @@ def _like_input(result: torch.Tensor, reference):
     return result if isinstance(reference, torch.Tensor) else result.cpu().numpy()
 
 
-def _resolve_device(device, reference) -> torch.device:
-    if device is not None:
-        from zsl_utils.device import pick_device
-
-        return device if isinstance(device, torch.device) else pick_device(device)
-    if isinstance(reference, torch.Tensor):
-        return reference.device
-    return torch.device("cpu")
+def _resolve_device(device, reference=None) -> torch.device:
+    """``device`` if given (a name goes through pick_device), else where ``reference`` lives."""
+    if device is None:
+        return reference.device if isinstance(reference, torch.Tensor) else torch.device("cpu")
+    return device if isinstance(device, torch.device) else pick_device(device)
 
 
 def _check_T(T: int, n_train: int) -> int:
@@ -73,14 +70,8 @@ def _check_probs_shape(probs, n_train: int) -> None:
 
 
 def check_probabilities(probs, n_train: int) -> None:
-    """Raise :class:`ParameterError` unless ``probs`` (numpy or torch) is ``[N, n_train]``,
-    finite and non-negative.
-
-    One min/max pass: a NaN makes both NaN and fails ``min >= 0``, ``-inf`` or a negative
-    value fails it too, ``+inf`` fails ``max < inf``. (``torch.isfinite(...).all()`` plus a
-    minimum costs several times more.) Callers that embed the same rows several times
-    check once here and pass ``validate=False`` to :func:`conse_embed` / :meth:`ConSE.embed`.
-    """
+    """Raise :class:`ParameterError` unless ``probs`` is ``[N, n_train]``, finite and non-negative.
+    One min/max pass catches every bad value (NaN fails ``min >= 0``, ``+inf`` fails ``max < inf``)."""
     _check_probs_shape(probs, n_train)
     if isinstance(probs, torch.Tensor):
         if not probs.numel():
@@ -103,9 +94,10 @@ def unit_rows(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-# --------------------------------------------------------------------------- functional API
+# --------------------------------------------------------------------------- the formula
 
 def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: torch.Tensor | None):
+    """``(f(x), ||f(x)||)`` for one block of probabilities: the module docstring's formula."""
     if train_mask is not None:
         # Labels without an embedding cannot take part; the top T are drawn from the rest.
         probs = probs * train_mask
@@ -122,47 +114,28 @@ def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: t
 
 def conse_embed(probs, train_vectors, T: int = 10, train_mask=None, chunk_size: int = 8192, device=None,
                 validate: bool = True):
-    """ConSE image embeddings ``f(x)`` and their L2 norms for a probability matrix.
+    """``(f(x) [N, d], ||f(x)|| [N])``, numpy or torch like ``probs`` ``[N, n_train]``.
 
-    ``probs``: ``[N, n_train]`` softmax outputs (numpy, memmap or torch). ``train_vectors``:
-    ``[n_train, d]``, row ``j`` the semantic vector of classifier output ``j``. ``train_mask``:
-    optional boolean ``[n_train]``, False for labels without an embedding. ``validate=False``
-    skips the value check (the shape is always checked) for callers that already ran
-    :func:`check_probabilities` on ``probs``. Returns ``(embeddings [N, d], norms [N])`` of
-    the same kind (numpy/torch) as ``probs``.
+    ``train_vectors[j]`` embeds classifier output ``j``; ``train_mask[j]`` is False for labels
+    without one. ``validate=False`` skips the value check for callers that already ran it.
     """
     dev = _resolve_device(device, probs)
     train = _to_tensor(train_vectors, dev)
     T = _check_T(T, train.shape[0])
     mask = None if train_mask is None else _to_tensor(train_mask, dev)
-    embeddings, norms = [], []
+    parts = []
     for start in range(0, len(probs), max(1, chunk_size)):
         block = _to_tensor(probs[start : start + chunk_size], dev)
-        if validate:
-            check_probabilities(block, train.shape[0])
-        else:
-            _check_probs_shape(block, train.shape[0])
-        emb, norm = _embed_block(block, train, T, mask)
-        embeddings.append(emb)
-        norms.append(norm)
-    if not embeddings:
+        (check_probabilities if validate else _check_probs_shape)(block, train.shape[0])
+        parts.append(_embed_block(block, train, T, mask))
+    if not parts:
         return _like_input(torch.zeros(0, train.shape[1]), probs), _like_input(torch.zeros(0), probs)
-    return _like_input(torch.cat(embeddings), probs), _like_input(torch.cat(norms), probs)
-
-
-def _rank_block(emb: torch.Tensor, unit_candidates: torch.Tensor, k: int):
-    scores = unit_rows(emb) @ unit_candidates.T
-    top_scores, top_indices = scores.topk(k, dim=1)
-    return top_indices, top_scores
+    embeddings, norms = (torch.cat(part) for part in zip(*parts))
+    return _like_input(embeddings, probs), _like_input(norms, probs)
 
 
 def rank(embeddings, candidate_vectors, k: int = 5, chunk_size: int | None = None, device=None):
-    """Top-``k`` candidates by cosine similarity to each embedding.
-
-    Returns ``(indices [N, k] int64, scores [N, k] cosine)`` of the same kind as
-    ``embeddings``; indices point into ``candidate_vectors``. Rows are processed in chunks
-    (default: a similarity block of about 64 MiB) so memory stays bounded.
-    """
+    """Top-``k`` candidates by cosine: ``(indices [N, k], scores [N, k])``, in ~64 MiB chunks."""
     dev = _resolve_device(device, embeddings)
     candidates = unit_rows(_to_tensor(candidate_vectors, dev))
     return _rank_with_unit(embeddings, candidates, k, chunk_size, dev)
@@ -171,32 +144,31 @@ def rank(embeddings, candidate_vectors, k: int = 5, chunk_size: int | None = Non
 def _rank_with_unit(embeddings, unit_candidates: torch.Tensor, k: int, chunk_size: int | None, dev):
     n_candidates = unit_candidates.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_candidates:
-        raise ParameterError(f"rank: k={k!r} must be an integer between 1 and the number of candidates ({n_candidates}).")
+        raise ParameterError(
+            f"rank: k={k!r} must be an integer between 1 and the number of candidates ({n_candidates})."
+        )
     if embeddings.ndim != 2 or embeddings.shape[1] != unit_candidates.shape[1]:
         raise ParameterError(
             f"rank: embeddings {tuple(embeddings.shape)} and candidate vectors {tuple(unit_candidates.shape)} "
             "must share the semantic dimension; build both from the same semantic space."
         )
     chunk = chunk_size or max(1, _RANK_BUDGET_BYTES // (4 * n_candidates))
-    indices, scores = [], []
+    parts = []
     for start in range(0, len(embeddings), chunk):
-        idx, score = _rank_block(_to_tensor(embeddings[start : start + chunk], dev), unit_candidates, int(k))
-        indices.append(idx)
-        scores.append(score)
-    if not indices:
+        block = unit_rows(_to_tensor(embeddings[start : start + chunk], dev))
+        parts.append((block @ unit_candidates.T).topk(int(k), dim=1))  # (scores, indices)
+    if not parts:
         return _like_input(torch.zeros(0, k, dtype=torch.int64), embeddings), _like_input(torch.zeros(0, k), embeddings)
-    return _like_input(torch.cat(indices), embeddings), _like_input(torch.cat(scores), embeddings)
+    scores, indices = (torch.cat(part) for part in zip(*parts))
+    return _like_input(indices, embeddings), _like_input(scores, embeddings)
 
 
 # --------------------------------------------------------------------------- the model
 
 @dataclass
 class ConSEPrediction:
-    """Top-``k`` candidate positions and cosine scores per image, plus ``||f(x)||``.
-
-    A row of all-zero probabilities (an image the extractor skipped) gives ``f(x) = 0``,
-    norm 0 and meaningless ranks: filter such rows with the cache's ``ok`` mask.
-    """
+    """Top-``k`` candidates and cosines per image, plus ``||f(x)||``. All-zero probabilities (an
+    image the extractor skipped) give norm 0 and meaningless ranks: filter with the cache's ``ok``."""
 
     indices: np.ndarray  # [N, k] positions in ConSE.candidate_labels
     scores: np.ndarray  # [N, k] cosine similarities, descending
@@ -209,25 +181,12 @@ class ConSEPrediction:
 
 
 class ConSE:
-    """A ConSE model: training-label vectors, a candidate set and ``T``.
+    """Training-label vectors (``train_mask``: which rows are real embeddings), ``T``, and the
+    candidates to rank (unseen labels for zero-shot, training + unseen for the generalised setting)."""
 
-    ``train_vectors[j]`` embeds classifier output ``j``; ``train_mask`` (optional) marks
-    the rows that are real embeddings. ``candidate_vectors`` are the labels to rank
-    (unseen labels for zero-shot, training + unseen for the generalised setting).
-    """
-
-    def __init__(
-        self,
-        train_vectors,
-        candidate_vectors,
-        T: int = 10,
-        train_mask=None,
-        candidate_labels: Sequence[str] | None = None,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        from zsl_utils.device import pick_device
-
-        self.device = device if isinstance(device, torch.device) else pick_device(device)
+    def __init__(self, train_vectors, candidate_vectors, T: int = 10, train_mask=None,
+                 candidate_labels: Sequence[str] | None = None, device: str | torch.device = "cpu") -> None:
+        self.device = _resolve_device(device)
         self.train = _to_tensor(train_vectors, self.device)
         self.T = _check_T(T, self.train.shape[0])
         self.train_mask = None if train_mask is None else _to_tensor(train_mask, self.device)
@@ -246,11 +205,9 @@ class ConSE:
             raise ParameterError(f"ConSE: {len(self.candidate_labels)} candidate labels for {n} candidate vectors.")
 
     @classmethod
-    def from_embeddings(
-        cls, train: LabelEmbeddings, candidates: LabelEmbeddings, T: int = 10, device: str | torch.device = "cpu"
-    ) -> "ConSE":
-        """Build from :class:`LabelEmbeddings`: missing training labels are masked out and
-        missing candidates dropped (both are listed by ``.report()`` of the inputs)."""
+    def from_embeddings(cls, train: LabelEmbeddings, candidates: LabelEmbeddings, T: int = 10,
+                        device: str | torch.device = "cpu") -> "ConSE":
+        """Missing training labels are masked out, missing candidates dropped (see ``.report()``)."""
         usable = candidates.only_found()
         return cls(train.vectors, usable.vectors, T, train.found, usable.labels, device)
 
@@ -267,32 +224,23 @@ class ConSE:
 
     def predict(self, probs, k: int = 5, batch_size: int = 8192) -> ConSEPrediction:
         """Rank the candidates for every row of ``probs`` (numpy/memmap/torch), in batches."""
-        from tqdm.auto import tqdm
-
         chunks = []
         starts = range(0, len(probs), max(1, batch_size))
         for start in tqdm(starts, desc=f"ConSE(T={self.T})", disable=len(starts) < 4):
             block = _to_tensor(probs[start : start + batch_size], self.device)
             check_probabilities(block, self.train.shape[0])
-            emb, norm = _embed_block(block, self.train, self.T, self.train_mask)
-            chunks.append(self._rank_block(emb, norm, k))
+            chunks.append(self._rank_block(*_embed_block(block, self.train, self.T, self.train_mask), k))
         return self._prediction(chunks, k)
 
     def predict_embedded(self, embeddings, norms, k: int = 5, batch_size: int = 8192) -> ConSEPrediction:
-        """Rank the candidates for image embeddings ``f(x)`` already computed by :meth:`embed`.
-
-        With ``(embeddings, norms) = m.embed(probs)`` from any model ``m`` with the same
-        training vectors, mask and ``T`` (e.g. this model with another candidate set), the
-        result equals ``self.predict(probs)`` exactly (same blocks, same arithmetic), so
-        several candidate sets over the same images embed them only once.
-        """
+        """Rank for ``(embeddings, norms) = m.embed(probs)``: exactly ``self.predict(probs)`` when ``m``
+        has the same training vectors, mask and ``T``, so several candidate sets embed images once."""
         if len(embeddings) != len(norms):
             raise ParameterError(f"ConSE.predict_embedded: {len(embeddings)} embeddings but {len(norms)} norms; "
                                  "pass both outputs of ConSE.embed for the same rows.")
-        chunks = []
-        for start in range(0, len(embeddings), max(1, batch_size)):
-            emb = _to_tensor(embeddings[start : start + batch_size], self.device)
-            chunks.append(self._rank_block(emb, norms[start : start + batch_size], k))
+        chunks = [self._rank_block(_to_tensor(embeddings[s : s + batch_size], self.device),
+                                   norms[s : s + batch_size], k)
+                  for s in range(0, len(embeddings), max(1, batch_size))]
         return self._prediction(chunks, k)
 
     def _rank_block(self, emb: torch.Tensor, norm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -302,56 +250,37 @@ class ConSE:
 
     def _prediction(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> ConSEPrediction:
         if not chunks:
-            return ConSEPrediction(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
-                                   np.zeros(0, np.float32), self.candidate_labels)
+            chunks = [(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))]
         indices, scores, norms = (np.concatenate(parts) for parts in zip(*chunks))
         return ConSEPrediction(indices, scores, norms, self.candidate_labels)
 
 
-# --------------------------------------------------------------------------- candidate sets
+# --------------------------------------------------------------------------- analysis (notebook 01)
 
 def generalised_candidates(train: LabelEmbeddings, unseen: LabelEmbeddings) -> LabelEmbeddings:
     """Training labels followed by the unseen labels not already among them (the "+1K" setting)."""
     seen = set(train.labels)
-    extra = [i for i, label in enumerate(unseen.labels) if label not in seen]
-    return train.concat(unseen.take(extra))
+    return train.concat(unseen.take([i for i, label in enumerate(unseen.labels) if label not in seen]))
 
 
 def label_collisions(embeddings: LabelEmbeddings, decimals: int = 5) -> list[list[str]]:
-    """Groups of embedded labels whose vectors point the same way (cosine 1 to ``decimals``).
-
-    Synonym averaging gives two synsets the same vector when they share all their
-    embeddable lemmas (ImageNet has two *crane* classes: the bird and the machine).
-    Among such labels ConSE cannot tell which is meant, so ConSE(1) over the training
-    labels differs from the softmax top-1 exactly there.
-    """
+    """Groups of embedded labels whose vectors point the same way (cosine 1 to ``decimals``): synsets
+    sharing all their embeddable lemmas (ImageNet's two *crane* classes), which ConSE cannot tell apart."""
     found = np.flatnonzero(embeddings.found)
     unit = unit_rows(torch.as_tensor(embeddings.vectors[found], dtype=torch.float32)).numpy()
     _, inverse, counts = np.unique(np.round(unit, decimals), axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    groups = [found[inverse == g] for g in np.flatnonzero(counts > 1)]
+    groups = [found[inverse.reshape(-1) == g] for g in np.flatnonzero(counts > 1)]
     return sorted([[embeddings.labels[i] for i in group] for group in groups])
 
 
-# The paper's remark on its 1,000-class validation set (ConSE(1) vs. the softmax, hit@1 in %),
-# as summarised in the project's issue 3; see Norouzi et al. (2014), 1000-class experiments.
-# Not verified against the paper's text: the stored copies found (https://www.arxiv-vanity.com/papers/1312.5650/ ,
-# https://hyper.ai/en/papers/1312.5650) only returned the abstract and opening of the introduction, so 55.6 / 55.1
-# remain as remembered in issue 3 (see also the header of tables/paper_conse_imagenet.csv).
+# ConSE(1) vs. the softmax on the paper's 1,000-class validation set (hit@1 %), as summarised in
+# issue 3; not verified against the paper's text (see the header of tables/paper_conse_imagenet.csv).
 PAPER_1K_HIT1 = {"softmax": 55.6, "ConSE(1)": 55.1}
 
 
-def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] | None = None):
-    """The 1,000-class sanity check, one row per image: softmax top-1 vs. ConSE(1) top-1.
-
-    With T = 1 and the training labels as candidates, ConSE returns the label whose vector
-    is closest to the top-1 label's own vector, i.e. the top-1 label itself, unless another
-    label has the same vector (a collision) or the top-1 label has no embedding (ConSE then
-    uses the best embedded label). Column ``case`` says which; ``true_label`` is added when
-    given. Summarise with :func:`summarise_conse1_check`.
-    """
-    import pandas as pd
-
+def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """Softmax top-1 vs. ConSE(1) top-1 over the training labels, one row per image: equal unless
+    another label has the same vector or the top-1 has none; column ``case`` says which."""
     probs_np = np.asarray(probs, dtype=np.float32)
     prediction = ConSE.from_embeddings(train, train, T=1).predict(probs_np, k=1)
     table = pd.DataFrame({
@@ -378,10 +307,8 @@ def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] 
     return table
 
 
-def summarise_conse1_check(per_image) -> "pd.DataFrame":
+def summarise_conse1_check(per_image: pd.DataFrame) -> pd.DataFrame:
     """Counts per case and, with true labels, hit@1 (%) of both beside the paper's numbers."""
-    import pandas as pd
-
     rows = [{"quantity": f"images: {name}", "ours": float(count), "paper": np.nan}
             for name, count in per_image["case"].value_counts().items()]
     if "true_label" in per_image:
@@ -390,24 +317,16 @@ def summarise_conse1_check(per_image) -> "pd.DataFrame":
             rows.append({"quantity": f"hit@1 % {method}", "ours": hit, "paper": PAPER_1K_HIT1[method]})
     return pd.DataFrame(rows)
 
-
-# --------------------------------------------------------------------------- analysis helpers
-
-def classifier_confidence(probs) -> "pd.DataFrame":
+def classifier_confidence(probs) -> pd.DataFrame:
     """Per-image max probability and entropy (nats) of softmax outputs ``[N, n]``."""
-    import pandas as pd
-
     p = np.asarray(probs, dtype=np.float64)
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
     return pd.DataFrame({"max_prob": p.max(axis=1), "entropy": entropy})
 
 
 def top_training_labels(probs_row, names: Sequence[str], n: int = 5, mask=None) -> list[tuple[str, float]]:
-    """The ``n`` most probable training labels of one image as ``(name, probability)``.
-
-    With ``mask`` (e.g. ``LabelEmbeddings.found``) only labels where it is True are
-    considered: exactly the labels ConSE(T = n) combines.
-    """
+    """The ``n`` most probable training labels of one image as ``(name, probability)``; with
+    ``mask`` (e.g. ``LabelEmbeddings.found``) only those where it is True, as ConSE(T = n) uses."""
     row = np.asarray(probs_row, dtype=np.float64)
     if mask is not None:
         row = np.where(np.asarray(mask, dtype=bool), row, -np.inf)
@@ -421,26 +340,19 @@ def predictions_by_T(model: ConSE, probs, T_values: Sequence[int], k: int) -> di
 
 
 def hit_at_k_by_T(predictions: dict[int, ConSEPrediction], true_labels: Sequence[str],
-                  ks: Sequence[int] = (1, 2, 5, 10)) -> "pd.DataFrame":
+                  ks: Sequence[int] = (1, 2, 5, 10)) -> pd.DataFrame:
     """Flat hit@k (%) per ``T``; a true label absent from the candidates is never a hit."""
-    import pandas as pd
-
-    from zsl_utils.metrics import flat_hit_at_k
-
     rows = []
     for T, prediction in predictions.items():
         position = {label: i for i, label in enumerate(prediction.candidate_labels)}
-        true_index = [position.get(label, -1) for label in true_labels]
-        hits = flat_hit_at_k(prediction.indices, true_index, ks)
+        hits = flat_hit_at_k(prediction.indices, [position.get(label, -1) for label in true_labels], ks)
         rows.append({"T": T, **{f"hit@{k} %": 100.0 * hits[k] for k in ks}})
     return pd.DataFrame(rows).set_index("T")
 
 
 def top1_by_T(predictions: dict[int, ConSEPrediction], row_names: Sequence[str],
-              label_names: Mapping[str, str] | None = None) -> "pd.DataFrame":
+              label_names: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Table of ConSE's top-1 label (rows: images, columns: T)."""
-    import pandas as pd
-
     label_names = label_names or {}
     columns = {f"T={T}": [label_names.get(l, l) for l in (p.candidate_labels[i] for i in p.indices[:, 0])]
                for T, p in predictions.items()}

@@ -1,40 +1,26 @@
-"""Multimodal item tables for HUSE: UPMC Food-101 (two layouts), ETHZ Food-101, the
-Tux Paint demo, stratified splits, and the class taxonomies used for H@k.
-
-Every reader returns a :class:`ReadResult`: ``items`` (one row per usable item, columns
-``item_id, image_path, text, label``) and ``skipped`` (``item_id, image_path, reason``
-for every row left out: missing or unreadable image, empty text, unknown class).
-
-UPMC Food-101 comes in two layouts::
-
-    mirror (the common re-distribution)        original release
-    <root>/images/train/<class>/<file>.jpg     <root>/images/train/<class>/<class>_<n>.jpg
-    <root>/images/test/<class>/<file>.jpg      <root>/images/test/<class>/<class>_<n>.jpg
-    <root>/texts/train_titles.csv              <root>/texts_txt/<class>/<class>_<n>.txt
-    <root>/texts/test_titles.csv
-
-The mirror's CSVs have no header; their columns are image file name, text, class.
-In the original release the text of ``images/<split>/<class>/X.jpg`` is
-``texts_txt/<class>/X.txt``.
-
-ETHZ Food-101 (torchvision's ``food-101`` folder) is image-only:
-``<root>/images/<class>/<id>.jpg`` plus ``<root>/meta/{train,test}.json``
-(``{class: ["<class>/<id>", ...]}``).
+"""HUSE item tables: UPMC Food-101 in its two layouts (:data:`MIRROR_TREE`, the common
+re-distribution, and :data:`ORIGINAL_TREE`), splits, taxonomies, and :func:`load_huse_dataset`,
+which also serves the Tux Paint demo. Items are ``item_id, image_path, text, label``; every
+row left out is listed with its reason (missing or unreadable image, empty text, unknown class).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from zsl_utils import config
+from zsl_utils.data import tuxpaint
+from zsl_utils.data.images import image_is_readable
+from zsl_utils.data.wnids import is_wnid
+from zsl_utils.data.wordnet import WordNet
 from zsl_utils.errors import DataLayoutError, ParameterError
+from zsl_utils.metrics import hierarchy_correct_sets
 
 FOOD101_CLASSES: tuple[str, ...] = tuple(
     """apple_pie baby_back_ribs baklava beef_carpaccio beef_tartare beet_salad beignets bibimbap bread_pudding
@@ -58,21 +44,18 @@ FOOD101_SUPERCLASSES: tuple[tuple[str, str], ...] = (
     ("salad", "n07806221"),
     ("sandwich", "n07695965"),
     ("dessert", "n07609840"),
-    ("pasta & dumplings", "n07863374"),
-    ("pasta & dumplings", "n07698915"),
+    ("pasta & dumplings", "n07863374"), ("pasta & dumplings", "n07698915"),
     ("baked goods", "n07622061"),
-    ("seafood", "n07776866"),
-    ("seafood", "n07775375"),  # fish (as food)
+    ("seafood", "n07776866"), ("seafood", "n07775375"),  # the second: fish (as food)
     ("meat", "n07649854"),
-    ("starters & spreads", "n07581346"),  # appetizer
-    ("starters & spreads", "n07810907"),  # condiment (dips, spreads, pate)
+    ("starters & spreads", "n07581346"), ("starters & spreads", "n07810907"),  # appetizer; condiment (dips, pate)
     ("vegetables", "n07705711"),
     ("other dishes", "n07557434"),
 )
 OTHER_FOOD = "other food"  # classes under none of the groups above (cheese, rice)
 SPLITS = ("train", "test")
-ITEM_COLUMNS = ("item_id", "image_path", "text", "label")
-SKIP_COLUMNS = ("item_id", "image_path", "reason")
+ITEM_COLUMNS = ["item_id", "image_path", "text", "label"]
+SKIP_COLUMNS = ["item_id", "image_path", "reason"]
 
 MIRROR_TREE = """<root>/
   images/train/<class>/<class>_<n>.jpg
@@ -83,9 +66,6 @@ ORIGINAL_TREE = """<root>/
   images/train/<class>/<class>_<n>.jpg
   images/test/<class>/<class>_<n>.jpg
   texts_txt/<class>/<class>_<n>.txt"""
-ETHZ_TREE = """<root>/            (torchvision's food-101 folder, or its parent)
-  images/<class>/<id>.jpg
-  meta/train.json, meta/test.json   ({class: ["<class>/<id>", ...]})"""
 
 
 @dataclass
@@ -95,42 +75,40 @@ class ReadResult:
     items: pd.DataFrame
     skipped: pd.DataFrame
 
-    def summary(self) -> str:
-        reasons = self.skipped["reason"].value_counts().to_dict() if len(self.skipped) else {}
-        return f"{len(self.items)} items kept, {len(self.skipped)} skipped {reasons or ''}".strip()
-
-
-def _result(rows: list[tuple], skipped: list[tuple]) -> ReadResult:
-    items = pd.DataFrame(rows, columns=list(ITEM_COLUMNS))
-    return ReadResult(items.reset_index(drop=True), pd.DataFrame(skipped, columns=list(SKIP_COLUMNS)))
-
 
 def clean_text(text: str) -> str:
     """Collapse runs of whitespace (titles and web text carry newlines and tabs)."""
     return re.sub(r"\s+", " ", text or "").strip()
 
 
-def image_is_readable(path: Path) -> bool:
-    """True when PIL can identify and verify the file (header + structure, no full decode)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "unreadable" here
-        return False
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ParameterError(f"split={split!r}; UPMC/ETHZ Food-101 splits are {SPLITS}.")
+def _skip_reason(path: Path, text: str | None, label: str, verify_images: bool) -> str:
+    if text is None:
+        return "missing text file"
+    if label not in FOOD101_CLASSES:
+        return f"unknown class {label!r}"
+    if not clean_text(text):
+        return "empty text"
+    if not path.is_file():
+        return "missing image"
+    if path.stat().st_size == 0 or (verify_images and not image_is_readable(path)):
+        return "unreadable image"
+    return ""
 
 
-# ---------------------------------------------------------------------------- UPMC Food-101
+def _collect(candidates: Iterator[tuple], verify_images: bool, skipped: Iterable[tuple] = ()) -> ReadResult:
+    """Items from ``(item_id, image path, text or None, label)`` candidates; the others skipped with why."""
+    rows, skipped = [], list(skipped)
+    for item_id, path, text, label in candidates:
+        reason = _skip_reason(path, text, label, verify_images)
+        if reason:
+            skipped.append((item_id, str(path), reason))
+        else:
+            rows.append((item_id, str(path), clean_text(text), label))
+    return ReadResult(pd.DataFrame(rows, columns=ITEM_COLUMNS), pd.DataFrame(skipped, columns=SKIP_COLUMNS))
+
+
 def detect_upmc_layout(root: Path, split: str) -> str:
     """``"mirror"`` or ``"original"``; a clear error with both expected trees otherwise."""
-    root = Path(root)
     if (root / "texts" / f"{split}_titles.csv").is_file():
         return "mirror"
     if (root / "texts_txt").is_dir():
@@ -140,13 +118,6 @@ def detect_upmc_layout(root: Path, split: str) -> str:
         f"Expected the mirror layout\n{MIRROR_TREE}\nor the original release\n{ORIGINAL_TREE}\n"
         "Pass the folder that contains images/ (set data_root in the profile)."
     )
-
-
-def _images_dir(root: Path, split: str, tree: str) -> Path:
-    directory = root / "images" / split
-    if not directory.is_dir():
-        raise DataLayoutError(f"{directory} is missing; expected\n{tree}")
-    return directory
 
 
 def _read_titles_csv(path: Path) -> tuple[list[list[str]], list[str]]:
@@ -166,132 +137,50 @@ def _read_titles_csv(path: Path) -> tuple[list[list[str]], list[str]]:
     return rows, bad
 
 
-def read_upmc_mirror(root: Path, split: str, verify_images: bool = False) -> ReadResult:
-    """The mirror layout: rows of ``texts/<split>_titles.csv`` whose image exists and text is not empty."""
-    root = Path(root)
-    images = _images_dir(root, split, MIRROR_TREE)
+def _read_mirror(root: Path, images: Path, split: str, verify_images: bool) -> ReadResult:
+    """The mirror layout: the rows of ``texts/<split>_titles.csv``."""
     csv_rows, bad_lines = _read_titles_csv(root / "texts" / f"{split}_titles.csv")
-    rows, skipped = [], [(line[:80], "", "malformed CSV line") for line in bad_lines]
-    for file_name, text, label in tqdm(csv_rows, desc=f"UPMC {split} rows", disable=len(csv_rows) < 5000):
-        path = images / label / file_name
-        item_id = f"{split}/{label}/{Path(file_name).stem}"
-        reason = _skip_reason(path, text, label, verify_images)
-        if reason:
-            skipped.append((item_id, str(path), reason))
-        else:
-            rows.append((item_id, str(path), clean_text(text), label))
-    return _result(rows, skipped)
+    candidates = ((f"{split}/{label}/{Path(name).stem}", images / label / name, text, label)
+                  for name, text, label in tqdm(csv_rows, desc=f"UPMC {split} rows", disable=len(csv_rows) < 5000))
+    return _collect(candidates, verify_images, skipped=[(line[:80], "", "malformed CSV line") for line in bad_lines])
 
 
-def read_upmc_original(root: Path, split: str, verify_images: bool = False) -> ReadResult:
+def _read_original(root: Path, images: Path, split: str, verify_images: bool) -> ReadResult:
     """The original layout: each ``images/<split>/<class>/X.jpg`` with ``texts_txt/<class>/X.txt``."""
-    root = Path(root)
-    images = _images_dir(root, split, ORIGINAL_TREE)
-    rows, skipped = [], []
     paths = sorted(p for p in images.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    for path in tqdm(paths, desc=f"UPMC {split} files", disable=len(paths) < 5000):
-        label = path.parent.name
-        item_id = f"{split}/{label}/{path.stem}"
-        text_path = root / "texts_txt" / label / f"{path.stem}.txt"
+
+    def candidate(path: Path) -> tuple:
+        text_path = root / "texts_txt" / path.parent.name / f"{path.stem}.txt"
         text = text_path.read_text(encoding="utf-8", errors="replace") if text_path.is_file() else None
-        reason = "missing text file" if text is None else _skip_reason(path, text, label, verify_images)
-        if reason:
-            skipped.append((item_id, str(path), reason))
-        else:
-            rows.append((item_id, str(path), clean_text(text), label))
-    return _result(rows, skipped)
+        return f"{split}/{path.parent.name}/{path.stem}", path, text, path.parent.name
+
+    return _collect(map(candidate, tqdm(paths, desc=f"UPMC {split} files", disable=len(paths) < 5000)), verify_images)
 
 
-def _skip_reason(path: Path, text: str, label: str, verify_images: bool) -> str:
-    if label not in FOOD101_CLASSES:
-        return f"unknown class {label!r}"
-    if not clean_text(text):
-        return "empty text"
-    if not path.is_file():
-        return "missing image"
-    if path.stat().st_size == 0 or (verify_images and not image_is_readable(path)):
-        return "unreadable image"
-    return ""
+def read_upmc_food101(root: Path | str, split: str, verify_images: bool = False) -> ReadResult:
+    """UPMC Food-101 items of ``split`` in either layout (detected).
 
-
-def read_upmc_food101(root: Path | str, split: str, layout: str = "auto", verify_images: bool = False) -> ReadResult:
-    """UPMC Food-101 items of ``split`` in either layout (``layout="auto"`` detects it).
-
-    Missing images, empty texts and unknown classes are always skipped; pass
-    ``verify_images=True`` to also open every image (slow on 90k files; otherwise
-    unreadable images are caught, and reported, by the feature extraction).
+    ``verify_images=True`` also opens every image (slow on 90k files; otherwise unreadable
+    images are caught, and reported, by the feature extraction).
     """
-    _check_split(split)
+    if split not in SPLITS:
+        raise ParameterError(f"split={split!r}; UPMC Food-101 splits are {SPLITS}.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataLayoutError(f"UPMC Food-101 folder {root} does not exist; expected\n{MIRROR_TREE}\nor\n{ORIGINAL_TREE}")
-    layout = detect_upmc_layout(root, split) if layout == "auto" else layout
-    readers = {"mirror": read_upmc_mirror, "original": read_upmc_original}
-    if layout not in readers:
-        raise ParameterError(f"layout={layout!r}; choose 'auto', 'mirror' or 'original'.")
-    return readers[layout](root, split, verify_images)
+        raise DataLayoutError(
+            f"UPMC Food-101 folder {root} does not exist; expected\n{MIRROR_TREE}\nor\n{ORIGINAL_TREE}")
+    mirror = detect_upmc_layout(root, split) == "mirror"
+    images = root / "images" / split
+    if not images.is_dir():
+        raise DataLayoutError(f"{images} is missing; expected\n{MIRROR_TREE if mirror else ORIGINAL_TREE}")
+    return (_read_mirror if mirror else _read_original)(root, images, split, verify_images)
 
 
-# ---------------------------------------------------------------------------- ETHZ Food-101
-def read_ethz_food101(root: Path | str, split: str) -> ReadResult:
-    """ETHZ Food-101 images of ``split`` (no texts: the ``text`` column is empty)."""
-    _check_split(split)
-    root = Path(root).expanduser()
-    if (root / "food-101").is_dir():
-        root = root / "food-101"
-    meta = root / "meta" / f"{split}.json"
-    if not meta.is_file() or not (root / "images").is_dir():
-        raise DataLayoutError(f"{root} is not an ETHZ Food-101 folder (missing {meta} or images/); expected\n{ETHZ_TREE}")
-    listing: Mapping[str, Sequence[str]] = json.loads(meta.read_text())
-    rows, skipped = [], []
-    for label, entries in listing.items():
-        for entry in entries:
-            path = root / "images" / f"{entry}.jpg"
-            item_id = f"{split}/{entry}"
-            reason = f"unknown class {label!r}" if label not in FOOD101_CLASSES else ("" if path.is_file() else "missing image")
-            if reason:
-                skipped.append((item_id, str(path), reason))
-            else:
-                rows.append((item_id, str(path), "", label))
-    return _result(rows, skipped)
-
-
-# ---------------------------------------------------------------------------- Tux Paint demo
-def tuxpaint_items(stamps: pd.DataFrame, min_items_per_class: int = 6) -> tuple[ReadResult, pd.DataFrame]:
-    """The Tux Paint stamps as HUSE items: image, English description, class = category folder.
-
-    Stamps without a description are skipped; classes with fewer than
-    ``min_items_per_class`` stamps cannot be split three ways and are dropped.
-    Returns the items and a per-class count table (``items``, ``kept``).
-    """
-    rows, skipped = [], []
-    for stamp in stamps.itertuples(index=False):
-        item_id = str(Path(stamp.category) / stamp.name)
-        if not clean_text(stamp.description):
-            skipped.append((item_id, str(stamp.path), "empty text"))
-        else:
-            rows.append((item_id, str(stamp.path), clean_text(stamp.description), stamp.category))
-    result = _result(rows, skipped)
-    counts = result.items["label"].value_counts().rename("items").to_frame().rename_axis("class")
-    counts["kept"] = counts["items"] >= min_items_per_class
-    small = result.items["label"].isin(counts.index[~counts["kept"]])
-    dropped = result.items[small]
-    result.skipped = pd.concat(
-        [result.skipped, pd.DataFrame({"item_id": dropped["item_id"], "image_path": dropped["image_path"],
-                                       "reason": f"class has < {min_items_per_class} items"})],
-        ignore_index=True,
-    )
-    result.items = result.items[~small].reset_index(drop=True)
-    return result, counts.sort_index()
-
-
-# ---------------------------------------------------------------------------- splits
 def stratified_holdout(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split row indices into (kept, held out), holding out ``fraction`` of every class.
 
-    Each class with at least two items keeps at least one and holds out at least one
-    (rounded share otherwise); a singleton class stays in ``kept``. The draw depends
-    only on ``seed`` and the labels, so it is the same on every machine.
+    A class of two or more items keeps one and holds out one at least; a singleton stays
+    kept. The draw depends only on ``seed`` and the labels.
     """
     if not 0 < fraction < 1:
         raise ParameterError(f"held-out fraction={fraction!r} must lie strictly between 0 and 1.")
@@ -314,8 +203,8 @@ def assign_splits(
 ) -> pd.DataFrame:
     """Add a ``split`` column: carve ``test`` (if ``test_fraction``) then ``val`` out of the rest, per class.
 
-    Items that already have a ``split`` column (UPMC: train/test) keep their test rows;
-    validation is carved from ``train`` only.
+    Without ``test_fraction`` the items' own ``split`` (UPMC: train/test) is kept and
+    validation comes from ``train`` only.
     """
     items = items.copy()
     if test_fraction is not None:
@@ -330,7 +219,6 @@ def assign_splits(
     return items
 
 
-# ---------------------------------------------------------------------------- taxonomies
 @dataclass(frozen=True)
 class ClassTaxonomy:
     """A class hierarchy: ``parents`` (node -> parent nodes; classes are leaves) and a coarse
@@ -342,19 +230,7 @@ class ClassTaxonomy:
 
     def correct_sets(self, ks: Iterable[int] = (2, 5, 10)) -> dict[int, list[frozenset[int]]]:
         """``{k: [S_k(c) for c in classes]}``: the classes H@k counts right, per class."""
-        from zsl_utils.metrics import hierarchy_correct_sets
-
         return {int(k): hierarchy_correct_sets(self.classes, self.parents, int(k)) for k in ks}
-
-
-def tuxpaint_taxonomy(classes: Sequence[str]) -> ClassTaxonomy:
-    """The stamps' folder tree: ``animals/mammals`` -> ``animals`` -> ``stamps``."""
-    parents: dict[str, tuple[str, ...]] = {}
-    for name in classes:
-        top = name.split("/")[0]
-        parents[name] = (top,)
-        parents[top] = ("stamps",)
-    return ClassTaxonomy(tuple(classes), parents, {c: c.split("/")[0] for c in classes})
 
 
 def load_food101_wordnet_table(path: Path | None = None) -> pd.DataFrame:
@@ -362,7 +238,7 @@ def load_food101_wordnet_table(path: Path | None = None) -> pd.DataFrame:
     path = Path(path) if path else WORDNET_TABLE
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = sorted(set(FOOD101_CLASSES) - set(table["class_name"]))
-    bad = table[~table["wnid"].str.fullmatch(r"n\d{8}")]
+    bad = table[~table["wnid"].map(is_wnid)]
     if missing or len(table) != len(FOOD101_CLASSES) or len(bad):
         raise DataLayoutError(
             f"{path} must map each of the 101 Food-101 classes once to a WNID 'n' + 8 digits; "
@@ -371,10 +247,8 @@ def load_food101_wordnet_table(path: Path | None = None) -> pd.DataFrame:
     return table.set_index("class_name").loc[list(FOOD101_CLASSES)].reset_index()
 
 
-def food101_taxonomy(wordnet=None, table: pd.DataFrame | None = None) -> ClassTaxonomy:
+def food101_taxonomy(wordnet: WordNet | None = None, table: pd.DataFrame | None = None) -> ClassTaxonomy:
     """Food-101 classes as leaves under their mapped synsets, then WordNet's hypernym graph."""
-    from zsl_utils.data.wordnet import WordNet
-
     wordnet = wordnet or WordNet.load()
     table = load_food101_wordnet_table() if table is None else table
     parents: dict[str, tuple[str, ...]] = {}
@@ -395,10 +269,6 @@ def class_phrase(name: str) -> str:
         sub = sub.replace("_", " ")
         return top if sub == "misc" else f"{sub} ({top})"
     return name.replace("_", " ")
-
-
-# ---------------------------------------------------------------------------- one call per notebook step
-DATASETS = ("tuxpaint", "upmc_food101")
 
 
 @dataclass
@@ -430,25 +300,23 @@ def load_huse_dataset(
     min_items_per_class: int = 6,
     verify_images: bool = False,
 ) -> HuseDataset:
-    """The demo (``"tuxpaint"``) or UPMC Food-101 (``"upmc_food101"``, at ``data_root``) as a
-    ``HuseDataset`` with seeded, class-stratified splits.
+    """The demo (``"tuxpaint"``) or UPMC Food-101 (``"upmc_food101"``, at ``data_root``) with
+    seeded, class-stratified splits.
 
-    Tux Paint: stamps with a description; classes of fewer than ``min_items_per_class``
-    stamps dropped; ``test_fraction`` then ``val_fraction`` held out per class.
-    UPMC: the official train/test split; ``val_fraction`` of each class's train items
-    becomes validation.
+    Tux Paint: :func:`~zsl_utils.data.tuxpaint.tuxpaint_items`, then ``test_fraction`` and
+    ``val_fraction`` held out per class. UPMC: the official train/test split, and
+    ``val_fraction`` of each class's train items as validation.
     """
     if dataset == "tuxpaint":
-        from zsl_utils.data.tuxpaint import load_stamps
-
-        stamps = load_stamps(Path(data_root) if str(data_root) else None)
-        read, _ = tuxpaint_items(stamps, min_items_per_class)
+        stamps = tuxpaint.load_stamps(Path(data_root) if str(data_root) else None)
+        read = ReadResult(*tuxpaint.tuxpaint_items(stamps, min_items_per_class))
         items = assign_splits(read.items, val_fraction, test_fraction, seed)
         classes = tuple(sorted(items["label"].unique()))
-        taxonomy = tuxpaint_taxonomy(classes)
+        taxonomy = ClassTaxonomy(classes, *tuxpaint.category_tree(classes))
     elif dataset == "upmc_food101":
         if not str(data_root):
-            raise ParameterError("dataset='upmc_food101' needs data_root=<folder with images/ and texts/ or texts_txt/>.")
+            raise ParameterError(
+                "dataset='upmc_food101' needs data_root=<folder with images/ and texts/ or texts_txt/>.")
         parts = [read_upmc_food101(data_root, split, verify_images=verify_images) for split in SPLITS]
         read = ReadResult(
             pd.concat([p.items.assign(split=s) for p, s in zip(parts, SPLITS)], ignore_index=True),
@@ -459,5 +327,5 @@ def load_huse_dataset(
         full = food101_taxonomy()
         taxonomy = ClassTaxonomy(classes, full.parents, full.superclass)  # H@k over the classes present
     else:
-        raise ParameterError(f"dataset={dataset!r}; choose one of {DATASETS}.")
+        raise ParameterError(f"dataset={dataset!r}; choose one of ('tuxpaint', 'upmc_food101').")
     return HuseDataset(dataset, items, classes, tuple(class_phrase(c) for c in classes), taxonomy, read.skipped)

@@ -1,11 +1,8 @@
 """ImageNet WNID lists: the 1K training labels, the 21K release, candidates, lemmas, list files.
 
-Everything comes from the synset files that timm ships in ``timm/data/_info`` (no
-WordNet needed): ``imagenet_synsets.txt`` (the 1,000 ILSVRC-2012 classes, sorted, the
-order every ImageNet classifier uses), ``imagenet22k_synsets.txt`` (the 21,841 synsets
-of the fall-2011 release, the ConSE paper's label space) and
-``imagenet_synset_to_lemma.txt``. One 1K class, teddy bear (``n04399382``), is not
-among the 21,841.
+All from the synset files timm ships in ``timm/data/_info`` (no WordNet needed): the 1,000
+ILSVRC-2012 classes in classifier order, the 21,841 synsets of the fall-2011 release (the
+ConSE paper's label space; it lacks one 1K class, teddy bear ``n04399382``) and their lemmas.
 """
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ def timm_info_file(filename: str) -> Path:
     path = Path(timm.data.__file__).parent / "_info" / filename
     if not path.is_file():
         raise AssetUnavailableError(
-            f"timm's info file {path} is missing; reinstall timm (pip install --force-reinstall timm)."
-        )
+            f"timm's info file {path} is missing; reinstall timm (pip install --force-reinstall timm).")
     return path
 
 
@@ -96,11 +92,8 @@ def is_wnid(token: str) -> bool:
 
 
 def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[str]:
-    """WNIDs from a text file (one per line, or separated by commas/whitespace; ``#`` comments).
-
-    Every line must start with a WNID; further WNIDs on the line count too, other tokens
-    (names, as in ``n01440764 tench``) are ignored. ``known`` (e.g. the release) makes
-    unknown WNIDs an error that lists them.
+    """WNIDs from a text file: each line starts with one; more on the line (comma or space separated)
+    count too, names (``n01440764 tench``) and ``#`` comments are ignored. WNIDs not in ``known`` are an error.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -112,7 +105,8 @@ def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) 
             continue
         tokens = line.split()
         if not is_wnid(tokens[0]):
-            raise DataLayoutError(f"{path}:{number}: {tokens[0]!r} is not a WNID (expected n + 8 digits, e.g. n01440764).")
+            raise DataLayoutError(
+                f"{path}:{number}: {tokens[0]!r} is not a WNID (expected n + 8 digits, e.g. n01440764).")
         wnids.extend(t for t in tokens if is_wnid(t))  # other tokens are names: ignored
     if not wnids:
         raise DataLayoutError(f"WNID list {path} holds no WNIDs.")

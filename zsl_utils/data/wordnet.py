@@ -1,18 +1,16 @@
 """A small, fast reader for the WordNet 3.0 noun database.
 
-ImageNet labels are WordNet noun synsets named by WNID: ``"n"`` followed by the
-synset's eight-digit byte offset in ``data.noun`` (``n02123045`` is *tabby cat*).
-We read only what the papers need: lemmas, gloss, and the is-a graph (hypernyms and
-hyponyms, including the *instance* links, so that e.g. a named mountain still hangs
-under *mountain*). Parsing ``data.noun`` takes a few seconds; the parsed graph is
-pickled under ``data/cache`` and reloaded in well under a second afterwards.
+ImageNet labels are WordNet noun synsets named by WNID: ``"n"`` + the synset's eight-digit
+byte offset in ``data.noun`` (``n02123045`` is *tabby cat*). We read lemmas, gloss and the
+is-a graph, *instance* links included (a named mountain still hangs under *mountain*).
+The parsed graph is pickled under ``data/cache`` (seconds to parse, well under one to reload).
 """
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from zsl_utils import config
 from zsl_utils.atomic import write_atomically
@@ -32,11 +30,6 @@ class Synset:
     gloss: str
     hypernyms: tuple[str, ...]
     hyponyms: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        """The first lemma with spaces, e.g. ``'tabby cat'``."""
-        return self.lemmas[0].replace("_", " ")
 
 
 def offset_to_wnid(offset: int | str) -> str:
@@ -86,11 +79,9 @@ class WordNet:
         self._records = records
         self._index = index
 
-    # ------------------------------------------------------------------ loading
     @classmethod
     def from_files(cls, directory: Path) -> "WordNet":
-        directory = Path(directory)
-        data_path, index_path = directory / "data.noun", directory / "index.noun"
+        data_path, index_path = Path(directory) / "data.noun", Path(directory) / "index.noun"
         for path in (data_path, index_path):
             if not path.is_file():
                 raise AssetUnavailableError(
@@ -100,11 +91,8 @@ class WordNet:
                 )
         # WordNet offsets are byte offsets, so the file must be read as bytes -> latin-1 text.
         with open(data_path, encoding="latin-1") as handle:
-            records = {
-                s.wnid: (s.lemmas, s.gloss, s.hypernyms, s.hyponyms)
-                for s in map(parse_data_line, handle)
-                if s is not None
-            }
+            synsets = (s for s in map(parse_data_line, handle) if s is not None)
+            records = {s.wnid: (s.lemmas, s.gloss, s.hypernyms, s.hyponyms) for s in synsets}
         with open(index_path, encoding="latin-1") as handle:
             index = dict(entry for entry in map(parse_index_line, handle) if entry is not None)
         return cls(records, index)
@@ -132,7 +120,6 @@ class WordNet:
         write_atomically(cache_path, lambda handle: pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL))
         return wordnet
 
-    # ------------------------------------------------------------------ queries
     def __contains__(self, wnid: object) -> bool:
         return wnid in self._records
 
@@ -142,47 +129,27 @@ class WordNet:
     def wnids(self) -> Iterator[str]:
         return iter(self._records)
 
-    def _record(self, wnid: str) -> tuple:
+    def synset(self, wnid: str) -> Synset:
         try:
-            return self._records[wnid]
+            return Synset(wnid, *self._records[wnid])
         except KeyError:
             raise KeyError(f"{wnid!r} is not a WordNet 3.0 noun synset (expected 'n' + 8 digits).") from None
 
-    def synset(self, wnid: str) -> Synset:
-        return Synset(wnid, *self._record(wnid))
-
-    def lemmas(self, wnid: str) -> tuple[str, ...]:
-        return self._record(wnid)[0]
-
-    def gloss(self, wnid: str) -> str:
-        return self._record(wnid)[1]
-
     def hypernyms(self, wnid: str) -> tuple[str, ...]:
-        return self._record(wnid)[2]
-
-    def hyponyms(self, wnid: str) -> tuple[str, ...]:
-        return self._record(wnid)[3]
+        return self.synset(wnid).hypernyms
 
     def ancestors(self, wnid: str) -> set[str]:
         """All synsets above ``wnid`` (transitive hypernyms), excluding ``wnid`` itself."""
-        return self._closure([wnid], self.hypernyms)
-
-    def descendants(self, wnid: str) -> set[str]:
-        """All synsets below ``wnid`` (transitive hyponyms), excluding ``wnid`` itself."""
-        return self._closure([wnid], self.hyponyms)
+        seen: set[str] = set()
+        frontier = [wnid]
+        while frontier:
+            for parent in self.hypernyms(frontier.pop()):
+                if parent not in seen:
+                    seen.add(parent)
+                    frontier.append(parent)
+        return seen
 
     def lookup(self, word: str) -> list[str]:
         """Noun WNIDs whose lemma is ``word`` (case-insensitive; spaces or underscores), in sense order."""
         key = word.strip().lower().replace(" ", "_")
         return list(self._index.get(key, []))
-
-    @staticmethod
-    def _closure(start: Iterable[str], step) -> set[str]:
-        seen: set[str] = set()
-        frontier = list(start)
-        while frontier:
-            for neighbour in step(frontier.pop()):
-                if neighbour not in seen:
-                    seen.add(neighbour)
-                    frontier.append(neighbour)
-        return seen

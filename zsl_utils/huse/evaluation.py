@@ -1,16 +1,15 @@
 """Evaluating HUSE: fused classification, retrieval recall@K, hierarchical precision H@k,
 the paper's numbers beside ours, the 2-D projection and retrieval examples.
 
-Every table is a DataFrame in percent. Retrieval follows the paper's protocol: each
-test item is a query against all *other* test items (its own image/text pair
-excluded), and a retrieved item is a hit when it has the query's class. The four
-directions are image->image, image->text, text->image and text->text.
+Tables are DataFrames in percent. Retrieval follows the paper: each test item queries all
+*other* test items (its own image/text pair excluded); a hit has the query's class.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,7 @@ from zsl_utils import config
 from zsl_utils.data.images import load_image_rgb
 from zsl_utils.errors import ParameterError
 from zsl_utils.huse.model import DIRECTIONS, MODALITIES, SplitOutputs
+from zsl_utils.metrics import retrieval_hierarchical_precision_at_k, retrieval_neighbours, retrieval_recall_at_k
 
 PAPER_TABLE = config.TABLES_DIR / "paper_huse.csv"
 
@@ -37,10 +37,9 @@ def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def choose_fusion_weight(outputs: SplitOutputs, candidates: Sequence[float] | None = None) -> float:
-    """The image weight (from ``candidates``, default 0, 0.05 .. 1) with the best fused accuracy.
+    """The image weight (``candidates``, default 0, 0.05 .. 1) with the best fused accuracy.
 
-    Meant for the validation split. Ties go to the candidate closest to 0.5 (the
-    least committal), so equal accuracies do not silently favour one modality.
+    Ties go to the candidate closest to 0.5, so they do not silently favour one modality.
     """
     candidates = np.linspace(0, 1, 21) if candidates is None else np.asarray(candidates, dtype=float)
     probs = outputs.probabilities
@@ -50,7 +49,6 @@ def choose_fusion_weight(outputs: SplitOutputs, candidates: Sequence[float] | No
     return float(min(tied, key=lambda w: abs(w - 0.5)))
 
 
-# ---------------------------------------------------------------------------- tables
 def classification_table(outputs: SplitOutputs, image_weight: float) -> pd.DataFrame:
     """Accuracy (%) of the image softmax, the text softmax and their weighted fusion."""
     probs = outputs.probabilities
@@ -60,37 +58,13 @@ def classification_table(outputs: SplitOutputs, image_weight: float) -> pd.DataF
     return pd.DataFrame({"accuracy": {k: 100 * v for k, v in rows.items()}}).rename_axis("input")
 
 
-def retrieval_table(outputs: SplitOutputs, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> pd.DataFrame:
-    """Recall@K (%) for the four query -> gallery directions; each item is excluded from its own gallery."""
-    from zsl_utils import metrics
-
+def direction_table(outputs: SplitOutputs, metric: Callable[..., dict[int, float]], prefix: str) -> pd.DataFrame:
+    """``metric(queries, gallery, labels, labels)`` (%) for every query -> gallery direction present."""
     rows = {}
     for query, gallery in DIRECTIONS:
         if query in outputs.embeddings and gallery in outputs.embeddings:
-            recall = metrics.retrieval_recall_at_k(
-                outputs.embeddings[query], outputs.embeddings[gallery], outputs.labels, outputs.labels,
-                ks=ks, exclude_same_index=True, chunk_size=chunk_size,
-            )
-            rows[f"{query}->{gallery}"] = {f"R@{k}": 100 * v for k, v in recall.items()}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("direction")
-
-
-def hierarchical_table(
-    outputs: SplitOutputs,
-    correct_sets: Mapping[int, Sequence[frozenset[int]]],
-    chunk_size: int = 1024,
-) -> pd.DataFrame:
-    """Hierarchical precision H@k (%) per direction; ``correct_sets[k][c]`` = classes counted right for class c."""
-    from zsl_utils import metrics
-
-    rows = {}
-    for query, gallery in DIRECTIONS:
-        if query in outputs.embeddings and gallery in outputs.embeddings:
-            precision = metrics.retrieval_hierarchical_precision_at_k(
-                outputs.embeddings[query], outputs.embeddings[gallery], outputs.labels, outputs.labels,
-                correct_sets, exclude_same_index=True, chunk_size=chunk_size,
-            )
-            rows[f"{query}->{gallery}"] = {f"H@{k}": 100 * v for k, v in precision.items()}
+            values = metric(outputs.embeddings[query], outputs.embeddings[gallery], outputs.labels, outputs.labels)
+            rows[f"{query}->{gallery}"] = {f"{prefix}@{k}": 100 * v for k, v in values.items()}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("direction")
 
 
@@ -103,7 +77,7 @@ class HuseEvaluation:
     hierarchical: pd.DataFrame
 
     def summary(self) -> dict[str, float]:
-        """A few headline numbers (fusion accuracy, mean R@1 and mean H@ smallest k)."""
+        """A few headline numbers (accuracies, mean R@1 and mean H@ smallest k)."""
         out = {f"accuracy_{k}": float(v) for k, v in self.classification["accuracy"].items()}
         if len(self.retrieval):
             out["mean_R@1"] = float(self.retrieval.iloc[:, 0].mean())
@@ -112,25 +86,19 @@ class HuseEvaluation:
         return out
 
 
-def evaluate_huse(
-    outputs: SplitOutputs,
-    image_weight: float,
-    correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
-    ks: Sequence[int] = (1, 5, 10),
-) -> HuseEvaluation:
-    """Classification, retrieval and (if ``correct_sets``) hierarchical-precision tables."""
-    hierarchical = hierarchical_table(outputs, correct_sets) if correct_sets else pd.DataFrame()
-    return HuseEvaluation(classification_table(outputs, image_weight), retrieval_table(outputs, ks), hierarchical)
-
-
+def evaluate_huse(outputs: SplitOutputs, image_weight: float,
+                  correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
+                  ks: Sequence[int] = (1, 5, 10)) -> HuseEvaluation:
+    """Classification, retrieval and hierarchical-precision tables (``correct_sets[k][c]``: right at H@k for c)."""
+    recall = partial(retrieval_recall_at_k, ks=ks, exclude_same_index=True)
+    precision = partial(retrieval_hierarchical_precision_at_k, correct_sets=correct_sets, exclude_same_index=True)
+    hierarchical = direction_table(outputs, precision, "H") if correct_sets else pd.DataFrame()
+    return HuseEvaluation(classification_table(outputs, image_weight), direction_table(outputs, recall, "R"),
+                          hierarchical)
 
 
 def project_2d(embeddings: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """A shared, deterministic 2-D PCA of all modalities' embeddings (so they can be compared).
-
-    Uses the SVD of the centred, stacked embeddings; each axis's sign is fixed so that
-    its largest-magnitude loading is positive (SVD signs are otherwise arbitrary).
-    """
+    """A shared 2-D PCA of all modalities' embeddings; each axis's largest loading is positive (fixed signs)."""
     names = list(embeddings)
     stacked = np.concatenate([np.asarray(embeddings[m], dtype=np.float64) for m in names])
     centred = stacked - stacked.mean(axis=0)
@@ -142,21 +110,13 @@ def project_2d(embeddings: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {m: coords[bounds[i] : bounds[i + 1]] for i, m in enumerate(names)}
 
 
-def retrieval_examples(
-    outputs: SplitOutputs,
-    items: pd.DataFrame,
-    n_queries: int = 3,
-    k: int = 5,
-    seed: int = 0,
-) -> tuple[list, list]:
+def retrieval_examples(outputs: SplitOutputs, items: pd.DataFrame, n_queries: int = 3, k: int = 5,
+                       seed: int = 0) -> tuple[list, list]:
     """Cross-modal retrieval examples for ``plots.plot_huse_retrievals``.
 
-    Draws ``n_queries`` items (seeded); for each, its image retrieves the ``k`` nearest
-    *texts* and its text the ``k`` nearest *images* (the item's own pair excluded).
-    ``items`` is the split's item table (``HuseSplit.items``: ``image_path, text, label``).
+    For ``n_queries`` seeded rows of ``items`` (``HuseSplit.items``), the image retrieves the
+    ``k`` nearest texts and the text the ``k`` nearest images, its own pair excluded.
     """
-    from zsl_utils.metrics import retrieval_neighbours
-
     chosen = np.random.default_rng(seed).choice(len(items), size=min(n_queries, len(items)), replace=False)
     image_to_text = retrieval_neighbours(outputs.embeddings["image"], outputs.embeddings["text"], k, True)
     text_to_image = retrieval_neighbours(outputs.embeddings["text"], outputs.embeddings["image"], k, True)
@@ -165,18 +125,15 @@ def retrieval_examples(
         query = items.iloc[row]
         texts = [(items.iloc[j]["text"], items.iloc[j]["label"]) for j in image_to_text[row].tolist()]
         image_queries.append((load_image_rgb(query["image_path"]), query["label"], texts))
-        images = [(load_image_rgb(items.iloc[j]["image_path"]), items.iloc[j]["label"]) for j in text_to_image[row].tolist()]
+        images = [(load_image_rgb(items.iloc[j]["image_path"]), items.iloc[j]["label"])
+                  for j in text_to_image[row].tolist()]
         text_queries.append((query["text"], query["label"], images))
     return image_queries, text_queries
 
 
-# ---------------------------------------------------------------------------- the paper's numbers
 def paper_numbers(path: Path | None = None) -> pd.DataFrame:
-    """The committed table of HUSE's published numbers (``table, row, metric, value, source, note``).
-
-    Values the paper reports but that we could not verify are NaN rather than guessed.
-    """
-    table = pd.read_csv(Path(path) if path else PAPER_TABLE)
+    """HUSE's published numbers (``table, row, metric, value, source, note``); unverified values are NaN."""
+    table = pd.read_csv(path or PAPER_TABLE)
     expected = {"table", "row", "metric", "value", "source", "note"}
     if not expected <= set(table.columns):
         raise ParameterError(f"{path or PAPER_TABLE} must have columns {sorted(expected)}; has {list(table.columns)}.")
@@ -184,11 +141,7 @@ def paper_numbers(path: Path | None = None) -> pd.DataFrame:
 
 
 def side_by_side(ours: pd.DataFrame, table: str, paper: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Our results (rows x metrics) with the paper's value after each metric column.
-
-    ``table`` is ``"classification"``, ``"retrieval"`` or ``"hierarchical"``; rows the
-    paper does not report get NaN in the paper column.
-    """
+    """Our results (rows x metrics) with the paper's value (or NaN) after each metric; ``table`` as in the CSV."""
     paper = paper_numbers() if paper is None else paper
     published = paper[paper["table"] == table].pivot_table(index="row", columns="metric", values="value",
                                                            aggfunc="first", dropna=False)

@@ -1,22 +1,6 @@
-"""HUSE: hierarchical universal semantic embeddings (Narayana et al., 2019).
+"""HUSE (Narayana et al., 2019): per-modality towers over frozen features into one L2-normalised space.
 
-One L2-normalised space shared by images and texts. Each modality has its own tower
-(a stack of ReLU layers over *frozen* input features) that ends in ``D`` units,
-L2-normalised; one linear classification layer is shared by both towers and applied to
-each embedding separately. Training (``huse_train``) combines a classification loss, a
-semantic-graph loss that makes embedding distances mirror class-name distances, and a
-gap loss that pulls an item's image and text together (``huse_losses``).
-
-This module holds the data container, the model and the assembly helpers:
-
-* ``HuseSplit`` — frozen image/text features and class indices of one split.
-* ``HuseArchitecture`` / ``HuseModel`` — towers (paper: image 5 x 512, text 2 x 512,
-  dropout 0.15 between hidden layers) and the shared classifier.
-* ``embed_split`` — embeddings and softmax scores of a split.
-* ``semantic_class_distance`` — the semantic graph from class-name phrases.
-* ``build_splits`` — item table + cached features -> one ``HuseSplit`` per split.
-
-Evaluation lives in ``huse_eval``, training in ``huse_train``, the losses in ``huse_losses``.
+One linear classifier is shared by both towers. Also the data container and ``embed_split``.
 """
 from __future__ import annotations
 
@@ -30,24 +14,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zsl_utils.errors import ParameterError
+from zsl_utils.huse.losses import class_distance_matrix
+from zsl_utils.semantic import sentence_label_embeddings
 
 MODALITIES = ("image", "text")
 # Retrieval directions in the order of the paper's tables: (query, gallery).
 DIRECTIONS = (("image", "image"), ("image", "text"), ("text", "image"), ("text", "text"))
 
 
-# ---------------------------------------------------------------------------- data
 @dataclass
 class HuseSplit:
-    """Frozen features of one split: row ``i`` of ``image`` and ``text`` is item ``i``.
-
-    ``image`` or ``text`` may be ``None`` for a single-modality source (ETHZ Food-101).
-    """
+    """Frozen features of one split: row ``i`` of ``image`` and ``text`` (either may be None) is item ``i``."""
 
     image: torch.Tensor | None
     text: torch.Tensor | None
     labels: torch.Tensor
-    class_names: tuple[str, ...] = field(default=())
     items: pd.DataFrame | None = field(default=None, repr=False)  # the item table rows, aligned
 
     def __post_init__(self) -> None:
@@ -64,9 +45,7 @@ class HuseSplit:
                     "one row per label. Check that features and labels come from the same item table."
                 )
             if not torch.isfinite(value).all():
-                raise ParameterError(
-                    f"HuseSplit.{name} holds NaN/inf features; re-extract them (delete the feature cache)."
-                )
+                raise ParameterError(f"HuseSplit.{name} holds NaN/inf features; re-extract them (delete the cache).")
             setattr(self, name, value)
         if self.image is None and self.text is None:
             raise ParameterError("HuseSplit needs image or text features (both are None).")
@@ -87,15 +66,7 @@ class HuseSplit:
             raise ParameterError(f"this split has no {missing} features; it has {self.modalities}.")
         return {m: getattr(self, m) for m in wanted}
 
-    def subset(self, index: Sequence[int] | np.ndarray | torch.Tensor) -> "HuseSplit":
-        """The items at ``index`` (order kept)."""
-        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        rows = None if self.items is None else self.items.iloc[index.numpy()].reset_index(drop=True)
-        return HuseSplit(pick(self.image), pick(self.text), self.labels[index], self.class_names, rows)
 
-
-# ---------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class HuseArchitecture:
     """Tower sizes; defaults are the paper's (Section 4.2)."""
@@ -113,31 +84,23 @@ class HuseArchitecture:
         if not 0 <= self.dropout < 1:
             raise ParameterError(f"HuseArchitecture.dropout={self.dropout!r} must lie in [0, 1).")
 
-    def hidden_layers(self, modality: str) -> int:
-        return self.image_hidden_layers if modality == "image" else self.text_hidden_layers
-
-
-def make_tower(input_dim: int, hidden_dim: int, hidden_layers: int, output_dim: int, dropout: float) -> nn.Sequential:
-    """``hidden_layers`` x (Linear + ReLU) with dropout between hidden layers, then Linear to ``output_dim``."""
-    layers: list[nn.Module] = []
-    width = input_dim
-    for layer in range(hidden_layers):
-        if layer > 0 and dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-        width = hidden_dim
-    layers.append(nn.Linear(width, output_dim))
-    return nn.Sequential(*layers)
+    def tower(self, modality: str, input_dim: int) -> nn.Sequential:
+        """Hidden layers of Linear + ReLU (dropout between them), then Linear to ``embedding_dim``."""
+        layers: list[nn.Module] = []
+        width = input_dim
+        for layer in range(self.image_hidden_layers if modality == "image" else self.text_hidden_layers):
+            if layer > 0 and self.dropout > 0:
+                layers.append(nn.Dropout(self.dropout))
+            layers += [nn.Linear(width, self.hidden_dim), nn.ReLU()]
+            width = self.hidden_dim
+        layers.append(nn.Linear(width, self.embedding_dim))
+        return nn.Sequential(*layers)
 
 
 class HuseModel(nn.Module):
     """Per-modality towers into one L2-normalised space, plus one shared linear classifier.
 
-    Args:
-        input_dims: ``{"image": image_feature_dim, "text": text_feature_dim}``; give one
-            key only for a single-modality model (the "separate models" ablation).
-        num_classes: ``K``.
-        architecture: tower sizes.
+    ``input_dims`` maps modality to feature width (one key: the separate-models ablation).
     """
 
     def __init__(self, input_dims: Mapping[str, int], num_classes: int, architecture: HuseArchitecture | None = None):
@@ -150,13 +113,7 @@ class HuseModel(nn.Module):
             raise ParameterError(f"num_classes={num_classes}; HUSE needs at least 2 classes.")
         self.architecture = architecture
         self.input_dims = {m: int(input_dims[m]) for m in MODALITIES if m in input_dims}
-        self.towers = nn.ModuleDict(
-            {
-                m: make_tower(dim, architecture.hidden_dim, architecture.hidden_layers(m),
-                              architecture.embedding_dim, architecture.dropout)
-                for m, dim in self.input_dims.items()
-            }
-        )
+        self.towers = nn.ModuleDict({m: architecture.tower(m, dim) for m, dim in self.input_dims.items()})
         self.classifier = nn.Linear(architecture.embedding_dim, num_classes)
 
     @property
@@ -182,7 +139,6 @@ class HuseModel(nn.Module):
         return embeddings, logits
 
 
-# ---------------------------------------------------------------------------- inference
 @dataclass
 class SplitOutputs:
     """Embeddings (``(N, D)``, unit norm) and softmax scores (``(N, K)``) per modality."""
@@ -193,16 +149,11 @@ class SplitOutputs:
 
 
 @torch.no_grad()
-def embed_split(
-    models: HuseModel | Mapping[str, HuseModel],
-    split: HuseSplit,
-    device: torch.device | str = "cpu",
-    batch_size: int = 4096,
-) -> SplitOutputs:
+def embed_split(models: HuseModel | Mapping[str, HuseModel], split: HuseSplit, device: torch.device | str = "cpu",
+                batch_size: int = 4096) -> SplitOutputs:
     """Embed every item of ``split`` in eval mode; results on CPU.
 
-    ``models`` is one joint model, or ``{"image": model_a, "text": model_b}`` for the
-    separate-models ablation (each modality embedded by its own model).
+    ``models``: one joint model, or ``{modality: model}`` for the separate-models ablation.
     """
     per_modality = dict(models) if isinstance(models, Mapping) else {m: models for m in models.modalities}
     embeddings, probabilities = {}, {}
@@ -211,38 +162,25 @@ def embed_split(
             continue
         model.eval().to(device)
         features = split.features([modality])[modality]
-        chunks = [model.embed(modality, features[s : s + batch_size].to(device)) for s in range(0, len(split), batch_size)]
-        embedded = torch.cat(chunks).float()
+        starts = range(0, len(split), batch_size)
+        embedded = torch.cat([model.embed(modality, features[s : s + batch_size].to(device)) for s in starts]).float()
         embeddings[modality] = embedded.cpu()
         probabilities[modality] = model.classifier(embedded).softmax(dim=1).float().cpu()
     return SplitOutputs(embeddings, probabilities, split.labels.cpu())
 
 
-# ---------------------------------------------------------------------------- assembly
 def semantic_class_distance(phrases: Sequence[str], device: str = "cpu") -> torch.Tensor:
-    """The semantic graph ``A`` from class-name phrases embedded by the packaged MiniLM.
-
-    The paper embeds class names with the Universal Sentence Encoder; MiniLM is the
-    sentence encoder shipped with this project.
-    """
-    from zsl_utils.huse.losses import class_distance_matrix
-    from zsl_utils.semantic import sentence_label_embeddings
-
+    """The semantic graph ``A`` from class-name phrases embedded by MiniLM (the paper: Universal Sentence Encoder)."""
     vectors = sentence_label_embeddings(list(phrases), device=device).vectors
     return class_distance_matrix(torch.as_tensor(vectors, dtype=torch.float32))
 
 
-def build_splits(
-    items: pd.DataFrame,
-    classes: Sequence[str],
-    image_features: np.ndarray | None,
-    text_features: np.ndarray | None,
-    usable: np.ndarray | None = None,
-) -> tuple[dict[str, HuseSplit], pd.DataFrame]:
+def build_splits(items: pd.DataFrame, classes: Sequence[str], image_features: np.ndarray | None,
+                 text_features: np.ndarray | None, usable: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
     """One ``HuseSplit`` per value of ``items["split"]``, rows aligned with ``items``.
 
-    ``usable`` (bool per item, e.g. image ``ok`` & text ``ok``) drops items whose features
-    could not be computed; they are returned as a table so the notebook can list them.
+    ``usable`` (bool per item) drops items whose features could not be computed; they are
+    returned as a table so the notebook can list them.
     """
     position = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(items["label"]) - set(position))
@@ -254,6 +192,6 @@ def build_splits(
     for name in items["split"].unique():
         rows = np.flatnonzero((items["split"].to_numpy() == name) & usable)
         pick = lambda x: None if x is None else torch.as_tensor(np.asarray(x)[rows], dtype=torch.float32)  # noqa: E731
-        splits[str(name)] = HuseSplit(pick(image_features), pick(text_features), labels[rows], tuple(classes),
+        splits[str(name)] = HuseSplit(pick(image_features), pick(text_features), labels[rows],
                                       items.iloc[rows].reset_index(drop=True))
     return splits, items[~usable]

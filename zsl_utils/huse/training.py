@@ -1,19 +1,7 @@
-"""Training HUSE on cached features, the validation grid search, and the ablations.
+"""Training HUSE on cached features (resumable from checkpoints), the validation grid search, the ablations.
 
-The paper trains with RMSProp (learning rate 1.6192e-5, momentum 0.9), batch 1024, for
-250k steps; those are the defaults of ``TrainConfig``. The demo profile uses far fewer
-steps, a smaller batch and a larger learning rate so that it finishes in a minute on a
-CPU; the notebook says which values it used.
-
-Resume: with ``checkpoint_dir`` and ``checkpoint_every``, :func:`train_huse` writes an
-atomic checkpoint (``zsl_utils.checkpoint``: model, RMSProp state, batch stream, RNG
-states, loss history) every ``checkpoint_every`` steps and at the end, into a subfolder
-named after a hash of everything that determines the result (settings, loss weights,
-architecture, ``num_steps``, the training data). A rerun with the same arguments
-continues from the latest checkpoint and ends bit-identical to an uninterrupted run; a
-run with other settings gets its own subfolder, so the grid search and the ablations can
-share one ``checkpoint_dir``. ``zsl_utils.scale.ddp`` trains with the same state on N
-processes.
+The steps (:func:`start_training`, :func:`resume`, :func:`train_steps`) are shared with the
+multi-process trainer, ``python -m zsl_utils.scale.ddp``.
 """
 from __future__ import annotations
 
@@ -23,17 +11,21 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from zsl_utils.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
+                                  save_checkpoint)
 from zsl_utils.errors import ParameterError
-from zsl_utils.huse.model import MODALITIES, HuseArchitecture, HuseModel, HuseSplit, embed_split
-from zsl_utils.huse.evaluation import HuseEvaluation, choose_fusion_weight, evaluate_huse
+from zsl_utils.huse.evaluation import choose_fusion_weight, evaluate_huse
 from zsl_utils.huse.losses import LossWeights, huse_loss
+from zsl_utils.huse.model import MODALITIES, HuseArchitecture, HuseModel, HuseSplit, embed_split
+
+LOSS_PARTS = ("total", "classification", "graph", "gap")  # columns of the loss history
 
 
 @dataclass(frozen=True)
@@ -72,41 +64,25 @@ class TrainedHuse:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def batch_indices(n_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless mini-batches: a fresh seeded permutation per epoch, cut into ``batch_size`` slices.
-
-    A batch larger than the data set is the whole (shuffled) data set. The last slice of
-    an epoch may be shorter, so every item is seen once per epoch.
-    """
-    batch_size = min(batch_size, n_items)
-    while True:
-        order = torch.randperm(n_items, generator=generator)
-        for start in range(0, n_items, batch_size):
-            yield order[start : start + batch_size]
-
-
 def check_training_inputs(train: HuseSplit, class_distance: torch.Tensor, config: TrainConfig) -> None:
-    """Raise :class:`ParameterError` unless the split has the modalities and labels ``config`` and ``class_distance`` need."""
+    """Raise :class:`ParameterError` unless ``train`` has the modalities and labels the settings need."""
     missing = [m for m in config.modalities if m not in train.modalities]
     if missing:
         raise ParameterError(f"training asks for {missing} features but the split only has {train.modalities}.")
     n_classes = class_distance.shape[0]
     if class_distance.ndim != 2 or class_distance.shape[1] != n_classes:
         raise ParameterError(f"class_distance must be square (K, K), got {tuple(class_distance.shape)}.")
-    if len(train) == 0 or int(train.labels.max()) >= n_classes or int(train.labels.min()) < 0:
-        raise ParameterError(
-            f"labels must be class indices in [0, {n_classes}); got range "
-            f"[{int(train.labels.min()) if len(train) else '-'}, {int(train.labels.max()) if len(train) else '-'}]. "
-            "Build class_distance from the same class list as the labels."
-        )
+    low, high = (int(train.labels.min()), int(train.labels.max())) if len(train) else ("-", "-")
+    if len(train) == 0 or high >= n_classes or low < 0:
+        raise ParameterError(f"labels must be class indices in [0, {n_classes}); got range [{low}, {high}]. "
+                             "Build class_distance from the same class list as the labels.")
 
 
 class ResumableBatches:
-    """The batches of :func:`batch_indices`, with a state that a checkpoint can hold.
+    """Endless mini-batches: a seeded permutation per epoch, cut into ``batch_size`` slices.
 
-    A fresh seeded permutation per epoch, cut into ``batch_size`` slices (the last one of
-    an epoch may be shorter). ``state_dict`` captures the generator, the current epoch's
-    permutation and the position in it, which a Python generator function cannot.
+    The last slice of an epoch may be shorter, so every item is seen once per epoch. The
+    state (generator, permutation, position) goes into checkpoints.
     """
 
     def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
@@ -131,75 +107,64 @@ class ResumableBatches:
         self.order, self.position = state["order"].clone(), int(state["position"])
 
 
-# ---------------------------------------------------------------------------- checkpoints
-LOSS_PARTS = ("total", "classification", "graph", "gap")  # columns of the loss history
-
-
-def training_fingerprint(
-    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights, config: TrainConfig,
-    architecture: HuseArchitecture,
-) -> dict[str, Any]:
-    """What a checkpoint belongs to: settings (except ``num_steps``), losses, architecture, data hash."""
-    digest = hashlib.sha256()
-    for tensor in [*train.features(config.modalities).values(), train.labels, torch.as_tensor(class_distance)]:
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
-    settings = {k: v for k, v in asdict(config).items() if k != "num_steps"}
-    return {"format": 1, "train": settings, "loss": asdict(weights), "architecture": asdict(architecture),
-            "data_sha256": digest.hexdigest(), "n_items": len(train)}
-
-
 @dataclass
 class TrainingRun:
-    """Everything a training checkpoint holds besides the RNG states."""
+    """A training in progress: its inputs on the device, settings, and the state a checkpoint holds."""
 
     model: HuseModel
     optimizer: torch.optim.Optimizer
     batches: ResumableBatches
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    class_distance: torch.Tensor
+    weights: LossWeights
+    config: TrainConfig
     history: list[dict] = field(default_factory=list)  # one row per log_every steps
     window: list[torch.Tensor] = field(default_factory=list)  # loss parts of the steps since the last row
 
-
-def log_step(run: TrainingRun, parts: Mapping[str, torch.Tensor], step: int, config: TrainConfig) -> None:
-    """Add a step's losses to the window; every ``log_every`` steps and at the end, append its means."""
-    run.window.append(torch.stack([parts[k].detach() for k in LOSS_PARTS]))
-    if step % config.log_every == 0 or step == config.num_steps:
-        means = torch.stack(run.window).mean(dim=0).cpu().tolist()
-        run.history.append({"step": step, **dict(zip(LOSS_PARTS, means))})
-        run.window.clear()
+    def result(self, extras: dict[str, Any]) -> TrainedHuse:
+        """The model (eval mode), its loss history and settings."""
+        history = pd.DataFrame(self.history, columns=["step", *LOSS_PARTS])
+        return TrainedHuse(self.model.eval(), history, self.weights, self.config, self.model.architecture, extras)
 
 
-def checkpoint_state(run: TrainingRun) -> dict[str, Any]:
-    """The state to save: model, optimizer, batch stream, RNG states, loss history and window."""
-    from zsl_utils.checkpoint import capture_rng_state
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save into ``folder`` every ``every`` steps and at the last step, keeping the ``keep_last`` newest."""
 
-    window = torch.stack(run.window).cpu() if run.window else torch.zeros((0, len(LOSS_PARTS)))
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": capture_rng_state(),
-            "batches": run.batches.state_dict(), "history": run.history, "window": window}
+    folder: Path
+    fingerprint: dict[str, Any]
+    every: int
+    keep_last: int = 2
 
 
-def restore_checkpoint(run: TrainingRun, path: str | os.PathLike, fingerprint: Mapping[str, Any], num_steps: int) -> int:
-    """Load checkpoint ``path`` into ``run`` and the RNGs; return its step.
+def start_training(
+    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None, config: TrainConfig | None,
+    architecture: HuseArchitecture | None, device: torch.device | str,
+) -> TrainingRun:
+    """Check the inputs, seed, and build the model, RMSProp and the batch stream on ``device`` (step 0)."""
+    weights, config = weights or LossWeights(), config or TrainConfig()
+    architecture = architecture or HuseArchitecture()
+    class_distance = torch.as_tensor(class_distance, dtype=torch.float32)
+    check_training_inputs(train, class_distance, config)
+    torch.manual_seed(config.seed)  # initial weights and dropout masks
+    features = {m: x.to(device) for m, x in train.features(config.modalities).items()}
+    model = HuseModel({m: x.shape[1] for m, x in features.items()}, class_distance.shape[0], architecture).to(device)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    return TrainingRun(model, optimizer, ResumableBatches(len(train), config.batch_size, config.seed), features,
+                       train.labels.to(device), class_distance.to(device), weights, config)
 
-    Raises ``StaleCheckpointError`` when it belongs to another ``fingerprint``.
-    """
-    from zsl_utils.checkpoint import load_checkpoint, restore_rng_state
 
-    step, state = load_checkpoint(path, fingerprint, map_location="cpu")
-    if step > num_steps:
-        raise ParameterError(
-            f"checkpoint {path} is at step {step}, beyond num_steps={num_steps}; raise num_steps or use another "
-            f"checkpoint_dir."
-        )
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.batches.load_state_dict(state["batches"])
-    restore_rng_state(state["rng"])
-    run.history[:] = list(state["history"])
-    device = next(run.model.parameters()).device
-    run.window[:] = [row.to(device) for row in state["window"]]
-    return step
+def training_fingerprint(train: HuseSplit, run: TrainingRun) -> dict[str, Any]:
+    """What a checkpoint belongs to: settings (except ``num_steps``), losses, architecture, data hash."""
+    digest = hashlib.sha256()
+    for tensor in [*train.features(run.config.modalities).values(), train.labels, run.class_distance]:
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    settings = {k: v for k, v in asdict(run.config).items() if k != "num_steps"}
+    return {"format": 1, "train": settings, "loss": asdict(run.weights), "architecture": asdict(run.model.architecture),
+            "data_sha256": digest.hexdigest(), "n_items": len(train)}
 
 
 def run_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: Mapping[str, Any], num_steps: int) -> Path:
@@ -208,139 +173,120 @@ def run_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: Mapping[s
     return Path(checkpoint_dir) / f"huse_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+def resume(run: TrainingRun, path: Path | None, fingerprint: Mapping[str, Any] | None) -> int:
+    """Load checkpoint ``path`` (None: none) into ``run`` and the RNGs; return its step (StaleCheckpointError)."""
+    if path is None:
+        return 0
+    step, state = load_checkpoint(path, fingerprint, map_location="cpu")
+    if step > run.config.num_steps:
+        raise ParameterError(f"checkpoint {path} is at step {step}, beyond num_steps={run.config.num_steps}; raise "
+                             "num_steps or use another checkpoint_dir.")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.batches.load_state_dict(state["batches"])
+    restore_rng_state(state["rng"])
+    run.history[:] = list(state["history"])
+    run.window[:] = [row.to(run.labels.device) for row in state["window"]]
+    return step
+
+
+def checkpoint_state(run: TrainingRun) -> dict[str, Any]:
+    """The state to save: model, optimizer, batch stream, RNG states, loss history and window."""
+    window = torch.stack(run.window).cpu() if run.window else torch.zeros((0, len(LOSS_PARTS)))
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": capture_rng_state(),
+            "batches": run.batches.state_dict(), "history": run.history, "window": window}
+
+
+def train_steps(
+    run: TrainingRun, start: int, forward: Callable[[torch.Tensor], tuple[dict, dict]] | None = None,
+    checkpointing: Checkpointing | None = None, progress: bool = True, desc: str = "HUSE training",
+    step_callback: Callable[[int], None] | None = None,
+) -> None:
+    """Steps ``start + 1 .. num_steps``; ``step_callback(step)`` after each (and its checkpoint).
+
+    ``forward(index)``: the outputs for the whole batch ``index`` (default: ``run.model`` on it).
+    """
+    config, device = run.config, run.labels.device
+    forward = forward or (lambda index: run.model({m: x[index.to(device)] for m, x in run.features.items()}))
+    run.model.train()
+    for step in tqdm(range(start + 1, config.num_steps + 1), desc=desc, disable=not progress, mininterval=1.0):
+        index = run.batches.next()
+        embeddings, logits = forward(index)
+        parts = huse_loss(embeddings, logits, run.labels[index.to(device)], run.class_distance, run.weights)
+        run.optimizer.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        run.optimizer.step()
+        run.window.append(torch.stack([parts[k].detach() for k in LOSS_PARTS]))
+        if step % config.log_every == 0 or step == config.num_steps:
+            means = torch.stack(run.window).mean(dim=0).cpu().tolist()
+            run.history.append({"step": step, **dict(zip(LOSS_PARTS, means))})
+            run.window.clear()
+        if checkpointing is not None and (step % checkpointing.every == 0 or step == config.num_steps):
+            save_checkpoint(checkpointing.folder, step, checkpoint_state(run), checkpointing.fingerprint,
+                            checkpointing.keep_last)
+        if step_callback is not None:
+            step_callback(step)
+
+
 def _check_checkpoint_arguments(checkpoint_dir: Any, checkpoint_every: Any) -> None:
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
         raise ParameterError(f"checkpoint_every must be an int >= 0 (steps; 0: none), got {checkpoint_every!r}.")
     if (checkpoint_dir is None) != (checkpoint_every == 0):
-        raise ParameterError(
-            f"checkpoint_dir={checkpoint_dir!r} with checkpoint_every={checkpoint_every}: pass both (a folder and "
-            "the steps between checkpoints) to make training resumable, or neither."
-        )
+        raise ParameterError(f"checkpoint_dir={checkpoint_dir!r} with checkpoint_every={checkpoint_every}: pass both "
+                             "(a folder and the steps between checkpoints) to make training resumable, or neither.")
 
 
 def train_huse(
-    train: HuseSplit,
-    class_distance: torch.Tensor,
-    weights: LossWeights | None = None,
-    config: TrainConfig | None = None,
-    architecture: HuseArchitecture | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    keep_last: int = 2,
+    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
+    config: TrainConfig | None = None, architecture: HuseArchitecture | None = None,
+    device: torch.device | str = "cpu", progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0, keep_last: int = 2,
 ) -> TrainedHuse:
-    """Train a HUSE model (or a single-modality one) on cached features.
+    """Train a HUSE model (or a single-modality one) on cached features; ``config.seed`` fixes all randomness.
 
-    Everything random (initial weights, dropout, batch order) follows ``config.seed``,
-    so two CPU runs with the same inputs give identical models.
-
-    ``checkpoint_dir`` / ``checkpoint_every``: write a checkpoint every that many steps
-    and at the end into :func:`run_checkpoint_dir` of ``checkpoint_dir`` (the
-    ``keep_last`` newest are kept), and continue from the latest one found there. A run
-    interrupted at any moment and started again with the same arguments ends with the
-    same parameters and loss history, bit for bit, as one that was never interrupted;
-    the steps after the last checkpoint are recomputed. ``extras`` records
-    ``resumed_from_step`` and the folder.
+    With ``checkpoint_dir`` and ``checkpoint_every``, it checkpoints into :func:`run_checkpoint_dir` and
+    continues from the latest checkpoint there, ending bit for bit as an uninterrupted run.
     """
-    from zsl_utils.checkpoint import latest_checkpoint, save_checkpoint
-
-    weights, config, architecture = weights or LossWeights(), config or TrainConfig(), architecture or HuseArchitecture()
-    class_distance = torch.as_tensor(class_distance, dtype=torch.float32)
-    check_training_inputs(train, class_distance, config)
     _check_checkpoint_arguments(checkpoint_dir, checkpoint_every)
-    folder, fingerprint = None, {}
+    run = start_training(train, class_distance, weights, config, architecture, torch.device(device))
+    checkpointing = None
     if checkpoint_dir is not None:
-        fingerprint = training_fingerprint(train, class_distance, weights, config, architecture)
-        folder = run_checkpoint_dir(checkpoint_dir, fingerprint, config.num_steps)
-    device = torch.device(device)
-    torch.manual_seed(config.seed)  # initial weights and dropout masks
-    features = {m: x.to(device) for m, x in train.features(config.modalities).items()}
-    labels, class_distance = train.labels.to(device), class_distance.to(device)
-    model = HuseModel({m: x.shape[1] for m, x in features.items()}, class_distance.shape[0], architecture).to(device)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-    run = TrainingRun(model, optimizer, ResumableBatches(len(train), config.batch_size, config.seed))
-    latest = latest_checkpoint(folder) if folder is not None else None
-    start = restore_checkpoint(run, latest, fingerprint, config.num_steps) if latest is not None else 0
-    model.train()
-    steps = range(start + 1, config.num_steps + 1)
-    for step in tqdm(steps, desc="HUSE training", disable=not progress, mininterval=1.0):
-        index = run.batches.next().to(device)
-        embeddings, logits = model({m: x[index] for m, x in features.items()})
-        parts = huse_loss(embeddings, logits, labels[index], class_distance, weights)
-        optimizer.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        optimizer.step()
-        log_step(run, parts, step, config)
-        if folder is not None and (step % checkpoint_every == 0 or step == config.num_steps):
-            save_checkpoint(folder, step, checkpoint_state(run), fingerprint, keep_last)
-    model.eval()
-    extras = {"resumed_from_step": start, "checkpoint_dir": str(folder)} if folder is not None else {}
-    return TrainedHuse(model, pd.DataFrame(run.history, columns=["step", *LOSS_PARTS]), weights, config, architecture,
-                       extras)
-
-
-# ---------------------------------------------------------------------------- validation
-def validate(
-    models: HuseModel | Mapping[str, HuseModel],
-    val: HuseSplit,
-    correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
-    device: torch.device | str = "cpu",
-    fusion_weight: float | None = None,
-) -> tuple[HuseEvaluation, float]:
-    """Evaluate on a split; if ``fusion_weight`` is None it is chosen on this split first."""
-    outputs = embed_split(models, val, device)
-    if fusion_weight is None:
-        fusion_weight = choose_fusion_weight(outputs) if len(outputs.probabilities) == 2 else 0.5
-    return evaluate_huse(outputs, fusion_weight, correct_sets), fusion_weight
-
-
-def _grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    allowed = set(LossWeights.__dataclass_fields__)
-    unknown = set(grid) - allowed
-    if unknown:
-        raise ParameterError(f"grid keys {sorted(unknown)} are not loss settings; use some of {sorted(allowed)}.")
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+        fingerprint = training_fingerprint(train, run)
+        folder = run_checkpoint_dir(checkpoint_dir, fingerprint, run.config.num_steps)
+        checkpointing = Checkpointing(folder, fingerprint, checkpoint_every, keep_last)
+    start = resume(run, latest_checkpoint(checkpointing.folder), checkpointing.fingerprint) if checkpointing else 0
+    train_steps(run, start, checkpointing=checkpointing, progress=progress)
+    extras = {"resumed_from_step": start, "checkpoint_dir": str(checkpointing.folder)} if checkpointing else {}
+    return run.result(extras)
 
 
 def grid_search(
-    train: HuseSplit,
-    val: HuseSplit,
-    class_distance: torch.Tensor,
-    grid: Mapping[str, Sequence[Any]],
-    base_weights: LossWeights | None = None,
-    config: TrainConfig | None = None,
-    architecture: HuseArchitecture | None = None,
-    correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
-    selection: str = "mean_R@1",
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
+    train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, grid: Mapping[str, Sequence[Any]],
+    base_weights: LossWeights | None = None, config: TrainConfig | None = None,
+    architecture: HuseArchitecture | None = None, correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
+    selection: str = "mean_R@1", device: torch.device | str = "cpu", progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
 ) -> pd.DataFrame:
-    """Train one model per combination of ``grid`` values and score it on ``val``.
+    """Train one model per combination of ``grid`` values (``LossWeights`` fields) and score it on ``val``.
 
-    ``grid`` maps ``LossWeights`` fields (``alpha``, ``beta``, ``gamma``, ``margin``,
-    ``graph_variant``) to candidate values. Each row reports the validation headline
-    numbers (``HuseEvaluation.summary``) and the fusion weight chosen on ``val``; rows
-    are sorted best first by ``selection`` (default: mean recall@1 over the four
-    retrieval directions, the quantity the embedding is for).
-
-    ``checkpoint_dir`` / ``checkpoint_every`` are passed to every :func:`train_huse`
-    (each combination has its own subfolder): a rerun after an interruption reloads the
-    finished combinations' final checkpoints and continues the interrupted one.
+    A row holds the validation headline numbers and the fusion weight chosen on ``val``;
+    rows are sorted best first by ``selection``. Checkpoint arguments go to every
+    :func:`train_huse`: a rerun reloads finished combinations and continues the interrupted one.
     """
     _check_checkpoint_arguments(checkpoint_dir, checkpoint_every)
-    base_weights = base_weights or LossWeights()
+    unknown, allowed = set(grid) - set(LossWeights.__dataclass_fields__), sorted(LossWeights.__dataclass_fields__)
+    if unknown:
+        raise ParameterError(f"grid keys {sorted(unknown)} are not loss settings; use some of {allowed}.")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     rows = []
-    combos = _grid(grid)
     for combo in tqdm(combos, desc="grid search", disable=not progress or len(combos) < 2):
-        weights = replace(base_weights, **combo)
+        weights = replace(base_weights or LossWeights(), **combo)
         trained = train_huse(train, class_distance, weights, config, architecture, device, progress=False,
                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-        evaluation, fusion_weight = validate(trained.model, val, correct_sets, device)
-        rows.append({**asdict(weights), "fusion_weight": fusion_weight, **evaluation.summary()})
+        outputs = embed_split(trained.model, val, device)
+        fusion_weight = choose_fusion_weight(outputs) if len(outputs.probabilities) == 2 else 0.5
+        summary = evaluate_huse(outputs, fusion_weight, correct_sets).summary()
+        rows.append({**asdict(weights), "fusion_weight": fusion_weight, **summary})
     table = pd.DataFrame(rows)
     if selection not in table.columns:
         raise ParameterError(f"selection={selection!r} is not a grid column; choose one of {list(table.columns)}.")
@@ -350,32 +296,22 @@ def grid_search(
 def best_weights(grid_table: pd.DataFrame) -> LossWeights:
     """The ``LossWeights`` of the first (best) row of a ``grid_search`` table."""
     row = grid_table.iloc[0]
-    return LossWeights(**{k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in LossWeights.__dataclass_fields__})
+    return LossWeights(**{k: (row[k].item() if hasattr(row[k], "item") else row[k])
+                          for k in LossWeights.__dataclass_fields__})
 
 
 def train_separate(
-    train: HuseSplit,
-    class_distance: torch.Tensor,
-    weights: LossWeights | None = None,
-    config: TrainConfig | None = None,
-    architecture: HuseArchitecture | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
+    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
+    config: TrainConfig | None = None, **options: Any,
 ) -> dict[str, TrainedHuse]:
     """The "separate models" ablation: one single-modality HUSE per modality (no gap loss).
 
-    Each model gets the classification and graph losses on its own modality only, so
-    the two spaces are never aligned; cross-modal retrieval between them measures what
-    the joint training buys. Checkpoint arguments as in :func:`train_huse`.
+    The two spaces are never aligned, so cross-modal retrieval between them measures what
+    joint training buys. ``options``: keyword arguments of :func:`train_huse`.
     """
     config = config or TrainConfig()
-    return {
-        m: train_huse(train, class_distance, weights, replace(config, modalities=(m,)), architecture, device, progress,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-        for m in train.modalities
-    }
+    return {m: train_huse(train, class_distance, weights, replace(config, modalities=(m,)), **options)
+            for m in train.modalities}
 
 
 def seeded_repeat_check(train: HuseSplit, class_distance: torch.Tensor, **kwargs: Any) -> bool:
@@ -383,4 +319,3 @@ def seeded_repeat_check(train: HuseSplit, class_distance: torch.Tensor, **kwargs
     first = train_huse(train, class_distance, progress=False, **kwargs).model.state_dict()
     second = train_huse(train, class_distance, progress=False, **kwargs).model.state_dict()
     return all(torch.equal(first[k], second[k]) for k in first)
-
