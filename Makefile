@@ -23,7 +23,7 @@ data: $(DATA_STAMPS)
 
 # Order-only on the venv: a reinstall does not refetch the data.
 $(DATA_STAMPS) &: | $(STAMP)
-	$(PY) -m zsl_utils.assets
+	$(PY) -m zsl_utils.data.assets
 
 ## The suite's main job: every numbered notebook, in order, on a parameter profile.
 demo: setup

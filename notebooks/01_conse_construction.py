@@ -108,7 +108,7 @@ print(f"device={torch_device}, {len(stamps)} Tux Paint stamps, {sum(1 for _ in w
 # %%
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
 train_names = wnid_names(classifier.wnids)
-print(classifier.name, "-", classifier.num_classes, "outputs; first three:",
+print(classifier.name, "-", len(classifier.wnids), "outputs; first three:",
       [f"{w} ({train_names[w]})" for w in classifier.wnids[:3]])
 print("preprocessing:", classifier.preprocess.config)
 

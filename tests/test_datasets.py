@@ -79,7 +79,7 @@ def test_map_name_rules(name, expected):
 
 def test_reviewed_table_is_well_formed(wordnet):
     table = load_tuxpaint_table()
-    space = set(wnids.imagenet21k_wnids()) | set(wnids.ilsvrc2012_wnids())
+    space = set(wnids.imagenet_wnids("21k")) | set(wnids.imagenet_wnids("1k"))
     listed = table[table["wnid"] != ""]
     assert listed["wnid"].isin(space).all()
     assert all(w in wordnet for w in listed["wnid"])

@@ -41,9 +41,11 @@ from zsl_utils.scale.extract import (
     extract,
     list_image_files,
     run_distributed_extraction,
+    run_extraction,
     verify_cache,
 )
-from zsl_utils.scale.launch import DistributedRunError, read_rank_errors, torchrun_command, write_rank_error
+from zsl_utils.scale.launch import (DistContext, DistributedRunError, read_rank_errors, torchrun_command,
+                                    write_rank_error)
 from zsl_utils.errors import StaleCacheError
 from zsl_utils.huse.model import HuseArchitecture, HuseSplit
 from zsl_utils.scale.ddp import (
@@ -213,9 +215,6 @@ def test_image_features_cache_is_the_cache_of_cached_image_features(tmp_path, im
 def test_a_rank_whose_files_are_all_unreadable_writes_its_shards_first(tmp_path, image_folder, tiny_weights, kind):
     """Rank 0 of 2 owns shard 0, whose two files are both unreadable, and runs before rank 1
     has written anything: its shard must still get the arrays of the in-process cache."""
-    from zsl_utils.scale.extract import run_extraction
-    from zsl_utils.scale.launch import DistContext
-
     folder = tmp_path / "images"
     folder.mkdir()
     for bad in ("img_03_corrupt.jpg", "img_07_empty.png"):  # sorted first: rows 0-1 = shard 0
@@ -351,16 +350,14 @@ def test_uncreatable_cache_dir_fails_before_any_process_starts(tmp_path, image_f
 
 
 def test_full_disk_is_refused_before_work_and_reported_during_it(tmp_path, monkeypatch, image_folder, tiny_weights):
-    import zsl_utils.scale.extract as dist_extract
-
     cache_dir = tmp_path / "probs"
     real_usage = shutil.disk_usage
-    monkeypatch.setattr(dist_extract.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=10_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=10_000))
     # 15 rows x 1000 float16 probabilities = 30 kB > 10 kB free.
     with pytest.raises(CacheFullError, match=r"0\.00 GB free.*Nothing was computed"):
         extract(_spec(cache_dir, image_folder, tiny_weights), progress=False)
     assert not list(cache_dir.glob("shard_*.npz"))
-    monkeypatch.setattr(dist_extract.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

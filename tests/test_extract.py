@@ -319,19 +319,23 @@ def test_dataloader_pinning_pins_the_stacked_batch(monkeypatch):
         return tensor.clone()
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
-    loaded = [(4, torch.ones(3)), (5, None), (6, torch.zeros(3))]
-    batch = extract_module._Batch([(row, value, "bad" if value is None else "") for row, value in loaded], stack=True)
+    items = [torch.ones(3), None, torch.zeros(3)]
+    batch = extract_module._Batch(items, lambda item: item, True, [0, 1, 2])
     batch = dataloader_pin(batch)
     assert pinned_shapes == [(2, 3)]  # one page-locked copy per batch, not per image
-    values = batch.encoder_input()
-    assert batch.rows == [4, 6] and batch.skipped == [(5, "bad")] and values.shape == (2, 3)
+    values = batch.values
+    assert batch.rows == [0, 2] and batch.skipped == [(1, "load_item returned None")] and values.shape == (2, 3)
     assert values.tolist() == [[1, 1, 1], [0, 0, 0]]
 
 
 def test_image_kinds_pin_on_cuda_only(tmp_path, image_folder, monkeypatch):
     requested = []
-    monkeypatch.setattr(extract_module, "extract_to_cache",
-                        lambda *a, pin_memory=False, **k: requested.append(pin_memory) or None)
+
+    def recording_extract(items, load_item, encoder, cache, *args, pin_memory=False, **settings):
+        requested.append(pin_memory)
+        return extract_module.CachedOutputs(cache, None, [], 0, 0.0)
+
+    monkeypatch.setattr(extract_module, "extract_to_cache", recording_extract)
     for device in (torch.device("cpu"), torch.device("cuda")):  # the classifier's device (no GPU needed here)
         _probs(_FakeClassifier(device=device), image_folder, tmp_path / str(device))
     assert requested == [False, True]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from zsl_utils.errors import AssetUnavailableError, ParameterError, StaleCacheError
 from zsl_utils.cache import normalise_fingerprint, read_meta
 from zsl_utils.extract import (_BertStyleEncoder, PooledFeaturesEncoder, TextEncoder, cache_folder, cached_outputs,
-                               fit_tfidf, salient_words)
+                               salient_words)
 
 
 def minilm_dir() -> Path:
@@ -53,7 +54,7 @@ def test_tfidf_features_match_hand_computation(tmp_path):
     result = text_features(texts, "toy", kind="tfidf", cache_dir=tmp_path / "t", device="cpu", progress=False)
     idf_apple, idf_pie = 1.0, math.log(3 / 2) + 1
     norm = math.hypot(idf_apple, idf_pie)
-    vocabulary = fit_tfidf(texts).vocabulary_
+    vocabulary = TfidfVectorizer().fit(texts).vocabulary_
     row = result.load()[0]
     assert row[vocabulary["apple"]] == pytest.approx(idf_apple / norm, rel=1e-5)
     assert row[vocabulary["pie"]] == pytest.approx(idf_pie / norm, rel=1e-5)
@@ -63,7 +64,7 @@ def test_tfidf_features_match_hand_computation(tmp_path):
 
 def test_salient_words_keep_highest_tfidf_in_order():
     corpus = ["the soup", "the salad", "the noodle soup"]
-    vectorizer = fit_tfidf(corpus, max_features=None)
+    vectorizer = TfidfVectorizer().fit(corpus)
     # Smooth idf over 3 documents: the 1, soup ln(4/3)+1 = 1.29, noodle ln(4/2)+1 = 1.69; "with" is unknown (0).
     assert salient_words("the soup with noodle", vectorizer, max_words=2) == "soup noodle"
     # The score is the word's TF-IDF in this text: a repeated word (tf=2) outranks a rarer one.

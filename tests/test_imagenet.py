@@ -67,7 +67,7 @@ def test_real_label_sets(wordnet):
     """Invariants on WordNet 3.0 + timm's lists; sizes are those documented in the module."""
     hierarchy = imagenet.wordnet_hierarchy(wordnet)
     sets = build_label_sets(hierarchy)
-    assert len(sets.training) == 1000 and len(wnids.imagenet21k_wnids()) == 21841
+    assert len(sets.training) == 1000 and len(wnids.imagenet_wnids("21k")) == 21841
     assert len(sets.candidates) == 20842  # n04399382 (teddy bear) is not in the 2011 release
     two, three = set(sets.test_sets["2-hop"]), set(sets.test_sets["3-hop"])
     assert two < three < set(sets.test_sets["all"])

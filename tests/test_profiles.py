@@ -140,18 +140,22 @@ def test_unsupported_annotation_is_named():
         profiles.value_matches_type([1, 2], "tuple[int, int]")
 
 
+def parse_choices(comment: str):
+    return profiles.NotebookParameter("x", "str", '""', comment).choices
+
+
 def test_choices_and_patterns():
-    choices = profiles.parse_choices('device (one of: "auto", "cpu", "cuda:*")')
+    choices = parse_choices('device (one of: "auto", "cpu", "cuda:*")')
     assert choices == ("auto", "cpu", "cuda:*")
     assert profiles.value_in_choices("cuda:1", choices)
     assert not profiles.value_in_choices("cuda", choices)
     assert not profiles.value_in_choices("gpu", choices)
-    assert profiles.parse_choices("k (one of: 1, 5, 10)") == (1, 5, 10)
+    assert parse_choices("k (one of: 1, 5, 10)") == (1, 5, 10)
     assert not profiles.value_in_choices(True, (1, 5))  # True == 1 must not pass
     assert profiles.value_in_choices(1.0, (0.5, 1)) and not profiles.value_in_choices(2.0, (0.5, 1))
-    assert profiles.parse_choices("plain comment") is None
+    assert parse_choices("plain comment") is None
     with pytest.raises(ParameterError, match="allowed values"):
-        profiles.parse_choices("bad (one of: auto, cpu)")
+        parse_choices("bad (one of: auto, cpu)")
 
 
 # --------------------------------------------------------------------------- profiles

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from zsl_utils import config
 from zsl_utils.errors import AssetUnavailableError
 from zsl_utils.data.wordnet import WordNet, parse_data_line, parse_index_line
 
@@ -41,18 +42,17 @@ def _write_tiny_wordnet(directory):
     (directory / "index.noun").write_text("cat n 1 1 @ 1 0 00000003  \ndog n 1 1 @ 1 0 00000004  \n")
 
 
-def test_graph_queries_on_a_tiny_hand_built_database(tmp_path):
+def test_graph_queries_on_a_tiny_hand_built_database(tmp_path, monkeypatch):
     _write_tiny_wordnet(tmp_path)
-    wn = WordNet.load(tmp_path, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    wn = WordNet.load(tmp_path)
     assert len(wn) == 5
     assert wn.ancestors("n00000005") == {"n00000003", "n00000002", "n00000001"}  # through the instance link
     assert wn.synset("n00000002").hyponyms == ("n00000003", "n00000004")
     assert wn.lookup("Cat") == ["n00000003"]
     assert wn.synset("n00000003").lemmas == ("cat", "true_cat")
-    # The second load comes from the pickle cache and must answer the same.
-    again = WordNet.load(tmp_path, cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache").glob("wordnet-*.pkl"))
-    assert again.synset("n00000003") == wn.synset("n00000003")
+    assert WordNet.load(tmp_path) is wn  # parsed once per process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.noun", "index.noun"]  # no disk cache: pickles run code
 
 
 def test_missing_wordnet_names_the_file_and_the_fix(tmp_path):
@@ -62,7 +62,7 @@ def test_missing_wordnet_names_the_file_and_the_fix(tmp_path):
 
 def test_unknown_wnid_is_a_clear_key_error(tmp_path):
     _write_tiny_wordnet(tmp_path)
-    wn = WordNet.load(tmp_path, cache_dir=tmp_path / "cache")
+    wn = WordNet.load(tmp_path)
     with pytest.raises(KeyError, match="not a WordNet 3.0 noun synset"):
         wn.synset("n99999999")
 

@@ -1,18 +1,10 @@
 """Sharded, atomic, resumable, fingerprinted array caches.
 
-A cache is a directory holding rows ``0 .. n_items-1`` of named arrays in shards of
-``shard_size`` consecutive rows (``shard_000000.npz``, ...) plus ``meta.json``
-(fingerprint, n_items, shard_size, format version). Why:
-
-* **Atomic shards.** A shard is written to a temporary sibling, fsync-ed and renamed into
-  place (``zsl_utils.atomic``): a killed run leaves at most a temporary file, never a
-  truncated shard; readers ignore it and the next writer cleans it up.
-* **Resumable.** A shard exists or not, so ``missing_shards()`` is the work left.
-* **Fingerprinted.** Opening a directory with another fingerprint (model, weights,
-  preprocessing, dataset...) raises :class:`~zsl_utils.errors.StaleCacheError`.
-* **Several writers.** Shards are disjoint files, so ranks of a distributed job fill one
-  cache (``shards_for_rank``); temporary names carry host and pid, so no writer deletes
-  a live writer's file.
+A cache is a directory of ``shard_000000.npz``, ... (``shard_size`` consecutive rows of named arrays each) plus
+``meta.json`` (fingerprint, n_items, shard_size, format version). Shards are written atomically
+(``zsl_utils.atomic``: a killed run leaves at most an ignored temporary file), so ``missing_shards()`` is the work
+left; another fingerprint raises :class:`~zsl_utils.errors.StaleCacheError`; ranks of a distributed job fill
+disjoint shards, and temporary names carry host and pid, so no writer deletes a live writer's file.
 """
 from __future__ import annotations
 
@@ -33,8 +25,7 @@ FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _SHARD_PREFIX = "shard_"
 _SHARD_SUFFIX = ".npz"
-# A temporary file from another host cannot be checked for liveness; after this many
-# seconds without modification we treat its writer as dead.
+# A temporary file from another host cannot be checked for liveness: unchanged this long, its writer is dead.
 _FOREIGN_TMP_MAX_AGE_S = 24 * 3600
 
 
@@ -45,17 +36,13 @@ class CacheError(ZslError):
 def normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     """``fingerprint`` as it reads back from JSON (tuples -> lists, sorted keys), for comparisons."""
     if not isinstance(fingerprint, Mapping):
-        raise CacheError(
-            f"cache fingerprint must be a dict of JSON-serialisable values, got "
-            f"{type(fingerprint).__name__}; pass e.g. {{'model': name, 'dataset': dataset_id}}."
-        )
+        raise CacheError(f"cache fingerprint must be a dict of JSON-serialisable values, got "
+                         f"{type(fingerprint).__name__}; pass e.g. {{'model': name, 'dataset': dataset_id}}.")
     try:
         return json.loads(json.dumps(dict(fingerprint), sort_keys=True))
     except (TypeError, ValueError) as error:
-        raise CacheError(
-            f"cache fingerprint is not JSON-serialisable ({error}); convert paths and "
-            f"arrays to str / lists / numbers before building the cache."
-        ) from error
+        raise CacheError(f"cache fingerprint is not JSON-serialisable ({error}); convert paths and "
+                         f"arrays to str / lists / numbers before building the cache.") from error
 
 
 def fingerprint_differences(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
@@ -132,22 +119,15 @@ class ShardedCache:
         return cls(directory, meta["fingerprint"], meta["n_items"], meta["shard_size"], read_only)
 
     def _meta(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "n_items": self.n_items,
-            "shard_size": self.shard_size,
-        }
+        return {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "n_items": self.n_items,
+                "shard_size": self.shard_size}
 
     def _check_or_write_meta(self) -> None:
-        meta_path = self.directory / META_NAME
-        if meta_path.exists():
+        if (self.directory / META_NAME).exists():
             self._check_meta(read_meta(self.directory))
-            return
-        if self.read_only:
-            return
-        # Several ranks may race here; each writes the same content atomically.
-        self._atomic_write_bytes(meta_path, json.dumps(self._meta(), indent=2, sort_keys=True).encode())
+        elif not self.read_only:  # several ranks may race here; each writes the same content atomically
+            payload = json.dumps(self._meta(), indent=2, sort_keys=True).encode()
+            write_atomically(self.directory / META_NAME, lambda handle: handle.write(payload))
 
     def _check_meta(self, stored: Mapping[str, Any]) -> None:
         requested = self._meta()
@@ -181,10 +161,8 @@ class ShardedCache:
 
     def _check_shard_index(self, shard: int) -> None:
         if not 0 <= int(shard) < self.n_shards:
-            raise CacheError(
-                f"shard index {shard} out of range for cache {self.directory} "
-                f"({self.n_shards} shards of {self.shard_size} rows, {self.n_items} rows)."
-            )
+            raise CacheError(f"shard index {shard} out of range for cache {self.directory} "
+                             f"({self.n_shards} shards of {self.shard_size} rows, {self.n_items} rows).")
 
     # ------------------------------------------------------------------ state
     def has_shard(self, shard: int) -> bool:
@@ -205,9 +183,8 @@ class ShardedCache:
         return not self.missing_shards()
 
     # ------------------------------------------------------------------ writing
-    def write_shard(
-        self, shard: int, /, *, unaligned: Mapping[str, np.ndarray] | None = None, **arrays: np.ndarray
-    ) -> Path:
+    def write_shard(self, shard: int, /, *, unaligned: Mapping[str, np.ndarray] | None = None,
+                    **arrays: np.ndarray) -> Path:
         """Atomically write ``shard``: row-aligned ``arrays`` (first axis = the shard's rows) and
         ``unaligned`` arrays of any length stored alongside (e.g. which rows were skipped and why)."""
         if self.read_only:
@@ -216,28 +193,22 @@ class ShardedCache:
         if not arrays:
             raise CacheError(f"write_shard({shard}) got no row-aligned arrays for cache {self.directory}.")
         unaligned = dict(unaligned or {})
-        clash = set(unaligned) & set(arrays)
-        if clash:
-            raise CacheError(f"write_shard({shard}): names {sorted(clash)} given both aligned and unaligned.")
-        for key, value in {**arrays, **unaligned}.items():
-            value = np.asarray(value)
+        if set(unaligned) & set(arrays):
+            raise CacheError(f"write_shard({shard}): names {sorted(set(unaligned) & set(arrays))} given both "
+                             f"aligned and unaligned.")
+        payload = {k: np.asarray(v) for k, v in {**arrays, **unaligned}.items()}
+        for key, value in payload.items():
             if key in arrays and (value.ndim == 0 or value.shape[0] != stop - start):
                 raise CacheError(
                     f"array {key!r} for shard {shard} of {self.directory} has shape {value.shape}; "
                     f"its first axis must be the shard's {stop - start} rows ({start}..{stop - 1})."
                 )
             if value.dtype == object:
-                raise CacheError(
-                    f"array {key!r} has dtype object, which needs pickling; store numbers or "
-                    f"fixed-width strings (np.asarray(list_of_str)) instead."
-                )
-        payload = {k: np.asarray(v) for k, v in {**arrays, **unaligned}.items()}
+                raise CacheError(f"array {key!r} has dtype object, which needs pickling; store numbers or "
+                                 f"fixed-width strings (np.asarray(list_of_str)) instead.")
         target = self.shard_path(shard)
         write_atomically(target, lambda handle: np.savez(handle, **payload))
         return target
-
-    def _atomic_write_bytes(self, target: Path, payload: bytes) -> None:
-        write_atomically(target, lambda handle: handle.write(payload))
 
     def clean_temporary_files(self) -> list[Path]:
         """Delete temporary files of dead writers (this host: pid gone; another host: unchanged for a day)."""
@@ -272,23 +243,18 @@ class ShardedCache:
                 wanted = list(data.files) if keys is None else list(keys)
                 absent = [k for k in wanted if k not in data.files]
                 if absent:
-                    raise CacheError(
-                        f"shard {path} has no array(s) {absent}; it holds {sorted(data.files)}."
-                    )
+                    raise CacheError(f"shard {path} has no array(s) {absent}; it holds {sorted(data.files)}.")
                 return {key: data[key] for key in wanted}
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-            raise CacheError(
-                f"shard {path} is unreadable ({error}); delete that file and rerun to recompute it."
-            ) from error
+            message = f"shard {path} is unreadable ({error}); delete that file and rerun to recompute it."
+            raise CacheError(message) from error
 
     def iter_shards(self, keys: Sequence[str] | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """Yield ``(shard, start_row, arrays)`` for every shard in order, one in memory at a time."""
         missing = self.missing_shards()
         if missing:
-            raise CacheError(
-                f"cache {self.directory} is incomplete: {len(missing)} of {self.n_shards} shards "
-                f"missing (first: {missing[:5]}); finish the extraction before reading it."
-            )
+            raise CacheError(f"cache {self.directory} is incomplete: {len(missing)} of {self.n_shards} shards "
+                             f"missing (first: {missing[:5]}); finish the extraction before reading it.")
         for shard in range(self.n_shards):
             yield shard, self.shard_bounds(shard)[0], self.read_shard(shard, keys)
 
@@ -312,6 +278,5 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError as error:
         raise CacheError(f"no cache at {path.parent} (missing {META_NAME}).") from error
     except (OSError, ValueError) as error:
-        raise CacheError(
-            f"{path} is unreadable ({error}); delete the folder {path.parent} to rebuild the cache."
-        ) from error
+        message = f"{path} is unreadable ({error}); delete the folder {path.parent} to rebuild the cache."
+        raise CacheError(message) from error

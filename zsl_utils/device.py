@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Iterator
+import re
 
 import numpy as np
 import torch
@@ -23,9 +23,7 @@ def try_gpu(index: int = 0) -> torch.device:
     """Return ``cuda:index`` if that GPU exists, else ``mps`` if available, else CPU (d2l style)."""
     if torch.cuda.device_count() > index:
         return torch.device(f"cuda:{index}")
-    if _mps_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if _mps_available() else "cpu")
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -37,23 +35,20 @@ def pick_device(preference: str = "auto") -> torch.device:
     choice = (preference or "auto").strip().lower()
     if choice == "auto":
         return try_gpu()
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice == "mps":
-        if not _mps_available():
-            raise ParameterError("device='mps' was requested but MPS is not available; use device='auto' or 'cpu'.")
-        return torch.device("mps")
-    if choice == "cuda" or choice.startswith("cuda:"):
-        index = int(choice.split(":", 1)[1]) if ":" in choice and choice.split(":", 1)[1].isdigit() else 0
-        if choice not in ("cuda", f"cuda:{index}"):
-            raise ParameterError(f"device={preference!r} is not understood; expected one of {DEVICE_CHOICES}.")
-        if torch.cuda.device_count() <= index:
-            raise ParameterError(
-                f"device={preference!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
-                "device(s); use device='auto' (falls back to CPU) or 'cpu'."
-            )
-        return torch.device(f"cuda:{index}")
-    raise ParameterError(f"device={preference!r} is not understood; expected one of {DEVICE_CHOICES}.")
+    if choice == "mps" and not _mps_available():
+        raise ParameterError("device='mps' was requested but MPS is not available; use device='auto' or 'cpu'.")
+    if choice in ("cpu", "mps"):
+        return torch.device(choice)
+    cuda = re.fullmatch(r"cuda(?::(0|[1-9][0-9]*))?", choice)
+    if cuda is None:
+        raise ParameterError(f"device={preference!r} is not understood; expected one of {DEVICE_CHOICES}.")
+    index = int(cuda.group(1) or 0)
+    if torch.cuda.device_count() <= index:
+        raise ParameterError(
+            f"device={preference!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
+            "device(s); use device='auto' (falls back to CPU) or 'cpu'."
+        )
+    return torch.device(f"cuda:{index}")
 
 
 def seed_everything(seed: int) -> None:
@@ -66,12 +61,9 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> Iterator[None]:
+def autocast(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+             enabled: bool = True) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA; a no-op elsewhere, so CPU results stay in float32."""
-    device = torch.device(device)
-    if enabled and device.type == "cuda":
-        with torch.autocast(device_type="cuda", dtype=dtype):
-            yield
-    else:
-        yield
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()

@@ -1,17 +1,14 @@
 """Items (image paths or texts) -> model outputs in a :class:`~zsl_utils.cache.ShardedCache`.
 
-:func:`cached_outputs` is the one call. One encoder per kind owns its cache fingerprint (what
-changes the stored numbers; never batch size, workers or processes): ``probs``
-(:class:`ProbsEncoder`; float16 by default: half the disk, ~3 significant digits, a negligible
-change to a ConSE embedding), ``image_features`` (:class:`PooledFeaturesEncoder`) and
-``text_features`` (:class:`TextEncoder`). :func:`extract_to_cache` is the engine: it computes
-only missing shards and *skips* unreadable items (zero rows, ``ok`` False, rows and reasons
-stored in the shard), so one bad file never stops a run over millions.
+:func:`cached_outputs` is the one call. One encoder per kind owns the cache fingerprint: what changes the stored
+numbers, never batch size, workers or processes. The engine, :func:`extract_to_cache`, computes only missing shards
+and *skips* unreadable items (zero rows, ``ok`` False, reasons stored in the shard): one bad file never stops a run.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -21,9 +18,9 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,21 +44,18 @@ STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TFIDF_FEATURES = 512  # vocabulary size of the "tfidf" text model
 SALIENT_WORDS = 512  # words kept per text before the "bert" text model
-# Errors that mean "this file is bad" rather than "the code is wrong". Anything else
-# (TypeError, AttributeError, ...) stops the run: skipping every item because of a bug
-# would be far worse than a traceback.
+BERT_LAYERS = 4  # last hidden layers the "bert" text model concatenates
+# Errors that mean "this file is bad" rather than "the code is wrong". Anything else (TypeError, AttributeError,
+# ...) stops the run: skipping every item because of a bug would be far worse than a traceback.
 LOAD_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes PIL.UnidentifiedImageError, truncated and missing files
     ValueError, SyntaxError, EOFError, IndexError, RuntimeError, struct.error, zlib.error,
     Image.DecompressionBombError,
 )
 _MAX_REASON_CHARS = 200
-_UNALIGNED = ("skipped_rows", "skipped_reasons")
+UNALIGNED_ARRAYS = ("skipped_rows", "skipped_reasons")  # per-shard arrays, not row-aligned
 # Row-aligned output arrays of a cache: name -> (shape of one row, dtype).
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
-
-
-_SKIPPED_COLUMNS = ["row", "item", "reason"]
 
 
 class ExtractionError(ZslError):
@@ -69,22 +63,29 @@ class ExtractionError(ZslError):
 
 
 @dataclass
-class ExtractionReport:
-    """What ``extract_to_cache`` did: shards computed vs reused and the skipped items (row, item, reason)."""
+class CachedOutputs:
+    """A filled cache, its unreadable items (row, item, reason), this run's work and the main array ``name``."""
 
-    n_items: int
-    n_shards: int
+    cache: ShardedCache
+    skipped: pd.DataFrame
     computed_shards: list[int]
     reused_shards: int
-    skipped: pd.DataFrame
     seconds: float
+    name: str = ""
 
     def __str__(self) -> str:
         return (
-            f"{self.n_items} items in {self.n_shards} shards: computed {len(self.computed_shards)}, "
-            f"reused {self.reused_shards} from cache; {len(self.skipped)} skipped as unreadable; "
-            f"{self.seconds:.1f} s"
+            f"{self.cache.n_items} items in {self.cache.n_shards} shards: computed {len(self.computed_shards)}, "
+            f"reused {self.reused_shards} from cache; {len(self.skipped)} skipped as unreadable; {self.seconds:.1f} s"
         )
+
+    def load(self) -> np.ndarray:
+        """Every row of the main array (the zero rows of skipped items included)."""
+        return self.cache.load(self.name)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.cache.load("ok").astype(bool)
 
 
 def _load_image(preprocess: Callable[[Image.Image], Any], path: str | os.PathLike) -> Any:
@@ -97,48 +98,37 @@ def image_loader(preprocess: Callable[[Image.Image], Any]) -> Callable[[str | os
 
 
 # ---------------------------------------------------------------------- the engine
-class _LoadingDataset(torch.utils.data.Dataset):
-    """Wraps ``load_item`` so a bad item yields ``(row, None, reason)`` instead of raising."""
-
-    def __init__(self, items: Sequence, load_item: Callable[[Any], Any]) -> None:
-        self.items, self.load_item = items, load_item
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, row: int) -> tuple[int, Any, str]:
-        try:
-            value = self.load_item(self.items[row])
-        except LOAD_ERRORS as error:
-            return row, None, f"{type(error).__name__}: {error}"[:_MAX_REASON_CHARS]
-        return (row, None, "load_item returned None") if value is None else (row, value, "")
+def _load(load_item: Callable[[Any], Any], item: Any) -> tuple[Any, str]:
+    """``(value, "")``, or ``(None, reason)`` for an unreadable item instead of raising."""
+    try:
+        value = load_item(item)
+    except LOAD_ERRORS as error:
+        return None, f"{type(error).__name__}: {error}"[:_MAX_REASON_CHARS]
+    return (None, "load_item returned None") if value is None else (value, "")
 
 
 class _Batch:
-    """One loaded batch (the DataLoader's collate_fn): first row, loaded rows/values, skipped rows."""
+    """``rows`` loaded by the DataLoader's collate_fn in its workers. With ``stack``, same-shaped tensors become
+    one tensor, which the DataLoader pins on CUDA (one copy per batch, not per image)."""
 
-    def __init__(self, loaded: list[tuple[int, Any, str]], stack: bool) -> None:
-        self.first_row = loaded[0][0]
+    def __init__(self, items: Sequence, load_item: Callable[[Any], Any], stack: bool, rows: list[int]) -> None:
+        loaded = [(row, *_load(load_item, items[row])) for row in rows]
+        self.first_row = rows[0]
         self.rows = [row for row, value, _ in loaded if value is not None]
-        values = [value for _, value, _ in loaded if value is not None]
         self.skipped = [(row, reason) for row, value, reason in loaded if value is None]
-        self.stacked = _stack_if_uniform(values) if stack else None
-        self.values = None if self.stacked is not None else values  # no second copy to ship
+        values = [value for _, value, _ in loaded if value is not None]
+        self.values: list | torch.Tensor = _stack_if_uniform(values) if stack else values
 
     def pin_memory(self) -> "_Batch":
         """Called by the DataLoader's pinning step (``pin_memory=True`` on CUDA)."""
-        if self.stacked is not None:
-            self.stacked = self.stacked.pin_memory()
+        if isinstance(self.values, torch.Tensor):
+            self.values = self.values.pin_memory()
         return self
 
-    def encoder_input(self) -> list | torch.Tensor:
-        return self.values if self.stacked is None else self.stacked
 
-
-def _stack_if_uniform(values: list) -> torch.Tensor | None:
-    if not values or not all(isinstance(v, torch.Tensor) for v in values):
-        return None
-    return torch.stack(values) if len({(v.shape, v.dtype) for v in values}) == 1 else None
+def _stack_if_uniform(values: list) -> list | torch.Tensor:
+    tensors = bool(values) and all(isinstance(v, torch.Tensor) for v in values)
+    return torch.stack(values) if tensors and len({(v.shape, v.dtype) for v in values}) == 1 else values
 
 
 def _batches_for_shards(cache: ShardedCache, shards: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -150,67 +140,32 @@ def _batches_for_shards(cache: ShardedCache, shards: Sequence[int], batch_size: 
     return batches
 
 
-class _ShardAssembler:
-    """Collects encoded batches of one shard and writes it when its last row arrives."""
+def _encoded_shards(loader: torch.utils.data.DataLoader, encode_batch: Callable,
+                    shard_size: int) -> Iterator[tuple[int, list, list]]:
+    """``(shard, [(rows, outputs)], [(row, reason)])`` per shard: an in-order loader yields its batches in a row."""
+    for shard, batches in itertools.groupby(loader, lambda batch: batch.first_row // shard_size):
+        parts, skipped = [], []
+        for batch in batches:
+            skipped.extend(batch.skipped)
+            if batch.rows:
+                parts.append((batch.rows, _encode(encode_batch, batch.values, batch.rows)))
+        yield shard, parts, skipped
 
-    def __init__(self, cache: ShardedCache, declared: Layout | None) -> None:
-        self.cache, self.declared = cache, declared  # declared: extract_to_cache(output_layout=...)
-        self.layout: Layout | None = None
-        self.pending: dict[int, dict] = {}
-        self.deferred: list[int] = []  # all-unreadable shards seen before any layout was known
 
-    def add(self, shard: int, rows: list[int], outputs: Mapping[str, np.ndarray] | None, skipped: list) -> bool:
-        state = self.pending.setdefault(shard, {"seen": 0, "parts": [], "skipped": []})
-        state["seen"] += len(rows) + len(skipped)
-        state["skipped"].extend(skipped)
-        if outputs is not None:
-            state["parts"].append((rows, outputs))
-            if self.layout is None:
-                self.layout = {k: (tuple(v.shape[1:]), v.dtype) for k, v in outputs.items()}
-                self._check_declared(self.layout, f"encode_batch's output for rows {rows[0]}..{rows[-1]}")
-        start, stop = self.cache.shard_bounds(shard)
-        if state["seen"] < stop - start:
-            return False
-        self.deferred.append(shard)
-        self._flush_deferred()
-        return True
-
-    def _flush_deferred(self) -> None:
-        while self.deferred and self.layout is not None:
-            shard = self.deferred.pop()
-            start, stop = self.cache.shard_bounds(shard)
-            state = self.pending.pop(shard)
-            arrays = {k: np.zeros((stop - start, *shape), dtype) for k, (shape, dtype) in self.layout.items()}
-            ok = np.zeros(stop - start, bool)
-            for rows, outputs in state["parts"]:
-                local = np.asarray(rows) - start
-                ok[local] = True
-                for key, value in outputs.items():
-                    arrays[key][local] = value
-            skipped = sorted(state["skipped"])
-            unaligned = {"skipped_rows": np.asarray([row for row, _ in skipped], np.int64),
-                         "skipped_reasons": np.asarray([reason for _, reason in skipped], dtype=str)}
-            self.cache.write_shard(shard, ok=ok, unaligned=unaligned, **arrays)
-
-    def finish(self) -> None:
-        """Write the shards whose every item was unreadable, once a layout is known."""
-        if self.deferred and self.layout is None:
-            self.layout = self.declared
-        if self.deferred and self.layout is None:
-            reasons = [r for s in self.pending.values() for _, r in s["skipped"]][:3]
-            raise ExtractionError(
-                f"none of the {self.cache.n_items} items of cache {self.cache.directory} could be loaded, so the "
-                f"output shape is unknown; check the paths and the loader (first reasons: {reasons}), or pass "
-                f"output_layout=... to extract_to_cache."
-            )
-        self._flush_deferred()
-
-    def _check_declared(self, found: Layout, source: str) -> None:
-        if self.declared is not None and found != self.declared:
-            raise ExtractionError(
-                f"output_layout {_describe(self.declared)} passed to extract_to_cache differs from {source}: "
-                f"{_describe(found)}; fix the declared layout (array name -> (row shape, dtype))."
-            )
+def _write_shard(cache: ShardedCache, layout: Layout, shard: int, parts: list, skipped: list) -> None:
+    """Assemble the encoded batches of ``shard`` (zero rows and ``ok`` False for skipped items) and write it."""
+    start, stop = cache.shard_bounds(shard)
+    arrays = {k: np.zeros((stop - start, *shape), dtype) for k, (shape, dtype) in layout.items()}
+    ok = np.zeros(stop - start, bool)
+    for rows, outputs in parts:
+        local = np.asarray(rows) - start
+        ok[local] = True
+        for key, value in outputs.items():
+            arrays[key][local] = value
+    skipped = sorted(skipped)
+    unaligned = {"skipped_rows": np.asarray([row for row, _ in skipped], np.int64),
+                 "skipped_reasons": np.asarray([reason for _, reason in skipped], dtype=str)}
+    cache.write_shard(shard, ok=ok, unaligned=unaligned, **arrays)
 
 
 def normalise_layout(layout: Mapping[str, tuple[Sequence[int], Any]]) -> Layout:
@@ -218,21 +173,29 @@ def normalise_layout(layout: Mapping[str, tuple[Sequence[int], Any]]) -> Layout:
     try:
         normal = {str(k): (tuple(int(n) for n in shape), np.dtype(dtype)) for k, (shape, dtype) in layout.items()}
     except (TypeError, ValueError) as error:
-        raise ParameterError(
-            f"output_layout must map array names to (row shape, dtype), e.g. {{'probs': ((1000,), 'float16')}}; "
-            f"got {layout!r} ({error})."
-        ) from error
-    reserved = sorted(set(normal) & {"ok", *_UNALIGNED})
+        raise ParameterError(f"output_layout must map array names to (row shape, dtype), e.g. {{'probs': ((1000,), "
+                             f"'float16')}}; got {layout!r} ({error}).") from error
+    reserved = sorted(set(normal) & {"ok", *UNALIGNED_ARRAYS})
     if not normal or reserved:
         raise ParameterError(f"output_layout {layout!r} must name at least one output array and none of {reserved}.")
     return normal
+
+
+def _layout_of(rows: list[int], outputs: Mapping[str, np.ndarray], declared: Layout | None) -> Layout:
+    """The layout of the first real output, which must be the declared one (if any)."""
+    found = {k: (tuple(v.shape[1:]), v.dtype) for k, v in outputs.items()}
+    if declared is not None and found != declared:
+        raise ExtractionError(f"output_layout {_describe(declared)} passed to extract_to_cache differs from "
+                              f"encode_batch's output for rows {rows[0]}..{rows[-1]}: {_describe(found)}; fix the "
+                              f"declared layout (array name -> (row shape, dtype)).")
+    return found
 
 
 def _describe(layout: Layout) -> str:
     return "{" + ", ".join(f"{k}: {shape} {dtype}" for k, (shape, dtype) in sorted(layout.items())) + "}"
 
 
-def _encode(encode_batch: Callable, values: list, rows: list[int]) -> dict[str, np.ndarray]:
+def _encode(encode_batch: Callable, values: list | torch.Tensor, rows: list[int]) -> dict[str, np.ndarray]:
     outputs = encode_batch(values)
     if not isinstance(outputs, Mapping) or not outputs:
         raise ExtractionError(f"encode_batch must return a non-empty dict name -> array, got {type(outputs).__name__}.")
@@ -240,44 +203,33 @@ def _encode(encode_batch: Callable, values: list, rows: list[int]) -> dict[str, 
               for k, v in outputs.items()}
     for key, value in arrays.items():
         if value.ndim == 0 or value.shape[0] != len(values):
-            raise ExtractionError(
-                f"encode_batch output {key!r} has shape {value.shape} for a batch of {len(values)} items "
-                f"(rows {rows[0]}..{rows[-1]}); its first axis must be the batch size."
-            )
+            raise ExtractionError(f"encode_batch output {key!r} has shape {value.shape} for a batch of {len(values)} "
+                                  f"items (rows {rows[0]}..{rows[-1]}); its first axis must be the batch size.")
     return arrays
 
 
-def _read_skipped(cache: ShardedCache, items: Sequence | None = None) -> pd.DataFrame:
+def _read_skipped(cache: ShardedCache, items: Sequence) -> pd.DataFrame:
     """Skipped items (row, item, reason) recorded in the shards written so far, reused ones included."""
     skipped = []
     for shard in (s for s in range(cache.n_shards) if cache.has_shard(s)):
-        arrays = cache.read_shard(shard, list(_UNALIGNED))
+        arrays = cache.read_shard(shard, list(UNALIGNED_ARRAYS))
         for row, reason in zip(arrays["skipped_rows"].tolist(), arrays["skipped_reasons"].tolist()):
-            skipped.append((row, str(items[row])[:_MAX_REASON_CHARS] if items is not None else str(row), reason))
-    return pd.DataFrame(skipped, columns=_SKIPPED_COLUMNS)
+            skipped.append((row, str(items[row])[:_MAX_REASON_CHARS], reason))
+    return pd.DataFrame(skipped, columns=["row", "item", "reason"])
 
 
 def extract_to_cache(
-    items: Sequence,
-    load_item: Callable[[Any], Any | None],
-    encode_batch: Callable[[list], Mapping[str, np.ndarray]],
-    cache: ShardedCache,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    desc: str = "extracting",
-    shards: Sequence[int] | None = None,
-    progress: bool = True,
-    pin_memory: bool = False,
+    items: Sequence, load_item: Callable[[Any], Any | None], encode_batch: Callable[[list], Mapping[str, np.ndarray]],
+    cache: ShardedCache, batch_size: int = 64, num_workers: int = 0, desc: str = "extracting",
+    shards: Sequence[int] | None = None, progress: bool = True, pin_memory: bool = False,
     output_layout: Mapping[str, tuple[Sequence[int], Any]] | None = None,
-) -> ExtractionReport:
+) -> CachedOutputs:
     """Fill the missing shards of ``cache`` (or only ``shards``) with ``encode_batch`` outputs for ``items``.
 
-    ``load_item`` (picklable: it runs in ``num_workers`` DataLoader workers) returns None or
-    raises one of :data:`LOAD_ERRORS` for an unreadable item, which is skipped and listed.
-    ``encode_batch`` maps the loaded values (a list; with ``pin_memory``, one stacked tensor,
-    pinned on CUDA for an asynchronous copy) to ``{name: array}`` with first axis the batch.
-    ``output_layout`` (``{name: (row shape, dtype)}``, checked against the real outputs) lets
-    a run whose items are all unreadable still write its shards.
+    ``load_item`` (picklable: it runs in DataLoader workers) returns None or raises one of :data:`LOAD_ERRORS`
+    for an unreadable item, which is skipped and listed. ``encode_batch`` maps the loaded values (a list; with
+    ``pin_memory``, one stacked tensor) to ``{name: array}`` with first axis the batch. ``output_layout``
+    (``{name: (row shape, dtype)}``) lets a run whose items are all unreadable still write its shards.
     """
     _check_extraction_arguments(items, cache, batch_size, num_workers)
     declared = normalise_layout(output_layout) if output_layout is not None else None
@@ -285,30 +237,32 @@ def extract_to_cache(
     missing_before = cache.missing_shards()
     todo = sorted(missing_before if shards is None else set(shards) & set(missing_before))
     loader = torch.utils.data.DataLoader(
-        _LoadingDataset(items, load_item),
-        batch_sampler=_batches_for_shards(cache, todo, batch_size),
-        num_workers=num_workers,
-        collate_fn=functools.partial(_Batch, stack=bool(pin_memory)),
+        range(len(items)), batch_sampler=_batches_for_shards(cache, todo, batch_size), num_workers=num_workers,
+        collate_fn=functools.partial(_Batch, items, load_item, bool(pin_memory)),
         pin_memory=bool(pin_memory) and torch.cuda.is_available(),
     )
-    assembler = _ShardAssembler(cache, declared)
-    bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress)
-    for batch in loader:
-        outputs = _encode(encode_batch, batch.encoder_input(), batch.rows) if batch.rows else None
-        if assembler.add(batch.first_row // cache.shard_size, batch.rows, outputs, batch.skipped):
-            bar.update(1)
-    assembler.finish()
-    bar.close()
-    return ExtractionReport(cache.n_items, cache.n_shards, todo, cache.n_shards - len(missing_before),
-                            _read_skipped(cache, items), time.perf_counter() - began)
+    layout, waiting = None, []  # waiting: shards of unreadable items only, seen before any layout was known
+    for shard, parts, skipped in tqdm(_encoded_shards(loader, encode_batch, cache.shard_size), total=len(todo),
+                                      desc=desc, unit="shard", disable=not progress):
+        layout = layout or (_layout_of(*parts[0], declared) if parts else None)
+        waiting.append((shard, parts, skipped))
+        while layout is not None and waiting:
+            _write_shard(cache, layout, *waiting.pop())
+    if waiting and declared is None:
+        reasons = [reason for _, _, skipped in waiting for _, reason in skipped][:3]
+        raise ExtractionError(f"none of the {cache.n_items} items of cache {cache.directory} could be loaded, so the "
+                              f"output shape is unknown; check the paths and the loader (first reasons: {reasons}), "
+                              f"or pass output_layout=... to extract_to_cache.")
+    for args in waiting:
+        _write_shard(cache, declared, *args)
+    return CachedOutputs(cache, _read_skipped(cache, items), todo, cache.n_shards - len(missing_before),
+                         time.perf_counter() - began)
 
 
 def _check_extraction_arguments(items: Sequence, cache: ShardedCache, batch_size: int, num_workers: int) -> None:
     if len(items) != cache.n_items:
-        raise ExtractionError(
-            f"got {len(items)} items but cache {cache.directory} was opened for n_items={cache.n_items}; "
-            f"open the cache with n_items=len(items)."
-        )
+        raise ExtractionError(f"got {len(items)} items but cache {cache.directory} was opened for "
+                              f"n_items={cache.n_items}; open the cache with n_items=len(items).")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ParameterError(f"batch_size must be a positive int, got {batch_size!r}.")
     if not isinstance(num_workers, int) or num_workers < 0:
@@ -443,11 +397,6 @@ def _as_texts(texts: Sequence[Any]) -> list[str]:
     return [t if isinstance(t, str) else "" for t in texts]
 
 
-def fit_tfidf(texts: Sequence[str], max_features: int | None = TFIDF_FEATURES) -> TfidfVectorizer:
-    """A ``TfidfVectorizer`` (lower-cased words, smooth idf, L2 rows) fitted on ``texts``."""
-    return TfidfVectorizer(max_features=max_features, lowercase=True).fit(list(texts))
-
-
 def salient_words(text: str, vectorizer: TfidfVectorizer, max_words: int = SALIENT_WORDS) -> str:
     """``text`` cut to its ``max_words`` highest TF-IDF words (in this text), in their original order.
 
@@ -465,21 +414,21 @@ def salient_words(text: str, vectorizer: TfidfVectorizer, max_words: int = SALIE
 
 
 class _BertStyleEncoder:
-    """Texts -> mean over non-padding tokens of the last ``n_layers`` hidden states, concatenated."""
+    """Texts -> mean over non-padding tokens of the last ``BERT_LAYERS`` hidden states, concatenated."""
 
-    def __init__(self, model_dir: Path, device: torch.device, n_layers: int = 4, max_length: int = 512) -> None:
+    def __init__(self, model_dir: Path, device: torch.device) -> None:
         from transformers import AutoModel, AutoTokenizer  # lazy: transformers takes seconds to import
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(device)
-        self.device, self.n_layers = device, n_layers
-        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
+        self.device = device
+        self.max_length = min(512, getattr(self.model.config, "max_position_embeddings", 512))
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
-        tokens = torch.cat(self.model(**batch, output_hidden_states=True).hidden_states[-self.n_layers:], dim=-1)
+        tokens = torch.cat(self.model(**batch, output_hidden_states=True).hidden_states[-BERT_LAYERS:], dim=-1)
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
         return ((tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).float().cpu().numpy()
 
@@ -498,10 +447,9 @@ def _bert_dir(bert_model: str | Path | None) -> Path:
 
 
 class TextEncoder:
-    """``text_features``: ``minilm`` (the packaged 384-d all-MiniLM-L6-v2), ``tfidf`` (512 most frequent
-    terms) or ``bert`` (the HUSE paper's recipe for a local BERT-type folder: last four layers concatenated,
-    averaged over tokens, texts cut to their most salient words). ``fit_texts`` (default: the texts) give
-    the TF-IDF statistics: pass the training split. The model loads on first use; call :meth:`rows` first.
+    """``text_features``: ``minilm`` (the packaged 384-d all-MiniLM-L6-v2), ``tfidf`` (the 512 most frequent terms)
+    or ``bert`` (the HUSE paper's recipe for a local BERT-type folder, texts cut to their most salient words).
+    ``fit_texts`` (default: the texts; pass the training split) give the TF-IDF statistics. Call :meth:`rows` first.
     """
 
     kind, output, batch_size, shard_size, pin_memory = "text_features", "features", 128, 4096, False
@@ -523,7 +471,7 @@ class TextEncoder:
         self._fitting = self.fit_texts if self.fit_texts is not None else texts
         if self.model_name != "bert":
             return texts
-        vectorizer = fit_tfidf(self._fitting, max_features=None)
+        vectorizer = TfidfVectorizer().fit(self._fitting)
         return [salient_words(t, vectorizer, self.max_words) for t in texts]
 
     def fingerprint(self, texts: Sequence, dataset_id: str) -> dict[str, Any]:
@@ -538,7 +486,7 @@ class TextEncoder:
         else:
             files = [[p.name, p.stat().st_size] for p in sorted(self.bert_dir.iterdir()) if p.is_file()]
             fingerprint.update(model=str(self.bert_dir.resolve()), weights=files, fit=fit,
-                               max_words=self.max_words, layers=4)
+                               max_words=self.max_words, layers=BERT_LAYERS)
         if self.dtype != "float32":  # recorded only when it differs: float32 caches keep their fingerprint
             fingerprint["dtype"] = self.dtype
         return fingerprint
@@ -558,8 +506,8 @@ class TextEncoder:
         if self.model_name == "minilm":
             model = load_sentence_encoder(str(self.device))
             return lambda texts: model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
-        if self.model_name == "tfidf":
-            vectorizer = fit_tfidf(self._fitting)
+        if self.model_name == "tfidf":  # lower-cased words, smooth idf, L2-normalised rows
+            vectorizer = TfidfVectorizer(max_features=TFIDF_FEATURES).fit(self._fitting)
             return lambda texts: vectorizer.transform(texts).toarray()
         return _BertStyleEncoder(self.bert_dir, self.device)
 
@@ -598,23 +546,6 @@ def cache_folder(kind: str, model_name: str, dataset_id: str, fingerprint: Mappi
     return Path(root if root else config.CACHE_DIR) / safe(dataset_id) / name
 
 
-@dataclass
-class CachedOutputs:
-    """A cache of one kind: the :class:`ShardedCache`, its main array's name and its unreadable items."""
-
-    cache: ShardedCache
-    name: str  # "probs" or "features"
-    skipped: pd.DataFrame  # columns row, item, reason
-
-    def load(self) -> np.ndarray:
-        """Every row of the main array (the zero rows of skipped items included)."""
-        return self.cache.load(self.name)
-
-    @property
-    def ok(self) -> np.ndarray:
-        return self.cache.load("ok").astype(bool)
-
-
 def cached_outputs(
     kind: str, items: Sequence, model: Any = None, cache_dir: str | os.PathLike | None = None, *, dataset_id: str,
     processes: int = 1, cache_root: str | os.PathLike | None = None, batch_size: int | None = None,
@@ -623,10 +554,10 @@ def cached_outputs(
 ) -> CachedOutputs:
     """The ``kind`` outputs of ``model`` for ``items`` (image paths or texts), computed once and cached.
 
-    ``cache_dir`` (default: :func:`cache_folder` under ``cache_root``) of another model or item
-    list raises ``StaleCacheError``. ``processes > 1``: torchrun workers (one per GPU) of the
-    scale-out CLI, run as a subprocess, fill the cache first (MiniLM texts and images only).
-    ``shards``: compute only those. ``encoder_settings`` go to :func:`make_encoder`.
+    ``cache_dir`` (default: :func:`cache_folder` under ``cache_root``) of another model or items raises
+    ``StaleCacheError``. ``processes > 1``: torchrun workers (one per GPU) of the scale-out CLI, run as a
+    subprocess, fill the cache (MiniLM texts and images only). ``shards``: compute only those.
+    ``encoder_settings`` go to :func:`make_encoder`.
     """
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ParameterError(f"processes (extraction_processes) must be a positive int, got {processes!r}.")
@@ -639,6 +570,7 @@ def cached_outputs(
     cache = ShardedCache(directory, fingerprint, len(items), shard_size)
     if processes > 1 and encoder.cli_args() is not None and not cache.is_complete():
         _fill_on_processes(encoder, items, cache, dataset_id, processes, batch_size, num_workers, progress)
+    report = CachedOutputs(cache, pd.DataFrame(), [], cache.n_shards, 0.0)
     if not cache.is_complete():
         report = extract_to_cache(encoder.rows(items), encoder.load_item, encoder, cache, batch_size, num_workers,
                                   desc=f"{encoder.model_name} {kind} on {dataset_id}", shards=shards,
@@ -646,28 +578,28 @@ def cached_outputs(
                                   output_layout=encoder.output_layout())
         if progress:
             print(report)
-    return CachedOutputs(cache, encoder.output, _read_skipped(cache, items))
+    # The items as given (not as the model read them, e.g. cut to salient words) name the skipped rows.
+    return replace(report, name=encoder.output, skipped=_read_skipped(cache, items))
 
 
 def _fill_on_processes(encoder: Any, items: Sequence, cache: ShardedCache, dataset_id: str, processes: int,
                        batch_size: int, num_workers: int, progress: bool) -> None:
     """Run ``python -m zsl_utils.scale.extract ... --processes N`` (a subprocess: the core never imports scale)."""
+    settings = {"kind": encoder.kind, "cache-dir": cache.directory, "dataset-id": dataset_id, "dtype": encoder.dtype,
+                "batch-size": batch_size, "shard-size": cache.shard_size, "num-workers": num_workers,
+                "device": encoder.device, "processes": processes}
     with tempfile.TemporaryDirectory(prefix="zsl_extract_") as folder:
-        text = encoder.kind == "text_features"
-        listing = Path(folder) / ("texts.jsonl" if text else "files.txt")  # .jsonl: texts may hold newlines
-        if text:
+        if encoder.kind == "text_features":
+            settings["texts-file"] = listing = Path(folder) / "texts.jsonl"  # JSON lines: texts may hold newlines
             listing.write_text("".join(json.dumps(t) + "\n" for t in _as_texts(items)), encoding="utf-8")
-            source = ["--texts-file", str(listing)]
         else:
             paths = [os.path.abspath(p) for p in items]
-            listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
             root = os.path.commonpath(paths)
-            source = ["--images-root", root if os.path.isdir(root) else os.path.dirname(root), "--file-list", listing]
-        settings = {"cache-dir": cache.directory, "dataset-id": dataset_id, "dtype": encoder.dtype,
-                    "batch-size": batch_size, "shard-size": cache.shard_size, "num-workers": num_workers,
-                    "device": encoder.device, "processes": processes}
-        command = [sys.executable, "-m", "zsl_utils.scale.extract", "--kind", encoder.kind, *map(str, source),
-                   *encoder.cli_args(), *(str(x) for key, value in settings.items() for x in (f"--{key}", value))]
+            settings["images-root"] = root if os.path.isdir(root) else os.path.dirname(root)
+            settings["file-list"] = listing = Path(folder) / "files.txt"
+            listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+        command = [sys.executable, "-m", "zsl_utils.scale.extract", *encoder.cli_args(),
+                   *(str(x) for key, value in settings.items() for x in (f"--{key}", value))]
         parent = str(Path(__file__).resolve().parents[1])  # the workers import this package; a notebook runs elsewhere
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [parent, os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, capture_output=True, text=True, env=env)

@@ -28,7 +28,7 @@ is a candidate, :math:`S_1(y) = \{y\}` and hp@1 = hit@1; a whole ring is added a
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -44,15 +44,11 @@ PAPER_KS = (1, 2, 5, 10, 20)
 def _check_ranked(top_indices: np.ndarray, n_true: int, ks: Sequence[int]) -> np.ndarray:
     top = np.asarray(top_indices)
     if top.ndim != 2 or top.shape[0] != n_true:
-        raise ParameterError(
-            f"ranked predictions must be [n_images, k_max] with one row per true label; got shape "
-            f"{top.shape} for {n_true} true labels."
-        )
+        raise ParameterError(f"ranked predictions must be [n_images, k_max] with one row per true label; got shape "
+                             f"{top.shape} for {n_true} true labels.")
     if not ks or any(int(k) < 1 or int(k) > top.shape[1] for k in ks):
-        raise ParameterError(
-            f"ks={tuple(ks)} must be integers in 1..{top.shape[1]} (the number of ranked predictions per "
-            f"image); rank more candidates (e.g. k={max(ks) if ks else 20}) or drop the larger k."
-        )
+        raise ParameterError(f"ks={tuple(ks)} must be integers in 1..{top.shape[1]} (the number of ranked predictions "
+                             f"per image); rank more candidates (e.g. k={max(ks) if ks else 20}) or drop the larger k.")
     return top
 
 
@@ -75,7 +71,6 @@ class Hierarchy:
     index: dict[str, int]
     parent_lists: list[tuple[int, ...]]
     child_lists: list[tuple[int, ...]]
-    _up: sp.csr_matrix | None = field(default=None, repr=False)
 
     @classmethod
     def from_parents(cls, parents: Mapping[str, Sequence[str]]) -> "Hierarchy":
@@ -98,22 +93,10 @@ class Hierarchy:
     def __contains__(self, label: object) -> bool:
         return label in self.index
 
-    def _up_matrix(self) -> sp.csr_matrix:
-        """Sparse ``U`` with ``U[p, c] = 1`` for each parent link, so ``U @ x`` moves marks up."""
-        if self._up is None:
-            rows = [p for c, ps in enumerate(self.parent_lists) for p in ps]
-            cols = [c for c, ps in enumerate(self.parent_lists) for _ in ps]
-            n = len(self.nodes)
-            self._up = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
-        return self._up
-
     def rings(self, label: str) -> Iterator[tuple[int, list[int]]]:
-        """Yield ``(d, nodes first reached at tree distance d)`` for d = 0, 1, 2, ...
-
-        Breadth-first search over (node, phase) states: phase "up" may step to a parent or turn
-        down to a child, phase "down" only to children, which gives the climb-then-descend
-        distance one ring at a time (a caller stops as soon as it has seen enough).
-        """
+        """Yield ``(d, nodes first reached at tree distance d)`` for d = 0, 1, 2, ...: breadth-first search
+        over (node, phase) states, phase "up" stepping to a parent or turning down to a child, phase "down"
+        only to children (climb-then-descend), one ring at a time so a caller stops when it has enough."""
         start = self.index[label]
         reached = {start}
         up_seen, down_seen = {start}, set()
@@ -135,13 +118,12 @@ class Hierarchy:
                 yield distance, ring
 
     def distance_to_nearest(self, sources: Sequence[str], max_distance: int = 64) -> np.ndarray:
-        """Tree distance from each node to the nearest of ``sources`` (-1 if unreachable).
-
-        Multi-source :meth:`rings`: each step is a sparse matrix-vector product over the whole
-        graph (milliseconds for WordNet's 82k nodes).
-        """
+        """Tree distance from each node to the nearest of ``sources`` (-1 if unreachable): multi-source
+        :meth:`rings`, each step a sparse matrix-vector product over the whole graph (ms for WordNet's 82k nodes)."""
         n = len(self.nodes)
-        up = self._up_matrix()
+        rows = [p for c, ps in enumerate(self.parent_lists) for p in ps]  # U[p, c] = 1: U @ x moves marks up
+        cols = [c for c, ps in enumerate(self.parent_lists) for _ in ps]
+        up = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
         down = up.T.tocsr()
         src = np.zeros(n, bool)
         src[[self.index[s] for s in sources if s in self.index]] = True
@@ -220,20 +202,15 @@ def hierarchical_precision_sums(top_indices: np.ndarray, true_labels: Sequence[s
                                 hierarchy: Hierarchy, ks: Sequence[int] = PAPER_KS,
                                 cache: dict[str, CorrectSets] | None = None,
                                 candidate_index: Mapping[str, int] | None = None) -> dict[int, float]:
-    """Sum over images of hp@k (stream: add sums, divide by the count).
-
-    ``top_indices[i]`` ranks indices into ``candidates`` for the image with true label
-    ``true_labels[i]`` (which must be a candidate). ``cache`` (a dict you keep) reuses the
-    correct sets across calls, e.g. across ConSE(1), ConSE(10) and ConSE(1000).
-    """
+    """Sum over images of hp@k (stream: add sums, divide by the count); ``top_indices[i]`` ranks
+    ``candidates`` for true label ``true_labels[i]`` (a candidate). ``cache`` (a dict you keep) reuses
+    the correct sets across calls, e.g. across ConSE(1), ConSE(10) and ConSE(1000)."""
     top = _check_ranked(top_indices, len(true_labels), ks)
     position = candidate_index if candidate_index is not None else {c: j for j, c in enumerate(candidates)}
     missing = sorted({y for y in true_labels if y not in position})
     if missing:
-        raise ParameterError(
-            f"{len(missing)} true label(s) are not among the {len(position)} candidates, e.g. {missing[:5]}; "
-            f"hierarchical precision needs every test label to be a candidate."
-        )
+        raise ParameterError(f"{len(missing)} true label(s) are not among the {len(position)} candidates, e.g. "
+                             f"{missing[:5]}; hierarchical precision needs every test label to be a candidate.")
     cache = {} if cache is None else cache
     sums = {int(k): 0.0 for k in ks}
     for row, label in enumerate(true_labels):
@@ -252,24 +229,17 @@ def hierarchical_precision_sums(top_indices: np.ndarray, true_labels: Sequence[s
 
 def retrieval_neighbours(queries: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray, k: int,
                          exclude_same_index: bool = False, chunk_size: int = 1024) -> torch.Tensor:
-    """Indices ``(n_queries, k)`` of each query's ``k`` most cosine-similar gallery rows, best first.
-
-    ``exclude_same_index=True`` drops gallery row ``i`` from query ``i``'s ranking, for queries
-    and gallery describing the same items. Queries go in chunks (the full similarity matrix is
-    never held); exact ties are ordered as ``torch.topk`` returns them.
-    """
+    """Indices ``(n_queries, k)`` of each query's ``k`` most cosine-similar gallery rows, best first (ties
+    as ``torch.topk`` orders them), in query chunks. ``exclude_same_index=True`` drops gallery row ``i``
+    from query ``i``'s ranking, for queries and gallery describing the same items."""
     queries = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=1)
     gallery = F.normalize(torch.as_tensor(gallery, dtype=torch.float32), dim=1).to(queries.device)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ParameterError(
-            f"retrieval needs (n, D) queries and (m, D) gallery of the same D; got {tuple(queries.shape)} "
-            f"and {tuple(gallery.shape)}."
-        )
+        raise ParameterError(f"retrieval needs (n, D) queries and (m, D) gallery of the same D; got "
+                             f"{tuple(queries.shape)} and {tuple(gallery.shape)}.")
     if exclude_same_index and len(queries) != len(gallery):
-        raise ParameterError(
-            f"exclude_same_index=True needs as many queries as gallery rows (same items); got "
-            f"{len(queries)} and {len(gallery)}."
-        )
+        raise ParameterError(f"exclude_same_index=True needs as many queries as gallery rows (same items); got "
+                             f"{len(queries)} and {len(gallery)}.")
     available = len(gallery) - (1 if exclude_same_index else 0)
     if not 1 <= k <= available:
         raise ParameterError(f"k={k} must lie in [1, {available}] for a gallery of {len(gallery)} rows.")

@@ -1,8 +1,4 @@
-"""Figure helpers shared by the notebooks (imported by them only, hence pyplot at the top).
-
-Every figure is saved under ``figures/`` with a name that starts with the notebook's number,
-so README links and the notebook stay in step.
-"""
+"""Figure helpers shared by the notebooks (imported by them only, hence pyplot at the top)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +9,9 @@ import numpy as np
 from zsl_utils import config
 
 
-def save_figure(fig: plt.Figure, name: str, directory: Path | None = None) -> Path:
-    """Save ``fig`` as ``<directory>/<name>.png`` (default ``figures/``) and return the path."""
-    target_dir = config.ensure_dir(Path(directory) if directory else config.FIGURES_DIR)
-    path = target_dir / f"{name}.png"
+def save_figure(fig: plt.Figure, name: str) -> Path:
+    """Save ``fig`` as ``figures/<name>.png`` and return the path; ``name`` starts with the notebook's number."""
+    path = config.ensure_dir(config.FIGURES_DIR) / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
@@ -32,18 +27,17 @@ def _panels(n: int, max_columns: int, width: float, height: float):
 
 
 # ---------------------------------------------------------------- ConSE (notebook 01)
-
 def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str = "ConSE"):
-    """One row per image: the picture, its top training labels (probability) and ConSE's
-    top unseen labels (cosine). ``train_tops``/``conse_tops``: lists of ``(name, value)``."""
+    """One row per image: the picture, its top training labels (probability) and ConSE's top unseen labels
+    (cosine); ``train_tops``/``conse_tops``: lists of ``(name, value)``."""
     fig, axes = plt.subplots(len(images), 3, figsize=(12, 2.4 * len(images)),
                              gridspec_kw={"width_ratios": [1, 1.6, 1.6]}, squeeze=False)
     for row, (image, title, train, conse) in enumerate(zip(images, titles, train_tops, conse_tops)):
         axes[row, 0].imshow(image)
         axes[row, 0].set_title(title, fontsize=10)
-        for column, heading, pairs, fmt in ((1, "classifier top labels (p)", train, "{:.3f}"),
-                                            (2, f"{conse_label}: unseen labels (cos)", conse, "{:.3f}")):
-            lines = [f"{i + 1}. {name[:30]}  {fmt.format(value)}" for i, (name, value) in enumerate(pairs)]
+        for column, heading, pairs in ((1, "classifier top labels (p)", train),
+                                       (2, f"{conse_label}: unseen labels (cos)", conse)):
+            lines = [f"{i + 1}. {name[:30]}  {value:.3f}" for i, (name, value) in enumerate(pairs)]
             axes[row, column].text(0.0, 0.95, heading + "\n" + "\n".join(lines), va="top", ha="left",
                                    family="monospace", fontsize=9, transform=axes[row, column].transAxes)
     for axis in axes.ravel():
@@ -52,11 +46,10 @@ def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str
     return fig
 
 
-def plot_hit_vs_T(table, title: str | None = None):
+def plot_hit_vs_T(table, title: str):
     """Zero-shot hit@k (%) against T (log axis); ``table``: index T, columns 'hit@k %'."""
     fig, axis = plt.subplots(figsize=(5.5, 3.6))
-    if title:
-        axis.set_title(title, fontsize=10)
+    axis.set_title(title, fontsize=10)
     for column in table.columns:
         axis.plot(table.index, table[column], marker="o", label=column.replace(" %", ""))
     axis.set(xscale="log", xlabel="T (top training labels combined)", ylabel="hit rate (%)")
@@ -66,15 +59,14 @@ def plot_hit_vs_T(table, title: str | None = None):
     return fig
 
 
-def plot_norm_vs_confidence(norms, confidence, correlations=None):
-    """Scatter of ||f(x)|| against the classifier's max probability and entropy."""
+def plot_norm_vs_confidence(norms, confidence, correlations):
+    """Scatter of ||f(x)|| against the classifier's max probability and entropy (titles: Spearman's rho)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for axis, column, label in ((axes[0], "max_prob", "max softmax probability"),
                                 (axes[1], "entropy", "softmax entropy (nats)")):
         axis.scatter(confidence[column], norms, s=10, alpha=0.6)
         axis.set_xlabel(label)
-        if correlations is not None:
-            axis.set_title(f"Spearman rho = {correlations[column]:+.2f}", fontsize=10)
+        axis.set_title(f"Spearman rho = {correlations[column]:+.2f}", fontsize=10)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("||f(x)||  (ConSE embedding norm)")
     fig.tight_layout()
@@ -82,7 +74,6 @@ def plot_norm_vs_confidence(norms, confidence, correlations=None):
 
 
 # ---------------------------------------------------------------- ImageNet evaluation (notebook 02)
-
 def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
     """One panel per test set: ``metric``@k (%) against k, one line per model, from rows with columns
     ``test set``, ``model`` and ``<metric>@<k>`` (``zsl_utils.conse.imagenet.evaluate_conse(...).table``)."""
@@ -92,8 +83,7 @@ def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
         part = table[table["test set"] == name]
         for _, row in part.iterrows():
             axis.plot(ks, [row[f"{metric}@{k}"] for k in ks], marker="o", label=row["model"])
-        axis.set(xscale="log", xlabel="k", ylabel=f"{metric}@k (%)")
-        axis.set_xticks(list(ks), [str(k) for k in ks])
+        axis.set(xscale="log", xlabel="k", ylabel=f"{metric}@k (%)", xticks=list(ks), xticklabels=[str(k) for k in ks])
         axis.set_title(f"{name} ({int(part['images'].iloc[0])} images)", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -101,7 +91,7 @@ def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
     return fig
 
 
-def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: str = ""):
+def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: str):
     """A grid of images with their true label (green if hit) and predicted label names, best first;
     ``hit_ranks``: per image the 1-based rank of the true label among them (0 = miss)."""
     fig, axes = _panels(len(images), 4, 3.4, 3.9)
@@ -112,26 +102,22 @@ def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: 
         axis.text(0.0, -0.02, "\n".join(lines), transform=axis.transAxes, va="top", ha="left",
                   family="monospace", fontsize=8)
         axis.set(xticks=[], yticks=[])
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
 
 # ---------------------------------------------------------------- HUSE (notebook 03)
-
 def plot_huse_losses(history, title: str = "HUSE training losses", weights=None):
-    """Loss curves (total and its three parts) against the training step; log y axis.
-    Parts that are zero throughout (not computed, e.g. the graph loss when beta = 0) are left out;
-    with ``weights`` (a ``LossWeights``) each part's legend shows its weight in the total."""
+    """Loss curves (total and its three parts, but not those zero throughout, e.g. the graph loss at beta = 0)
+    against the step, log y axis; with ``weights`` (``LossWeights``) the legend shows each part's weight."""
     factor = {} if weights is None else {"classification": weights.alpha, "graph": weights.beta, "gap": weights.gamma}
     fig, axis = plt.subplots(figsize=(6, 3.6))
     for column in ("total", "classification", "graph", "gap"):
-        if not (history[column] > 0).any():
-            continue
-        values = history[column].clip(lower=1e-6)
-        label = f"{column} (weight {factor[column]:g})" if column in factor else column
-        axis.plot(history["step"], values, label=label, lw=2 if column == "total" else 1.2)
+        if (history[column] > 0).any():
+            label = f"{column} (weight {factor[column]:g})" if column in factor else column
+            axis.plot(history["step"], history[column].clip(lower=1e-6), label=label,
+                      lw=2 if column == "total" else 1.2)
     axis.set(yscale="log", xlabel="step", ylabel="loss (mean over logging window)")
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
@@ -150,8 +136,7 @@ def plot_embedding_projection(coords, groups, title: str = "HUSE space (shared 2
                              squeeze=False)
     for axis, (modality, points) in zip(axes[0], coords.items()):
         for i, name in enumerate(names):
-            mask = groups == name
-            axis.scatter(points[mask, 0], points[mask, 1], s=10, alpha=0.75, color=colours(i % colours.N), label=name)
+            axis.scatter(*points[groups == name].T, s=10, alpha=0.75, color=colours(i % colours.N), label=name)
         axis.set_title(f"{modality} embeddings", fontsize=10)
         axis.set_xlabel("PC 1")
         axis.grid(alpha=0.2)
@@ -173,10 +158,9 @@ def plot_huse_retrievals(image_queries, text_queries, max_chars: int = 48):
     for row, (image, label, retrieved) in enumerate(image_queries):
         axes[row, 0].imshow(image)
         axes[row, 0].set_title(f"image query\n[{label}]", fontsize=8)
-        lines = [(("✓ " if l == label else "✗ ") + text[:max_chars], "green" if l == label else "red")
-                 for text, l in retrieved]
-        for i, (line, colour) in enumerate(lines):
-            axes[row, 1].text(0.0, 0.92 - i * 0.2, f"{i + 1}. {line}", color=colour, fontsize=8,
+        for i, (text, l) in enumerate(retrieved):
+            mark, colour = ("✓", "green") if l == label else ("✗", "red")
+            axes[row, 1].text(0.0, 0.92 - i * 0.2, f"{i + 1}. {mark} {text[:max_chars]}", color=colour, fontsize=8,
                               transform=axes[row, 1].transAxes, va="top", ha="left", clip_on=False)
     for offset, (text, label, retrieved) in enumerate(text_queries):
         row = len(image_queries) + offset
@@ -188,8 +172,7 @@ def plot_huse_retrievals(image_queries, text_queries, max_chars: int = 48):
             axis.axis("on")
             axis.set(xticks=[], yticks=[])
             for spine in axis.spines.values():
-                spine.set_edgecolor("green" if l == label else "red")
-                spine.set_linewidth(3)
+                spine.set(edgecolor="green" if l == label else "red", linewidth=3)
             axis.set_title(f"{i + 1}. [{l}]", fontsize=7, color="green" if l == label else "red")
     fig.tight_layout()
     return fig

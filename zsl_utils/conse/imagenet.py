@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from zsl_utils import config
 from zsl_utils.cache import ShardedCache
 from zsl_utils.conse.model import ConSE, check_probabilities
-from zsl_utils.data.wnids import candidate_wnids, ilsvrc2012_wnids, load_wnid_list
+from zsl_utils.data.wnids import candidate_wnids, imagenet_wnids, load_wnid_list
 from zsl_utils.data.wordnet import WordNet
 from zsl_utils.errors import ParameterError
 from zsl_utils.metrics import PAPER_KS, Hierarchy, correct_sets, hierarchical_precision_sums
@@ -83,15 +83,12 @@ class LabelSets:
 def build_label_sets(hierarchy: Hierarchy | None = None, training: Sequence[str] | None = None,
                      release: Sequence[str] | None = None, hop_edges: Mapping[str, int] = PAPER_HOP_EDGES,
                      published_lists: Mapping[str, str | os.PathLike] | None = None) -> LabelSets:
-    """Derive the 2-hop / 3-hop / all test sets (or read published lists instead).
-
-    ``hop_edges`` maps a test-set name to the largest tree distance (in edges) it admits.
-    ``published_lists`` maps names to WNID files (release synsets) that replace derived sets.
-    """
+    """The 2-hop / 3-hop / all test sets: ``hop_edges`` maps a name to the largest tree distance (edges) it
+    admits; ``published_lists`` maps names to WNID files (release synsets) that replace derived sets."""
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
-    training = ilsvrc2012_wnids() if training is None else list(training)
+    training = imagenet_wnids("1k") if training is None else list(training)
     candidates = candidate_wnids(training, release)
-    nearest = hierarchy.distance_to_nearest(training, max_distance=64)
+    nearest = hierarchy.distance_to_nearest(training)
     distance = np.array([nearest[hierarchy.index[c]] if c in hierarchy else -1 for c in candidates])
     test_sets, rules = {}, {}
     for name, edges in hop_edges.items():
@@ -210,10 +207,9 @@ class _TaskState:
         row_of = {w: i for i, w in enumerate(label_embeddings.labels)}
         missing = [c for c in task.candidates if c not in row_of]
         if missing:
-            raise ParameterError(
-                f"task {task.name!r}: {len(missing)} candidates have no row in label_embeddings, e.g. "
-                f"{missing[:5]}; build the embeddings for every candidate (missing vectors are allowed)."
-            )
+            raise ParameterError(f"task {task.name!r}: {len(missing)} candidates have no row in label_embeddings, "
+                                 f"e.g. {missing[:5]}; build the embeddings for every candidate (missing vectors "
+                                 "are allowed).")
         found = np.array([bool(label_embeddings.found[row_of[c]]) for c in task.candidates])
         self.usable = np.flatnonzero(found)  # position in task.candidates of each ranked label
         if len(self.usable) < max(ks):
@@ -258,16 +254,13 @@ def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, l
                    tasks: Sequence[EvalTask], T_values: Sequence[int] = (1, 10, 1000), ks: Sequence[int] = PAPER_KS,
                    hierarchy: Hierarchy | None = None, batch_size: int = 4096, device: str = "cpu",
                    keep_top: int = 0, progress: bool = True) -> EvalResult:
-    """Flat hit@k and hierarchical precision@k (%) of ConSE(T) per task: one table row per (task, T).
+    """Flat hit@k and hierarchical precision@k (%) of ConSE(T): one table row per (task, T).
 
-    ``probs_source``: a :class:`~zsl_utils.cache.ShardedCache` with ``probs`` and ``ok``, or an array
-    ``[n_images, n_train]``, streamed batch by batch (flat memory). Rows that are unreadable or
-    whose label ``image_wnids[i]`` is in no task's test set are skipped. ``train_embeddings``
-    follow the classifier's outputs; ``label_embeddings`` cover every candidate (one without a
-    vector stays a candidate for hp@k sets but is never predicted). ``hierarchy`` defaults to
-    WordNet 3.0; ``keep_top`` keeps that many predictions per image for :meth:`EvalResult.examples`.
-    Tasks over the same images (a test set and its +1K twin) share one check and one ``f(x)`` per
-    batch and T, with exactly the numbers of separate runs.
+    ``probs_source`` (a :class:`~zsl_utils.cache.ShardedCache` with ``probs`` and ``ok``, or an array) is
+    streamed; unreadable rows and images in no task's test set are skipped. ``label_embeddings`` cover every
+    candidate (one without a vector stays in hp@k sets but is never predicted). ``keep_top`` predictions per
+    image are kept for :meth:`EvalResult.examples`. Tasks over the same images (a test set and its +1K twin)
+    share one check and one ``f(x)`` per batch and T, with exactly the numbers of separate runs.
     """
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
     image_wnids = np.asarray(image_wnids, dtype=object)
@@ -310,11 +303,10 @@ def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, l
 def _probability_batches(source, batch_size: int):
     """Yield ``(start_row, probs float32, ok bool)`` from a cache (shard by shard) or an array."""
     if isinstance(source, ShardedCache):
-        for _, start, arrays in source.iter_shards(["probs", "ok"]):
-            for offset in range(0, len(arrays["probs"]), batch_size):
-                yield (start + offset, arrays["probs"][offset : offset + batch_size].astype(np.float32),
-                       arrays["ok"][offset : offset + batch_size])
-        return
-    for start in range(0, len(source), batch_size):
-        block = np.asarray(source[start : start + batch_size], dtype=np.float32)
-        yield start, block, np.ones(len(block), bool)
+        shards = ((start, arrays["probs"], arrays["ok"]) for _, start, arrays in source.iter_shards(["probs", "ok"]))
+    else:
+        shards = [(0, source, np.ones(len(source), bool))]
+    for start, probs, ok in shards:
+        for offset in range(0, len(probs), batch_size):
+            block = np.asarray(probs[offset : offset + batch_size], dtype=np.float32)
+            yield start + offset, block, ok[offset : offset + batch_size]

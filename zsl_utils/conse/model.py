@@ -7,15 +7,13 @@ probability-weighted average of its ``T`` most probable labels' vectors,
 .. math:: f(x) = \frac{1}{Z} \sum_{t=1}^{T} p(\hat y_t \mid x)\, s(\hat y_t), \qquad
           Z = \sum_{t=1}^{T} p(\hat y_t \mid x),
 
-and ranks candidate labels by cosine similarity to :math:`f(x)`: unseen labels only
-(zero-shot) or training + unseen labels (generalised, the paper's "+1K" rows).
-:math:`\lVert f(x) \rVert_2` shrinks when the top labels point in different semantic
-directions, which the paper reads as a confidence. Inputs are numpy, memmap or torch,
-processed in chunks (bounded memory) on any torch device.
+and ranks candidate labels by cosine similarity to :math:`f(x)`: unseen labels only (zero-shot) or
+training + unseen labels (generalised, the paper's "+1K" rows). :math:`\lVert f(x) \rVert_2` shrinks
+when the top labels point in different semantic directions, which the paper reads as a confidence.
+Inputs are numpy, memmap or torch, processed in chunks (bounded memory) on any torch device.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -52,41 +50,37 @@ def _resolve_device(device, reference=None) -> torch.device:
     return device if isinstance(device, torch.device) else pick_device(device)
 
 
+def _starts(n_rows: int, chunk_size: int) -> range:
+    """Block starts; empty input still makes one (empty) block, so outputs keep their shape."""
+    return range(0, max(n_rows, 1), max(1, chunk_size))
+
+
+def _check_count(name: str, value, high: int, of: str, note: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= high:
+        raise ParameterError(f"{name}={value!r}: expected an integer between 1 and the number of {of} ({high}){note}.")
+    return int(value)
+
+
 def _check_T(T: int, n_train: int) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or not 1 <= T <= n_train:
-        raise ParameterError(
-            f"ConSE T={T!r}: expected an integer between 1 and the number of training labels ({n_train}); "
-            f"the paper uses T in {PAPER_T_VALUES}."
-        )
-    return int(T)
+    return _check_count("ConSE T", T, n_train, "training labels", f"; the paper uses T in {PAPER_T_VALUES}")
 
 
-def _check_probs_shape(probs, n_train: int) -> None:
+def check_probabilities(probs, n_train: int, values: bool = True) -> None:
+    """Raise :class:`ParameterError` unless ``probs`` is ``[N, n_train]`` and (if ``values``) finite and
+    non-negative. One min/max pass catches every bad value (NaN fails ``min >= 0``, ``+inf`` ``max < inf``)."""
     if probs.ndim != 2 or probs.shape[1] != n_train:
-        raise ParameterError(
-            f"ConSE: probabilities have shape {tuple(probs.shape)} but there are {n_train} training label "
-            "vectors; pass softmax outputs [N, n_train] in the order of the training labels (LoadedClassifier.wnids)."
-        )
-
-
-def check_probabilities(probs, n_train: int) -> None:
-    """Raise :class:`ParameterError` unless ``probs`` is ``[N, n_train]``, finite and non-negative.
-    One min/max pass catches every bad value (NaN fails ``min >= 0``, ``+inf`` fails ``max < inf``)."""
-    _check_probs_shape(probs, n_train)
+        raise ParameterError(f"ConSE: probabilities have shape {tuple(probs.shape)} but there are {n_train} training "
+                             "label vectors; pass softmax outputs [N, n_train] in the order of the training labels "
+                             "(LoadedClassifier.wnids).")
+    if not values or 0 in probs.shape:
+        return
     if isinstance(probs, torch.Tensor):
-        if not probs.numel():
-            return
         low, high = (float(v) for v in torch.aminmax(probs.detach()))
     else:
-        array = np.asarray(probs)
-        if not array.size:
-            return
-        low, high = float(array.min()), float(array.max())
-    if not (low >= 0.0 and high < math.inf):
-        raise ParameterError(
-            "ConSE: probabilities contain negative or non-finite values; pass softmax probabilities "
-            "(LoadedClassifier.probabilities), not logits."
-        )
+        low, high = float(np.min(probs)), float(np.max(probs))
+    if not (low >= 0.0 and high < np.inf):
+        raise ParameterError("ConSE: probabilities contain negative or non-finite values; pass softmax probabilities "
+                             "(LoadedClassifier.probabilities), not logits.")
 
 
 def unit_rows(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -95,7 +89,6 @@ def unit_rows(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the formula
-
 def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: torch.Tensor | None):
     """``(f(x), ||f(x)||)`` for one block of probabilities: the module docstring's formula."""
     if train_mask is not None:
@@ -114,57 +107,44 @@ def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: t
 
 def conse_embed(probs, train_vectors, T: int = 10, train_mask=None, chunk_size: int = 8192, device=None,
                 validate: bool = True):
-    """``(f(x) [N, d], ||f(x)|| [N])``, numpy or torch like ``probs`` ``[N, n_train]``.
-
-    ``train_vectors[j]`` embeds classifier output ``j``; ``train_mask[j]`` is False for labels
-    without one. ``validate=False`` skips the value check for callers that already ran it.
-    """
+    """``(f(x) [N, d], ||f(x)|| [N])``, numpy or torch like ``probs`` ``[N, n_train]``; ``train_mask[j]``
+    is False for a label without a vector. ``validate=False`` skips the value check (the caller ran it)."""
     dev = _resolve_device(device, probs)
     train = _to_tensor(train_vectors, dev)
     T = _check_T(T, train.shape[0])
     mask = None if train_mask is None else _to_tensor(train_mask, dev)
     parts = []
-    for start in range(0, len(probs), max(1, chunk_size)):
+    for start in _starts(len(probs), chunk_size):
         block = _to_tensor(probs[start : start + chunk_size], dev)
-        (check_probabilities if validate else _check_probs_shape)(block, train.shape[0])
+        check_probabilities(block, train.shape[0], values=validate)
         parts.append(_embed_block(block, train, T, mask))
-    if not parts:
-        return _like_input(torch.zeros(0, train.shape[1]), probs), _like_input(torch.zeros(0), probs)
     embeddings, norms = (torch.cat(part) for part in zip(*parts))
     return _like_input(embeddings, probs), _like_input(norms, probs)
 
 
-def rank(embeddings, candidate_vectors, k: int = 5, chunk_size: int | None = None, device=None):
-    """Top-``k`` candidates by cosine: ``(indices [N, k], scores [N, k])``, in ~64 MiB chunks."""
+def rank(embeddings, candidate_vectors, k: int = 5, chunk_size: int | None = None, device=None,
+         unit_candidates: bool = False):
+    """Top-``k`` candidates by cosine: ``(indices [N, k], scores [N, k])``, in ~64 MiB chunks.
+    ``unit_candidates=True`` says the candidate rows have unit norm already (as ConSE stores them)."""
     dev = _resolve_device(device, embeddings)
-    candidates = unit_rows(_to_tensor(candidate_vectors, dev))
-    return _rank_with_unit(embeddings, candidates, k, chunk_size, dev)
-
-
-def _rank_with_unit(embeddings, unit_candidates: torch.Tensor, k: int, chunk_size: int | None, dev):
+    candidates = _to_tensor(candidate_vectors, dev)
+    unit_candidates = candidates if unit_candidates else unit_rows(candidates)
     n_candidates = unit_candidates.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_candidates:
-        raise ParameterError(
-            f"rank: k={k!r} must be an integer between 1 and the number of candidates ({n_candidates})."
-        )
+    k = _check_count("rank: k", k, n_candidates, "candidates")
     if embeddings.ndim != 2 or embeddings.shape[1] != unit_candidates.shape[1]:
-        raise ParameterError(
-            f"rank: embeddings {tuple(embeddings.shape)} and candidate vectors {tuple(unit_candidates.shape)} "
-            "must share the semantic dimension; build both from the same semantic space."
-        )
+        raise ParameterError(f"rank: embeddings {tuple(embeddings.shape)} and candidate vectors "
+                             f"{tuple(unit_candidates.shape)} must share the semantic dimension; build both from "
+                             "the same semantic space.")
     chunk = chunk_size or max(1, _RANK_BUDGET_BYTES // (4 * n_candidates))
     parts = []
-    for start in range(0, len(embeddings), chunk):
+    for start in _starts(len(embeddings), chunk):
         block = unit_rows(_to_tensor(embeddings[start : start + chunk], dev))
-        parts.append((block @ unit_candidates.T).topk(int(k), dim=1))  # (scores, indices)
-    if not parts:
-        return _like_input(torch.zeros(0, k, dtype=torch.int64), embeddings), _like_input(torch.zeros(0, k), embeddings)
+        parts.append((block @ unit_candidates.T).topk(k, dim=1))  # (scores, indices)
     scores, indices = (torch.cat(part) for part in zip(*parts))
     return _like_input(indices, embeddings), _like_input(scores, embeddings)
 
 
 # --------------------------------------------------------------------------- the model
-
 @dataclass
 class ConSEPrediction:
     """Top-``k`` candidates and cosines per image, plus ``||f(x)||``. All-zero probabilities (an
@@ -176,7 +156,6 @@ class ConSEPrediction:
     candidate_labels: list[str]
 
     def labels(self, row: int) -> list[str]:
-        """Predicted labels of image ``row``, best first."""
         return [self.candidate_labels[j] for j in self.indices[row]]
 
 
@@ -195,10 +174,9 @@ class ConSE:
                                  f"expected ({self.train.shape[0]},).")
         self.unit_candidates = unit_rows(_to_tensor(candidate_vectors, self.device))
         if self.unit_candidates.ndim != 2 or self.unit_candidates.shape[1] != self.train.shape[1]:
-            raise ParameterError(
-                f"ConSE: candidate vectors {tuple(self.unit_candidates.shape)} must be [n, {self.train.shape[1]}] "
-                "like the training label vectors; build both from the same semantic space."
-            )
+            raise ParameterError(f"ConSE: candidate vectors {tuple(self.unit_candidates.shape)} must be "
+                                 f"[n, {self.train.shape[1]}] like the training label vectors; build both from the "
+                                 "same semantic space.")
         n = self.unit_candidates.shape[0]
         self.candidate_labels = list(candidate_labels) if candidate_labels is not None else [str(i) for i in range(n)]
         if len(self.candidate_labels) != n:
@@ -225,12 +203,12 @@ class ConSE:
     def predict(self, probs, k: int = 5, batch_size: int = 8192) -> ConSEPrediction:
         """Rank the candidates for every row of ``probs`` (numpy/memmap/torch), in batches."""
         chunks = []
-        starts = range(0, len(probs), max(1, batch_size))
+        starts = _starts(len(probs), batch_size)
         for start in tqdm(starts, desc=f"ConSE(T={self.T})", disable=len(starts) < 4):
             block = _to_tensor(probs[start : start + batch_size], self.device)
             check_probabilities(block, self.train.shape[0])
             chunks.append(self._rank_block(*_embed_block(block, self.train, self.T, self.train_mask), k))
-        return self._prediction(chunks, k)
+        return self._prediction(chunks)
 
     def predict_embedded(self, embeddings, norms, k: int = 5, batch_size: int = 8192) -> ConSEPrediction:
         """Rank for ``(embeddings, norms) = m.embed(probs)``: exactly ``self.predict(probs)`` when ``m``
@@ -240,23 +218,20 @@ class ConSE:
                                  "pass both outputs of ConSE.embed for the same rows.")
         chunks = [self._rank_block(_to_tensor(embeddings[s : s + batch_size], self.device),
                                    norms[s : s + batch_size], k)
-                  for s in range(0, len(embeddings), max(1, batch_size))]
-        return self._prediction(chunks, k)
+                  for s in _starts(len(embeddings), batch_size)]
+        return self._prediction(chunks)
 
     def _rank_block(self, emb: torch.Tensor, norm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx, score = _rank_with_unit(emb, self.unit_candidates, k, None, self.device)
+        idx, score = rank(emb, self.unit_candidates, k, device=self.device, unit_candidates=True)
         norm = norm.cpu().numpy() if isinstance(norm, torch.Tensor) else np.asarray(norm, dtype=np.float32)
         return idx.cpu().numpy(), score.cpu().numpy(), norm
 
-    def _prediction(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> ConSEPrediction:
-        if not chunks:
-            chunks = [(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32))]
+    def _prediction(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ConSEPrediction:
         indices, scores, norms = (np.concatenate(parts) for parts in zip(*chunks))
         return ConSEPrediction(indices, scores, norms, self.candidate_labels)
 
 
 # --------------------------------------------------------------------------- analysis (notebook 01)
-
 def generalised_candidates(train: LabelEmbeddings, unseen: LabelEmbeddings) -> LabelEmbeddings:
     """Training labels followed by the unseen labels not already among them (the "+1K" setting)."""
     seen = set(train.labels)
@@ -273,8 +248,7 @@ def label_collisions(embeddings: LabelEmbeddings, decimals: int = 5) -> list[lis
     return sorted([[embeddings.labels[i] for i in group] for group in groups])
 
 
-# ConSE(1) vs. the softmax on the paper's 1,000-class validation set (hit@1 %), as summarised in
-# issue 3; not verified against the paper's text (see the header of tables/paper_conse_imagenet.csv).
+# hit@1 (%) on the paper's 1K validation set as summarised in issue 3; unverified (tables/paper_conse_imagenet.csv).
 PAPER_1K_HIT1 = {"softmax": 55.6, "ConSE(1)": 55.1}
 
 
@@ -283,23 +257,13 @@ def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] 
     another label has the same vector or the top-1 has none; column ``case`` says which."""
     probs_np = np.asarray(probs, dtype=np.float32)
     prediction = ConSE.from_embeddings(train, train, T=1).predict(probs_np, k=1)
-    table = pd.DataFrame({
-        "softmax_top1": [train.labels[j] for j in probs_np.argmax(axis=1)],
-        "conse1_top1": [prediction.candidate_labels[j] for j in prediction.indices[:, 0]],
-    })
+    table = pd.DataFrame({"softmax_top1": [train.labels[j] for j in probs_np.argmax(axis=1)],
+                          "conse1_top1": [prediction.candidate_labels[j] for j in prediction.indices[:, 0]]})
     group_of = {label: g for g, group in enumerate(label_collisions(train)) for label in group}
-    missing = set(train.missing)
-
-    def case(soft: str, con: str) -> str:
-        if soft == con:
-            return "agree"
-        if soft in missing:
-            return "softmax top-1 has no embedding"
-        if soft in group_of and group_of.get(con) == group_of[soft]:
-            return "collision (same vector)"
-        return "other"
-
-    table["case"] = [case(a, b) for a, b in zip(table.softmax_top1, table.conse1_top1)]
+    soft, con = table.softmax_top1, table.conse1_top1
+    collision = [a in group_of and group_of.get(b) == group_of[a] for a, b in zip(soft, con)]
+    table["case"] = np.select([soft == con, soft.isin(train.missing), collision],
+                              ["agree", "softmax top-1 has no embedding", "collision (same vector)"], "other")
     if true_labels is not None:
         if len(true_labels) != len(table):
             raise ParameterError(f"softmax_vs_conse1: {len(true_labels)} true labels for {len(table)} images.")
@@ -316,6 +280,7 @@ def summarise_conse1_check(per_image: pd.DataFrame) -> pd.DataFrame:
             hit = 100.0 * float((per_image[column] == per_image["true_label"]).mean())
             rows.append({"quantity": f"hit@1 % {method}", "ours": hit, "paper": PAPER_1K_HIT1[method]})
     return pd.DataFrame(rows)
+
 
 def classifier_confidence(probs) -> pd.DataFrame:
     """Per-image max probability and entropy (nats) of softmax outputs ``[N, n]``."""

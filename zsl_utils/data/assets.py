@@ -1,11 +1,8 @@
 """Fetch the offline data assets into ``data/raw`` (never committed): ``python -m zsl_utils.data.assets``.
 
-Each asset has an ordered list of routes, tried until one works: WordNet 3.0 (``data.noun``,
-``index.noun``) from ``$ZSL_WORDNET_SOURCE``, ``/usr/share/wordnet``, Debian's
-``wordnet-base`` or NLTK's downloader; the Tux Paint stamps from ``/usr/share/tuxpaint/stamps``,
-Debian's ``tuxpaint-stamps-default`` or the upstream tarball. A route fills a temporary
-folder that is then renamed into place, so an interrupted fetch leaves no half-filled
-folder; when every route fails, the error lists what was tried and what to do.
+Each asset has routes tried in order (see :func:`ensure_wordnet`, :func:`ensure_tuxpaint`). A route
+fills a temporary folder that is then renamed into place, so an interrupted fetch leaves no
+half-filled folder; when every route fails, the error lists what was tried and what to do.
 """
 from __future__ import annotations
 
@@ -24,10 +21,8 @@ from zsl_utils.errors import AssetUnavailableError
 
 WORDNET_FILES = ("data.noun", "index.noun")
 STAMP_SUFFIXES = (".png", ".txt")
-TUXPAINT_UPSTREAM_URL = (
-    "https://sourceforge.net/projects/tuxpaint/files/tuxpaint-stamps/2022-06-04/"
-    "tuxpaint-stamps-2022.06.04.tar.gz/download"
-)
+TUXPAINT_UPSTREAM_URL = ("https://sourceforge.net/projects/tuxpaint/files/tuxpaint-stamps/2022-06-04/"
+                         "tuxpaint-stamps-2022.06.04.tar.gz/download")
 _COMPLETE_MARKER = ".complete"
 
 # A route fills a fresh empty folder and returns where the files came from, or None
@@ -35,20 +30,18 @@ _COMPLETE_MARKER = ".complete"
 Route = Callable[[Path], Optional[str]]
 
 
-def _install_atomically(target: Path, route: Route) -> Optional[str]:
+def _install_atomically(target: Path, route: Route) -> bool:
     """Run ``route`` into a temp folder beside ``target`` and rename it into place."""
-    config.ensure_dir(target.parent)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=config.ensure_dir(target.parent), prefix=f".{target.name}-") as tmp:
         staging = Path(tmp) / "staging"
         staging.mkdir()
         source = route(staging)
-        if source is None:
-            return None
-        (staging / _COMPLETE_MARKER).write_text(source + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        return source
+        if source is not None:
+            (staging / _COMPLETE_MARKER).write_text(source + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        return source is not None
 
 
 def _fetch(target: Path, routes: list[tuple[str, Route]], asset: str, advice: str) -> Path:
@@ -57,7 +50,7 @@ def _fetch(target: Path, routes: list[tuple[str, Route]], asset: str, advice: st
     failures = []
     for name, route in routes:
         try:
-            if _install_atomically(target, route) is not None:
+            if _install_atomically(target, route):
                 return target
             failures.append(f"{name}: not available here")
         except Exception as error:  # noqa: BLE001 - every route failure is reported together
@@ -163,7 +156,8 @@ TUXPAINT_ADVICE = (
 
 
 def ensure_wordnet(target: Path | None = None) -> Path:
-    """Return a folder holding the WordNet 3.0 database files, fetching them if needed."""
+    """A folder holding the WordNet 3.0 database files, fetched if needed: from ``$ZSL_WORDNET_SOURCE``,
+    ``/usr/share/wordnet``, Debian's ``wordnet-base`` or NLTK's downloader."""
     user_copy = os.environ.get("ZSL_WORDNET_SOURCE")
     routes = [("$ZSL_WORDNET_SOURCE", _from_dir(Path(user_copy) if user_copy else None, required=WORDNET_FILES)),
               ("/usr/share/wordnet", _from_dir(Path("/usr/share/wordnet"), required=WORDNET_FILES)),
@@ -173,12 +167,12 @@ def ensure_wordnet(target: Path | None = None) -> Path:
 
 
 def ensure_tuxpaint(target: Path | None = None) -> Path:
-    """Return the root of the Tux Paint stamps tree (``<category>/<sub>/NAME.png``)."""
+    """The root of the Tux Paint stamps tree (``<category>/<sub>/NAME.png``), fetched if needed: from
+    ``/usr/share/tuxpaint/stamps``, Debian's ``tuxpaint-stamps-default`` or the upstream tarball."""
     routes = [("/usr/share/tuxpaint/stamps", _from_dir(Path("/usr/share/tuxpaint/stamps"), STAMP_SUFFIXES)),
               ("apt-get download tuxpaint-stamps-default", _stamps_from_apt),
               ("upstream tarball", _stamps_from_upstream)]
-    target = Path(target) if target else config.TUXPAINT_DIR
-    return _fetch(target, routes, "the Tux Paint stamps (demo images)", TUXPAINT_ADVICE)
+    return _fetch(Path(target or config.TUXPAINT_DIR), routes, "the Tux Paint stamps (demo images)", TUXPAINT_ADVICE)
 
 
 def ensure_all() -> dict[str, Path]:

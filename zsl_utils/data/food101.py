@@ -1,10 +1,10 @@
-"""HUSE item tables: UPMC Food-101 in its two layouts (:data:`MIRROR_TREE`, the common
-re-distribution, and :data:`ORIGINAL_TREE`), splits, taxonomies, and :func:`load_huse_dataset`,
-which also serves the Tux Paint demo. Items are ``item_id, image_path, text, label``; every
-row left out is listed with its reason (missing or unreadable image, empty text, unknown class).
+"""HUSE item tables: UPMC Food-101 in both layouts (the common mirror and the original release),
+splits, taxonomies, and :func:`load_huse_dataset`, which also serves the Tux Paint demo. Items are
+``item_id, image_path, text, label``; every row left out is listed with its reason.
 """
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +40,12 @@ WORDNET_TABLE = config.TABLES_DIR / "food101_wordnet.csv"
 # Coarse groups for colouring plots: a class belongs to the first group whose synset is
 # among its WordNet ancestors (checked in this order, most specific first).
 FOOD101_SUPERCLASSES: tuple[tuple[str, str], ...] = (
-    ("soup", "n07583197"),
-    ("salad", "n07806221"),
-    ("sandwich", "n07695965"),
-    ("dessert", "n07609840"),
-    ("pasta & dumplings", "n07863374"), ("pasta & dumplings", "n07698915"),
-    ("baked goods", "n07622061"),
+    ("soup", "n07583197"), ("salad", "n07806221"), ("sandwich", "n07695965"), ("dessert", "n07609840"),
+    ("pasta & dumplings", "n07863374"), ("pasta & dumplings", "n07698915"), ("baked goods", "n07622061"),
     ("seafood", "n07776866"), ("seafood", "n07775375"),  # the second: fish (as food)
     ("meat", "n07649854"),
     ("starters & spreads", "n07581346"), ("starters & spreads", "n07810907"),  # appetizer; condiment (dips, pate)
-    ("vegetables", "n07705711"),
-    ("other dishes", "n07557434"),
+    ("vegetables", "n07705711"), ("other dishes", "n07557434"),
 )
 OTHER_FOOD = "other food"  # classes under none of the groups above (cheese, rice)
 SPLITS = ("train", "test")
@@ -107,31 +102,14 @@ def _collect(candidates: Iterator[tuple], verify_images: bool, skipped: Iterable
     return ReadResult(pd.DataFrame(rows, columns=ITEM_COLUMNS), pd.DataFrame(skipped, columns=SKIP_COLUMNS))
 
 
-def detect_upmc_layout(root: Path, split: str) -> str:
-    """``"mirror"`` or ``"original"``; a clear error with both expected trees otherwise."""
-    if (root / "texts" / f"{split}_titles.csv").is_file():
-        return "mirror"
-    if (root / "texts_txt").is_dir():
-        return "original"
-    raise DataLayoutError(
-        f"{root} is not a UPMC Food-101 folder: found neither texts/{split}_titles.csv nor texts_txt/.\n"
-        f"Expected the mirror layout\n{MIRROR_TREE}\nor the original release\n{ORIGINAL_TREE}\n"
-        "Pass the folder that contains images/ (set data_root in the profile)."
-    )
-
-
 def _read_titles_csv(path: Path) -> tuple[list[list[str]], list[str]]:
     """Rows of a headerless 3-column CSV and the raw text of malformed lines."""
-    bad: list[str] = []
-    frame = pd.read_csv(
-        path, header=None, dtype=str, keep_default_na=False, engine="python",
-        on_bad_lines=lambda line: bad.append(",".join(line)) or None,
-    )
-    if frame.shape[1] < 3:
-        raise DataLayoutError(f"{path} has {frame.shape[1]} column(s); expected 3 (image file name, text, class).")
-    short = frame.iloc[:, :3].isna().any(axis=1)  # a line with fewer than 3 fields
-    bad.extend(",".join(str(v) for v in row if isinstance(v, str)) for row in frame[short].values.tolist())
-    rows = frame[~short].iloc[:, :3].values.tolist()
+    with open(path, newline="", encoding="utf-8") as handle:
+        lines = [line for line in csv.reader(handle) if line]
+    rows = [line for line in lines if len(line) == 3]
+    if lines and not rows:
+        raise DataLayoutError(f"{path} has no line of 3 fields; expected image file name, text, class.")
+    bad = [",".join(line) for line in lines if len(line) != 3]
     if rows and not re.search(r"\.(jpe?g|png)$", rows[0][0], re.I) and rows[0][2] not in FOOD101_CLASSES:
         rows = rows[1:]  # a header line some copies carry
     return rows, bad
@@ -158,30 +136,33 @@ def _read_original(root: Path, images: Path, split: str, verify_images: bool) ->
 
 
 def read_upmc_food101(root: Path | str, split: str, verify_images: bool = False) -> ReadResult:
-    """UPMC Food-101 items of ``split`` in either layout (detected).
-
-    ``verify_images=True`` also opens every image (slow on 90k files; otherwise unreadable
-    images are caught, and reported, by the feature extraction).
-    """
+    """UPMC Food-101 items of ``split`` in either layout (detected). ``verify_images=True`` also opens
+    every image (slow on 90k files; otherwise the feature extraction catches and reports unreadable ones)."""
     if split not in SPLITS:
         raise ParameterError(f"split={split!r}; UPMC Food-101 splits are {SPLITS}.")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataLayoutError(
             f"UPMC Food-101 folder {root} does not exist; expected\n{MIRROR_TREE}\nor\n{ORIGINAL_TREE}")
-    mirror = detect_upmc_layout(root, split) == "mirror"
+    if (root / "texts" / f"{split}_titles.csv").is_file():
+        read, tree = _read_mirror, MIRROR_TREE
+    elif (root / "texts_txt").is_dir():
+        read, tree = _read_original, ORIGINAL_TREE
+    else:
+        raise DataLayoutError(
+            f"{root} is not a UPMC Food-101 folder: found neither texts/{split}_titles.csv nor texts_txt/.\n"
+            f"Expected the mirror layout\n{MIRROR_TREE}\nor the original release\n{ORIGINAL_TREE}\n"
+            "Pass the folder that contains images/ (set data_root in the profile)."
+        )
     images = root / "images" / split
     if not images.is_dir():
-        raise DataLayoutError(f"{images} is missing; expected\n{MIRROR_TREE if mirror else ORIGINAL_TREE}")
-    return (_read_mirror if mirror else _read_original)(root, images, split, verify_images)
+        raise DataLayoutError(f"{images} is missing; expected\n{tree}")
+    return read(root, images, split, verify_images)
 
 
 def stratified_holdout(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split row indices into (kept, held out), holding out ``fraction`` of every class.
-
-    A class of two or more items keeps one and holds out one at least; a singleton stays
-    kept. The draw depends only on ``seed`` and the labels.
-    """
+    """Split row indices into (kept, held out), holding out ``fraction`` of every class: a class of two
+    or more items keeps one and holds out one at least, a singleton stays kept. Seeded by ``seed`` only."""
     if not 0 < fraction < 1:
         raise ParameterError(f"held-out fraction={fraction!r} must lie strictly between 0 and 1.")
     labels = np.asarray(labels)
@@ -198,14 +179,10 @@ def stratified_holdout(labels: Sequence[str], fraction: float, seed: int = 0) ->
     return np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
 
 
-def assign_splits(
-    items: pd.DataFrame, val_fraction: float, test_fraction: float | None = None, seed: int = 0
-) -> pd.DataFrame:
+def assign_splits(items: pd.DataFrame, val_fraction: float, test_fraction: float | None = None,
+                  seed: int = 0) -> pd.DataFrame:
     """Add a ``split`` column: carve ``test`` (if ``test_fraction``) then ``val`` out of the rest, per class.
-
-    Without ``test_fraction`` the items' own ``split`` (UPMC: train/test) is kept and
-    validation comes from ``train`` only.
-    """
+    Without ``test_fraction`` the items' own ``split`` (UPMC: train/test) is kept, ``val`` taken from train."""
     items = items.copy()
     if test_fraction is not None:
         _, test = stratified_holdout(items["label"], test_fraction, seed)
@@ -291,26 +268,17 @@ class HuseDataset:
         ]
 
 
-def load_huse_dataset(
-    dataset: str = "tuxpaint",
-    data_root: str | Path = "",
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.25,
-    min_items_per_class: int = 6,
-    verify_images: bool = False,
-) -> HuseDataset:
-    """The demo (``"tuxpaint"``) or UPMC Food-101 (``"upmc_food101"``, at ``data_root``) with
-    seeded, class-stratified splits.
-
-    Tux Paint: :func:`~zsl_utils.data.tuxpaint.tuxpaint_items`, then ``test_fraction`` and
-    ``val_fraction`` held out per class. UPMC: the official train/test split, and
-    ``val_fraction`` of each class's train items as validation.
+def load_huse_dataset(dataset: str = "tuxpaint", data_root: str | Path = "", seed: int = 0,
+                      val_fraction: float = 0.2, test_fraction: float = 0.25, min_items_per_class: int = 6,
+                      verify_images: bool = False) -> HuseDataset:
+    """The demo (``"tuxpaint"``) or UPMC Food-101 (``"upmc_food101"``, at ``data_root``) with seeded,
+    class-stratified splits. Tux Paint: ``test_fraction`` and ``val_fraction`` held out per class. UPMC:
+    the official train/test split, and ``val_fraction`` of each class's train items as validation.
     """
     if dataset == "tuxpaint":
         stamps = tuxpaint.load_stamps(Path(data_root) if str(data_root) else None)
-        read = ReadResult(*tuxpaint.tuxpaint_items(stamps, min_items_per_class))
-        items = assign_splits(read.items, val_fraction, test_fraction, seed)
+        items, skipped = tuxpaint.tuxpaint_items(stamps, min_items_per_class)
+        items = assign_splits(items, val_fraction, test_fraction, seed)
         classes = tuple(sorted(items["label"].unique()))
         taxonomy = ClassTaxonomy(classes, *tuxpaint.category_tree(classes))
     elif dataset == "upmc_food101":
@@ -318,14 +286,12 @@ def load_huse_dataset(
             raise ParameterError(
                 "dataset='upmc_food101' needs data_root=<folder with images/ and texts/ or texts_txt/>.")
         parts = [read_upmc_food101(data_root, split, verify_images=verify_images) for split in SPLITS]
-        read = ReadResult(
-            pd.concat([p.items.assign(split=s) for p, s in zip(parts, SPLITS)], ignore_index=True),
-            pd.concat([p.skipped for p in parts], ignore_index=True),
-        )
-        items = assign_splits(read.items, val_fraction, seed=seed)
+        items = pd.concat([p.items.assign(split=s) for p, s in zip(parts, SPLITS)], ignore_index=True)
+        skipped = pd.concat([p.skipped for p in parts], ignore_index=True)
+        items = assign_splits(items, val_fraction, seed=seed)
         classes = tuple(c for c in FOOD101_CLASSES if c in set(items["label"]))
         full = food101_taxonomy()
         taxonomy = ClassTaxonomy(classes, full.parents, full.superclass)  # H@k over the classes present
     else:
         raise ParameterError(f"dataset={dataset!r}; choose one of ('tuxpaint', 'upmc_food101').")
-    return HuseDataset(dataset, items, classes, tuple(class_phrase(c) for c in classes), taxonomy, read.skipped)
+    return HuseDataset(dataset, items, classes, tuple(class_phrase(c) for c in classes), taxonomy, skipped)

@@ -14,18 +14,12 @@ from zsl_utils.errors import DataLayoutError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-def image_folder_by_wnid(
-    root: str | os.PathLike,
-    wnids: Collection[str] | None = None,
-    max_per_class: int | None = None,
-    extensions: Collection[str] = IMAGE_EXTENSIONS,
-) -> pd.DataFrame:
-    """Images under ``<root>/<wnid>/`` as a DataFrame ``path, wnid``, sorted by path.
-
-    Folders not named by a WNID are ignored (``frame.attrs['ignored_folders']``); ``wnids``
-    keeps only those classes (absent ones in ``frame.attrs['missing_wnids']``);
-    ``max_per_class`` keeps the first images by name. Unreadable files are caught when decoded.
-    """
+def image_folder_by_wnid(root: str | os.PathLike, wnids: Collection[str] | None = None,
+                         max_per_class: int | None = None,
+                         extensions: Collection[str] = IMAGE_EXTENSIONS) -> pd.DataFrame:
+    """Images under ``<root>/<wnid>/`` as a DataFrame ``path, wnid``, sorted by path. Folders not named by
+    a WNID are ignored (listed in ``frame.attrs['ignored_folders']``); ``wnids`` keeps only those classes
+    (absent ones in ``frame.attrs['missing_wnids']``); ``max_per_class`` keeps the first images by name."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataLayoutError(
@@ -59,11 +53,8 @@ def image_folder_by_wnid(
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL image as RGB, transparent pixels composited onto ``background``.
-
-    A plain ``convert('RGB')`` turns a PNG's transparent background (all Tux Paint stamps)
-    black, which no ImageNet photo looks like.
-    """
+    """Any PIL image as RGB, transparent pixels composited onto ``background``. A plain ``convert('RGB')``
+    turns a PNG's transparent background (all Tux Paint stamps) black, which no ImageNet photo looks like."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, background + (255,))

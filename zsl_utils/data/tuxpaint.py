@@ -1,13 +1,10 @@
 """The Tux Paint stamps: a small, real image + text + category data set, with WordNet labels.
 
-A stamp is ``<root>/<category>/<sub>/.../NAME.png`` with an English description on the first
-line of ``NAME.txt``; the two first folders give the class (``animals/mammals``, or
-``<top>/misc``), the first the superclass. ``NAME_mirror.png`` files are flipped copies.
-
-A normalised name's WNID comes from the reviewed table ``tables/tuxpaint_wnids.csv`` (an
-empty WNID = excluded; it covers the names ambiguous in ImageNet and compounds WordNet cannot
-find), else from its (or its singular's) one WordNet noun sense in the label space; several
-senses is ``ambiguous`` (add the name to the table), none ``unmapped``.
+A stamp is ``<root>/<category>/<sub>/.../NAME.png`` with an English description on the first line
+of ``NAME.txt``; the two first folders give the class (``animals/mammals``, or ``<top>/misc``).
+``NAME_mirror.png`` files are flipped copies. A normalised name's WNID comes from the reviewed table
+``tables/tuxpaint_wnids.csv`` (empty WNID = excluded; it covers names ambiguous in ImageNet and
+compounds WordNet cannot find), else from its (or its singular's) one noun sense in the label space.
 """
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from zsl_utils import config
-from zsl_utils.data import assets, wnids
+from zsl_utils.data import wnids
 from zsl_utils.data.wordnet import WordNet
 from zsl_utils.errors import DataLayoutError, ParameterError
 
@@ -38,18 +35,20 @@ def read_description(text_path: Path) -> str:
 
 
 def _category(relative: Path) -> str:
-    parts = relative.parts[:-1]
-    if not parts:
-        return "misc/misc"
-    return f"{parts[0]}/{parts[1]}" if len(parts) > 1 else f"{parts[0]}/misc"
+    top, sub = [*relative.parts[:-1], "misc", "misc"][:2]  # a missing folder level is "misc"
+    return f"{top}/{sub}"
 
 
 def load_stamps(root: Path | None = None) -> pd.DataFrame:
-    """One row per PNG stamp, sorted by path: ``path, name, description, category, top_category``."""
-    root = Path(root) if root else assets.ensure_tuxpaint()
+    """One row per PNG stamp, sorted by path: ``path, name, description, category, top_category``.
+
+    The default ``root`` is the copy that ``make data`` (``zsl_utils.data.assets``) fetches; like WordNet,
+    nothing is fetched here, so that reading data never downloads anything.
+    """
+    root = Path(root) if root else config.TUXPAINT_DIR
     if not root.is_dir():
         raise DataLayoutError(
-            f"Tux Paint stamps folder {root} does not exist; run `python -m zsl_utils.data.assets` "
+            f"Tux Paint stamps folder {root} does not exist; run `make data` (or `python -m zsl_utils.data.assets`) "
             "or pass the folder that holds <category>/<sub>/NAME.png."
         )
     rows = []
@@ -92,10 +91,10 @@ def load_tuxpaint_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     return table
 
 
-def map_name_to_wnid(
-    name: str, wordnet, label_space: Collection[str], table: pd.DataFrame
-) -> tuple[str | None, str, str]:
-    """``(wnid or None, how, detail)``, ``how`` one of ``table, excluded, lookup, ambiguous, unmapped``."""
+def map_name_to_wnid(name: str, wordnet, label_space: Collection[str],
+                     table: pd.DataFrame) -> tuple[str | None, str, str]:
+    """``(wnid or None, how, detail)``, ``how`` one of ``table, excluded, lookup, ambiguous`` (several senses:
+    add the name to the reviewed table), ``unmapped``."""
     key = normalise_stamp_name(name)
     reviewed = table.set_index("name") if "name" in table.columns else table
     if key in reviewed.index:
@@ -114,22 +113,16 @@ def map_name_to_wnid(
     return None, "unmapped", ""
 
 
-def tuxpaint_by_wnid(
-    stamps: pd.DataFrame | None = None,
-    wordnet: WordNet | None = None,
-    label_space: Collection[str] | None = None,
-    seen_wnids: Iterable[str] | None = None,
-) -> pd.DataFrame:
-    """Every stamp plus its WNID decision: ``wnid`` (None when not mapped), ``how``, ``detail``,
-    ``lemma`` (first WordNet lemma) and ``seen`` (the WNID is a training label).
-
-    Defaults: all stamps, WordNet 3.0, the fall-2011 release plus the ILSVRC-2012 labels as
-    label space, the ILSVRC-2012 labels as the seen set.
-    """
+def tuxpaint_by_wnid(stamps: pd.DataFrame | None = None, wordnet: WordNet | None = None,
+                     label_space: Collection[str] | None = None,
+                     seen_wnids: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every stamp plus its WNID decision: ``wnid`` (None when not mapped), ``how``, ``detail``, ``lemma``
+    (first WordNet lemma), ``seen`` (a training label). Default label space: the fall-2011 release plus
+    the seen set, the ILSVRC-2012 labels."""
     stamps = load_stamps() if stamps is None else stamps
     wordnet = WordNet.load() if wordnet is None else wordnet
-    seen = set(wnids.ilsvrc2012_wnids() if seen_wnids is None else seen_wnids)
-    space = set(label_space) if label_space is not None else set(wnids.imagenet21k_wnids()) | seen
+    seen = set(wnids.imagenet_wnids("1k") if seen_wnids is None else seen_wnids)
+    space = set(label_space) if label_space is not None else set(wnids.imagenet_wnids("21k")) | seen
     table = load_tuxpaint_table().set_index("name")
     decisions = [map_name_to_wnid(name, wordnet, space, table) for name in stamps["name"]]
     labels = [d[0] for d in decisions]
@@ -143,19 +136,11 @@ def tuxpaint_by_wnid(
     return frame
 
 
-def filter_stamps(
-    frame: pd.DataFrame,
-    photos_only: bool = True,
-    top_categories: Sequence[str] | None = None,
-    under: str | None = None,
-    wordnet: WordNet | None = None,
-) -> pd.DataFrame:
-    """The rows that pass every filter, re-indexed from 0.
-
-    ``photos_only`` drops the drawings (Tux Paint's ``cartoon/`` folders); ``top_categories``
-    keeps those top folders; ``under`` keeps rows whose ``wnid`` is that synset or below it in
-    ``wordnet`` (the animals folder also holds a teddy bear, which ``under=animal`` removes).
-    """
+def filter_stamps(frame: pd.DataFrame, photos_only: bool = True, top_categories: Sequence[str] | None = None,
+                  under: str | None = None, wordnet: WordNet | None = None) -> pd.DataFrame:
+    """The rows that pass every filter, re-indexed from 0. ``photos_only`` drops the drawings (``cartoon/``
+    folders); ``under`` keeps rows whose ``wnid`` is that synset or below it (``under=animal`` drops the
+    teddy bear of the animals folder)."""
     keep = pd.Series(True, index=frame.index)
     if photos_only:
         keep &= ~frame["path"].astype(str).str.contains("/cartoon/", regex=False)
@@ -176,11 +161,9 @@ def filter_stamps(
 
 
 def tuxpaint_items(stamps: pd.DataFrame, min_items_per_class: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(items, skipped)``: stamps as HUSE items (``item_id, image_path, text, label``; label = class).
-
-    Stamps without a description are skipped, and so are classes of fewer than
-    ``min_items_per_class`` stamps, which cannot be split three ways.
-    """
+    """``(items, skipped)``: stamps as HUSE items (``item_id, image_path, text, label``; label = class);
+    stamps without a description and classes of fewer than ``min_items_per_class`` (too few to split
+    three ways) are skipped."""
     rows = [(str(Path(s.category) / s.name), str(s.path), s.description or "", s.category)
             for s in stamps.itertuples(index=False)]
     items = pd.DataFrame(rows, columns=["item_id", "image_path", "text", "label"])

@@ -1,8 +1,6 @@
-"""ImageNet WNID lists: the 1K training labels, the 21K release, candidates, lemmas, list files.
-
-All from the synset files timm ships in ``timm/data/_info`` (no WordNet needed): the 1,000
-ILSVRC-2012 classes in classifier order, the 21,841 synsets of the fall-2011 release (the
-ConSE paper's label space; it lacks one 1K class, teddy bear ``n04399382``) and their lemmas.
+"""ImageNet WNID lists (1K training labels, 21K release, candidates), lemmas and WNID list files,
+from the synset files timm ships in ``timm/data/_info`` (no WordNet needed). The fall-2011 release
+is the ConSE paper's label space; it lacks one 1K class, teddy bear ``n04399382``.
 """
 from __future__ import annotations
 
@@ -36,24 +34,15 @@ def _subset(subset: str) -> tuple[str, ...]:
 
 
 def imagenet_wnids(subset: str = "1k") -> list[str]:
-    """WNIDs of an ImageNet label space: ``"1k"`` (classifier output order) or ``"21k"`` (release order)."""
+    """WNIDs of an ImageNet label space: ``"1k"``, the 1,000 ILSVRC-2012 training labels, sorted (the
+    classifier output order), or ``"21k"``, the 21,841 synsets of the fall-2011 release in timm's order."""
     return list(_subset(subset))
-
-
-def ilsvrc2012_wnids() -> list[str]:
-    """The 1,000 ILSVRC-2012 training labels, sorted (the classifier output order)."""
-    return imagenet_wnids("1k")
-
-
-def imagenet21k_wnids() -> list[str]:
-    """The 21,841 synsets of the ImageNet fall-2011 release, in timm's order."""
-    return imagenet_wnids("21k")
 
 
 def candidate_wnids(training: Iterable[str] | None = None, release: Iterable[str] | None = None) -> list[str]:
     """Release synsets that are not training labels (20,842 by default), in release order."""
-    seen = set(ilsvrc2012_wnids() if training is None else training)
-    return [w for w in (imagenet21k_wnids() if release is None else release) if w not in seen]
+    seen = set(imagenet_wnids("1k") if training is None else training)
+    return [w for w in (imagenet_wnids("21k") if release is None else release) if w not in seen]
 
 
 @lru_cache(maxsize=1)
@@ -92,9 +81,8 @@ def is_wnid(token: str) -> bool:
 
 
 def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[str]:
-    """WNIDs from a text file: each line starts with one; more on the line (comma or space separated)
-    count too, names (``n01440764 tench``) and ``#`` comments are ignored. WNIDs not in ``known`` are an error.
-    """
+    """WNIDs from a text file: each line starts with one; more on the line (comma or space separated) count
+    too, names (``n01440764 tench``) and ``#`` comments are ignored. WNIDs not in ``known`` are an error."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataLayoutError(f"WNID list {path} does not exist; pass a text file with one WNID per line.")

@@ -3,22 +3,19 @@
 ImageNet labels are WordNet noun synsets named by WNID: ``"n"`` + the synset's eight-digit
 byte offset in ``data.noun`` (``n02123045`` is *tabby cat*). We read lemmas, gloss and the
 is-a graph, *instance* links included (a named mountain still hangs under *mountain*).
-The parsed graph is pickled under ``data/cache`` (seconds to parse, well under one to reload).
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 from zsl_utils import config
-from zsl_utils.atomic import write_atomically
 from zsl_utils.errors import AssetUnavailableError
 
 _HYPERNYM_POINTERS = {"@", "@i"}
 _HYPONYM_POINTERS = {"~", "~i"}
-_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -73,65 +70,31 @@ def parse_index_line(line: str) -> tuple[str, list[str]] | None:
 class WordNet:
     """The WordNet 3.0 noun graph. Build with :meth:`load`; look up synsets by WNID."""
 
-    def __init__(self, records: dict[str, tuple], index: dict[str, list[str]]):
-        # Plain tuples (lemmas, gloss, hypernyms, hyponyms) pickle several times faster
-        # than dataclass instances; Synset objects are built on access.
-        self._records = records
+    def __init__(self, synsets: dict[str, Synset], index: dict[str, list[str]]):
+        self._synsets = synsets
         self._index = index
 
     @classmethod
-    def from_files(cls, directory: Path) -> "WordNet":
-        data_path, index_path = Path(directory) / "data.noun", Path(directory) / "index.noun"
-        for path in (data_path, index_path):
-            if not path.is_file():
-                raise AssetUnavailableError(
-                    f"WordNet file {path} is missing. Run `make data` (or "
-                    "`python -m zsl_utils.data.assets`) to fetch WordNet 3.0, or point WordNet.load(path=...) "
-                    "to a folder holding data.noun and index.noun."
-                )
-        # WordNet offsets are byte offsets, so the file must be read as bytes -> latin-1 text.
-        with open(data_path, encoding="latin-1") as handle:
-            synsets = (s for s in map(parse_data_line, handle) if s is not None)
-            records = {s.wnid: (s.lemmas, s.gloss, s.hypernyms, s.hyponyms) for s in synsets}
-        with open(index_path, encoding="latin-1") as handle:
-            index = dict(entry for entry in map(parse_index_line, handle) if entry is not None)
-        return cls(records, index)
+    def load(cls, path: Path | None = None) -> "WordNet":
+        """WordNet from the folder holding ``data.noun`` and ``index.noun`` (default ``data/raw/wordnet``).
 
-    @classmethod
-    def load(cls, path: Path | None = None, cache_dir: Path | None = None) -> "WordNet":
-        """Load WordNet from ``path`` (default: ``data/raw/wordnet``), via a pickle cache."""
-        directory = Path(path) if path else config.WORDNET_DIR
-        data_path = directory / "data.noun"
-        if not data_path.is_file():
-            return cls.from_files(directory)  # raises the actionable error
-        stat = data_path.stat()
-        key = f"wordnet-v{_CACHE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}.pkl"
-        cache_path = Path(cache_dir or config.CACHE_DIR) / key
-        if cache_path.is_file():
-            try:
-                with open(cache_path, "rb") as handle:
-                    records, index = pickle.load(handle)
-                return cls(records, index)
-            except (pickle.UnpicklingError, EOFError, ValueError):
-                cache_path.unlink(missing_ok=True)  # a damaged cache is rebuilt, not trusted
-        wordnet = cls.from_files(directory)
-        config.ensure_dir(cache_path.parent)
-        payload = (wordnet._records, wordnet._index)
-        write_atomically(cache_path, lambda handle: pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL))
-        return wordnet
+        Parsing takes about a second, so a process reads each folder once. There is no
+        on-disk cache on purpose: unpickling a file from a writable cache folder can run code.
+        """
+        return _read(Path(path or config.WORDNET_DIR).resolve())
 
     def __contains__(self, wnid: object) -> bool:
-        return wnid in self._records
+        return wnid in self._synsets
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._synsets)
 
     def wnids(self) -> Iterator[str]:
-        return iter(self._records)
+        return iter(self._synsets)
 
     def synset(self, wnid: str) -> Synset:
         try:
-            return Synset(wnid, *self._records[wnid])
+            return self._synsets[wnid]
         except KeyError:
             raise KeyError(f"{wnid!r} is not a WordNet 3.0 noun synset (expected 'n' + 8 digits).") from None
 
@@ -153,3 +116,19 @@ class WordNet:
         """Noun WNIDs whose lemma is ``word`` (case-insensitive; spaces or underscores), in sense order."""
         key = word.strip().lower().replace(" ", "_")
         return list(self._index.get(key, []))
+
+
+@lru_cache(maxsize=4)
+def _read(directory: Path) -> WordNet:
+    data_path, index_path = directory / "data.noun", directory / "index.noun"
+    for path in (data_path, index_path):
+        if not path.is_file():
+            raise AssetUnavailableError(
+                f"WordNet file {path} is missing. Run `make data` (or `python -m zsl_utils.data.assets`) to fetch "
+                "WordNet 3.0, or point WordNet.load(path=...) to a folder holding data.noun and index.noun.")
+    # WordNet offsets are byte offsets, so the file must be read as bytes -> latin-1 text.
+    with open(data_path, encoding="latin-1") as handle:
+        synsets = {s.wnid: s for s in map(parse_data_line, handle) if s is not None}
+    with open(index_path, encoding="latin-1") as handle:
+        index = dict(entry for entry in map(parse_index_line, handle) if entry is not None)
+    return WordNet(synsets, index)

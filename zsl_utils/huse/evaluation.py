@@ -1,14 +1,11 @@
-"""Evaluating HUSE: fused classification, retrieval recall@K, hierarchical precision H@k,
-the paper's numbers beside ours, the 2-D projection and retrieval examples.
+"""Evaluating HUSE: tables in percent, the paper's numbers beside ours, the 2-D projection, retrieval examples.
 
-Tables are DataFrames in percent. Retrieval follows the paper: each test item queries all
-*other* test items (its own image/text pair excluded); a hit has the query's class.
+Retrieval as in the paper: every test item queries all *other* ones (not its own image/text pair); a hit has its class.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -32,15 +29,12 @@ def fuse_probabilities(image_probs: torch.Tensor, text_probs: torch.Tensor, imag
 
 
 def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of score rows against labels."""
     return float((probabilities.argmax(dim=1) == labels).float().mean())
 
 
 def choose_fusion_weight(outputs: SplitOutputs, candidates: Sequence[float] | None = None) -> float:
-    """The image weight (``candidates``, default 0, 0.05 .. 1) with the best fused accuracy.
-
-    Ties go to the candidate closest to 0.5, so they do not silently favour one modality.
-    """
+    """The image weight (``candidates``, default 0, 0.05 .. 1) with the best fused accuracy; ties go to the one
+    closest to 0.5, so they do not silently favour one modality."""
     candidates = np.linspace(0, 1, 21) if candidates is None else np.asarray(candidates, dtype=float)
     probs = outputs.probabilities
     scores = [accuracy(fuse_probabilities(probs["image"], probs["text"], w), outputs.labels) for w in candidates]
@@ -92,51 +86,43 @@ def evaluate_huse(outputs: SplitOutputs, image_weight: float,
     """Classification, retrieval and hierarchical-precision tables (``correct_sets[k][c]``: right at H@k for c)."""
     recall = partial(retrieval_recall_at_k, ks=ks, exclude_same_index=True)
     precision = partial(retrieval_hierarchical_precision_at_k, correct_sets=correct_sets, exclude_same_index=True)
-    hierarchical = direction_table(outputs, precision, "H") if correct_sets else pd.DataFrame()
     return HuseEvaluation(classification_table(outputs, image_weight), direction_table(outputs, recall, "R"),
-                          hierarchical)
+                          direction_table(outputs, precision, "H") if correct_sets else pd.DataFrame())
 
 
 def project_2d(embeddings: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """A shared 2-D PCA of all modalities' embeddings; each axis's largest loading is positive (fixed signs)."""
-    names = list(embeddings)
-    stacked = np.concatenate([np.asarray(embeddings[m], dtype=np.float64) for m in names])
+    stacked = np.concatenate([np.asarray(x, dtype=np.float64) for x in embeddings.values()])
     centred = stacked - stacked.mean(axis=0)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
     axes = components[:2]
     axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
     coords = centred @ axes.T
-    bounds = np.cumsum([0] + [len(embeddings[m]) for m in names])
-    return {m: coords[bounds[i] : bounds[i + 1]] for i, m in enumerate(names)}
+    bounds = np.cumsum([0] + [len(x) for x in embeddings.values()])
+    return {m: coords[bounds[i] : bounds[i + 1]] for i, m in enumerate(embeddings)}
 
 
 def retrieval_examples(outputs: SplitOutputs, items: pd.DataFrame, n_queries: int = 3, k: int = 5,
                        seed: int = 0) -> tuple[list, list]:
-    """Cross-modal retrieval examples for ``plots.plot_huse_retrievals``.
-
-    For ``n_queries`` seeded rows of ``items`` (``HuseSplit.items``), the image retrieves the
-    ``k`` nearest texts and the text the ``k`` nearest images, its own pair excluded.
-    """
+    """Examples for ``plots.plot_huse_retrievals``: for ``n_queries`` seeded rows of ``items`` (``HuseSplit.items``),
+    the image retrieves the ``k`` nearest texts and the text the ``k`` nearest images, its own pair excluded."""
     chosen = np.random.default_rng(seed).choice(len(items), size=min(n_queries, len(items)), replace=False)
     image_to_text = retrieval_neighbours(outputs.embeddings["image"], outputs.embeddings["text"], k, True)
     text_to_image = retrieval_neighbours(outputs.embeddings["text"], outputs.embeddings["image"], k, True)
-    image_queries, text_queries = [], []
-    for row in chosen.tolist():
-        query = items.iloc[row]
-        texts = [(items.iloc[j]["text"], items.iloc[j]["label"]) for j in image_to_text[row].tolist()]
-        image_queries.append((load_image_rgb(query["image_path"]), query["label"], texts))
-        images = [(load_image_rgb(items.iloc[j]["image_path"]), items.iloc[j]["label"])
-                  for j in text_to_image[row].tolist()]
-        text_queries.append((query["text"], query["label"], images))
+    texts, labels, paths = items["text"].tolist(), items["label"].tolist(), items["image_path"].tolist()
+    image_queries = [(load_image_rgb(paths[q]), labels[q], [(texts[j], labels[j]) for j in image_to_text[q].tolist()])
+                     for q in chosen.tolist()]
+    text_queries = [(texts[q], labels[q], [(load_image_rgb(paths[j]), labels[j]) for j in text_to_image[q].tolist()])
+                    for q in chosen.tolist()]
     return image_queries, text_queries
 
 
-def paper_numbers(path: Path | None = None) -> pd.DataFrame:
+def paper_numbers() -> pd.DataFrame:
     """HUSE's published numbers (``table, row, metric, value, source, note``); unverified values are NaN."""
-    table = pd.read_csv(path or PAPER_TABLE)
+    table = pd.read_csv(PAPER_TABLE)
     expected = {"table", "row", "metric", "value", "source", "note"}
     if not expected <= set(table.columns):
-        raise ParameterError(f"{path or PAPER_TABLE} must have columns {sorted(expected)}; has {list(table.columns)}.")
+        raise ParameterError(f"{PAPER_TABLE} must have columns {sorted(expected)}; has {list(table.columns)}.")
     return table
 
 

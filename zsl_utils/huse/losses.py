@@ -25,10 +25,9 @@ GRAPH_VARIANTS = ("equation", "prose")
 class LossWeights:
     """Weights of the three HUSE losses and the graph margin ``zeta`` (the paper publishes none).
 
-    The defaults won validation grids on the Tux Paint demo (beta in {0, 1, 3}, gamma in {0, 1},
-    zeta in {0.6, 0.9}, both variants; then gamma in {0, 0.3, 1} on two more seeds): gamma=0 won
-    every time, as the shared classifier already aligns the modalities. Notebook 03 re-chooses them.
-    """
+    The defaults won validation grids on the Tux Paint demo (beta in {0, 1, 3}, gamma in {0, 1}, zeta in {0.6, 0.9},
+    both variants; then gamma in {0, 0.3, 1} on two more seeds): gamma=0 won every time, as the shared classifier
+    already aligns the modalities. Notebook 03 re-chooses them."""
 
     alpha: float = 1.0  # classification weight
     beta: float = 1.0  # semantic-graph weight
@@ -38,9 +37,8 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ParameterError(f"loss weight {name}={value!r} must be a number >= 0.")
+            if not getattr(self, name) >= 0:
+                raise ParameterError(f"loss weight {name}={getattr(self, name)!r} must be a number >= 0.")
         if not 0 < self.margin <= 2:
             raise ParameterError(f"graph margin zeta={self.margin!r} must lie in (0, 2] (cosine distances range 0..2).")
         if self.graph_variant not in GRAPH_VARIANTS:
@@ -54,8 +52,7 @@ def cosine_distance_matrix(rows: torch.Tensor, columns: torch.Tensor) -> torch.T
 
 def class_distance_matrix(class_embeddings: torch.Tensor) -> torch.Tensor:
     """The semantic graph ``A`` (Eq. 4); the diagonal is exactly 0 despite float noise."""
-    distances = cosine_distance_matrix(class_embeddings, class_embeddings).clamp_min(0.0)
-    return distances.fill_diagonal_(0.0)
+    return cosine_distance_matrix(class_embeddings, class_embeddings).clamp_min(0.0).fill_diagonal_(0.0)
 
 
 def classification_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -89,18 +86,13 @@ def gap_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> t
 
 def huse_loss(embeddings: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], labels: torch.Tensor,
               class_distance: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """The weighted HUSE objective (``"total"``) and its parts, from ``{modality: tensor}`` maps.
-
-    The graph term is skipped (0) at weight 0, sparing the no-graph ablation the pair
-    matrix; the cheap gap term is always computed (for two modalities), for the curves.
-    """
+    """The weighted HUSE objective (``"total"``) and its parts, from ``{modality: tensor}`` maps. At weight 0 the
+    graph term is skipped (0: no pair matrix); the cheap gap term is always computed (for the curves)."""
     zero = labels.new_zeros((), dtype=torch.float32)
     modalities = list(embeddings)
     classification = classification_loss([logits[m] for m in modalities], labels) if weights.alpha else zero
-    graph = zero
-    if weights.beta:
-        graph = semantic_graph_loss([embeddings[m] for m in modalities], labels, class_distance, weights.margin,
-                                    weights.graph_variant)
+    graph = semantic_graph_loss([embeddings[m] for m in modalities], labels, class_distance, weights.margin,
+                                weights.graph_variant) if weights.beta else zero
     gap = gap_loss(embeddings["image"], embeddings["text"]) if len(modalities) == 2 else zero
     total = weights.alpha * classification + weights.beta * graph + weights.gamma * gap
     return {"classification": classification, "graph": graph, "gap": gap, "total": total}

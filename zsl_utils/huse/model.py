@@ -1,7 +1,4 @@
-"""HUSE (Narayana et al., 2019): per-modality towers over frozen features into one L2-normalised space.
-
-One linear classifier is shared by both towers. Also the data container and ``embed_split``.
-"""
+"""The HUSE model (Narayana et al., 2019), the feature splits it trains on and ``embed_split``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,16 +31,12 @@ class HuseSplit:
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
         n_items = len(self.labels)
-        for name in MODALITIES:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            value = torch.as_tensor(value, dtype=torch.float32)
+        for name in self.modalities:
+            value = torch.as_tensor(getattr(self, name), dtype=torch.float32)
             if value.ndim != 2 or len(value) != n_items:
-                raise ParameterError(
-                    f"HuseSplit.{name} has shape {tuple(value.shape)}; expected ({n_items}, feature_dim), "
-                    "one row per label. Check that features and labels come from the same item table."
-                )
+                raise ParameterError(f"HuseSplit.{name} has shape {tuple(value.shape)}; expected ({n_items}, "
+                                     "feature_dim), one row per label. Check that features and labels come from the "
+                                     "same item table.")
             if not torch.isfinite(value).all():
                 raise ParameterError(f"HuseSplit.{name} holds NaN/inf features; re-extract them (delete the cache).")
             setattr(self, name, value)
@@ -55,7 +48,6 @@ class HuseSplit:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """The modalities this split has features for."""
         return tuple(m for m in MODALITIES if getattr(self, m) is not None)
 
     def features(self, modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -86,39 +78,30 @@ class HuseArchitecture:
 
     def tower(self, modality: str, input_dim: int) -> nn.Sequential:
         """Hidden layers of Linear + ReLU (dropout between them), then Linear to ``embedding_dim``."""
+        n_hidden = self.image_hidden_layers if modality == "image" else self.text_hidden_layers
         layers: list[nn.Module] = []
-        width = input_dim
-        for layer in range(self.image_hidden_layers if modality == "image" else self.text_hidden_layers):
+        for layer, width in enumerate([input_dim] + [self.hidden_dim] * (n_hidden - 1)):
             if layer > 0 and self.dropout > 0:
                 layers.append(nn.Dropout(self.dropout))
             layers += [nn.Linear(width, self.hidden_dim), nn.ReLU()]
-            width = self.hidden_dim
-        layers.append(nn.Linear(width, self.embedding_dim))
-        return nn.Sequential(*layers)
+        return nn.Sequential(*layers, nn.Linear(self.hidden_dim, self.embedding_dim))
 
 
 class HuseModel(nn.Module):
-    """Per-modality towers into one L2-normalised space, plus one shared linear classifier.
-
-    ``input_dims`` maps modality to feature width (one key: the separate-models ablation).
-    """
+    """Per-modality towers over frozen features into one L2-normalised space, plus one shared linear classifier;
+    ``input_dims``: feature width per modality (one key: the separate-models ablation)."""
 
     def __init__(self, input_dims: Mapping[str, int], num_classes: int, architecture: HuseArchitecture | None = None):
         super().__init__()
-        architecture = architecture or HuseArchitecture()
-        unknown = set(input_dims) - set(MODALITIES)
-        if unknown or not input_dims:
+        if not input_dims or set(input_dims) - set(MODALITIES):
             raise ParameterError(f"input_dims keys must be a non-empty subset of {MODALITIES}, got {list(input_dims)}.")
         if num_classes < 2:
             raise ParameterError(f"num_classes={num_classes}; HUSE needs at least 2 classes.")
-        self.architecture = architecture
+        self.architecture = architecture or HuseArchitecture()
         self.input_dims = {m: int(input_dims[m]) for m in MODALITIES if m in input_dims}
-        self.towers = nn.ModuleDict({m: architecture.tower(m, dim) for m, dim in self.input_dims.items()})
-        self.classifier = nn.Linear(architecture.embedding_dim, num_classes)
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.input_dims)
+        self.modalities = tuple(self.input_dims)
+        self.towers = nn.ModuleDict({m: self.architecture.tower(m, dim) for m, dim in self.input_dims.items()})
+        self.classifier = nn.Linear(self.architecture.embedding_dim, num_classes)
 
     def embed(self, modality: str, features: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``(N, D)`` embeddings of one modality's features."""
@@ -126,10 +109,8 @@ class HuseModel(nn.Module):
             raise ParameterError(f"this model has no {modality!r} tower; it has {self.modalities}.")
         expected = self.input_dims[modality]
         if features.ndim != 2 or features.shape[1] != expected:
-            raise ParameterError(
-                f"{modality} features have shape {tuple(features.shape)} but the model was built for "
-                f"(N, {expected}); features and model must come from the same extractor."
-            )
+            raise ParameterError(f"{modality} features have shape {tuple(features.shape)} but the model was built for "
+                                 f"(N, {expected}); features and model must come from the same extractor.")
         return F.normalize(self.towers[modality](features), dim=1)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -151,16 +132,12 @@ class SplitOutputs:
 @torch.no_grad()
 def embed_split(models: HuseModel | Mapping[str, HuseModel], split: HuseSplit, device: torch.device | str = "cpu",
                 batch_size: int = 4096) -> SplitOutputs:
-    """Embed every item of ``split`` in eval mode; results on CPU.
-
-    ``models``: one joint model, or ``{modality: model}`` for the separate-models ablation.
-    """
+    """Embed every item of ``split`` in eval mode, results on CPU; ``models``: one joint model, or
+    ``{modality: model}`` for the separate-models ablation."""
     per_modality = dict(models) if isinstance(models, Mapping) else {m: models for m in models.modalities}
     embeddings, probabilities = {}, {}
-    for modality, model in per_modality.items():
-        if modality not in split.modalities:
-            continue
-        model.eval().to(device)
+    for modality in [m for m in per_modality if m in split.modalities]:
+        model = per_modality[modality].eval().to(device)
         features = split.features([modality])[modality]
         starts = range(0, len(split), batch_size)
         embedded = torch.cat([model.embed(modality, features[s : s + batch_size].to(device)) for s in starts]).float()
@@ -177,11 +154,8 @@ def semantic_class_distance(phrases: Sequence[str], device: str = "cpu") -> torc
 
 def build_splits(items: pd.DataFrame, classes: Sequence[str], image_features: np.ndarray | None,
                  text_features: np.ndarray | None, usable: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
-    """One ``HuseSplit`` per value of ``items["split"]``, rows aligned with ``items``.
-
-    ``usable`` (bool per item) drops items whose features could not be computed; they are
-    returned as a table so the notebook can list them.
-    """
+    """One ``HuseSplit`` per value of ``items["split"]``, rows aligned with ``items``, and the dropped items:
+    those not ``usable`` (bool per item; features could not be computed), for the notebook to list."""
     position = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(items["label"]) - set(position))
     if unknown:

@@ -1,7 +1,6 @@
 """Training HUSE on cached features (resumable from checkpoints), the validation grid search, the ablations.
 
-The steps (:func:`start_training`, :func:`resume`, :func:`train_steps`) are shared with the
-multi-process trainer, ``python -m zsl_utils.scale.ddp``.
+:func:`start_training`, :func:`resume` and :func:`train_steps` also serve ``python -m zsl_utils.scale.ddp``.
 """
 from __future__ import annotations
 
@@ -64,11 +63,8 @@ class TrainedHuse:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def check_training_inputs(train: HuseSplit, class_distance: torch.Tensor, config: TrainConfig) -> None:
-    """Raise :class:`ParameterError` unless ``train`` has the modalities and labels the settings need."""
-    missing = [m for m in config.modalities if m not in train.modalities]
-    if missing:
-        raise ParameterError(f"training asks for {missing} features but the split only has {train.modalities}.")
+def check_training_inputs(train: HuseSplit, class_distance: torch.Tensor) -> None:
+    """Raise :class:`ParameterError` unless ``class_distance`` is square and covers the labels of ``train``."""
     n_classes = class_distance.shape[0]
     if class_distance.ndim != 2 or class_distance.shape[1] != n_classes:
         raise ParameterError(f"class_distance must be square (K, K), got {tuple(class_distance.shape)}.")
@@ -79,22 +75,17 @@ def check_training_inputs(train: HuseSplit, class_distance: torch.Tensor, config
 
 
 class ResumableBatches:
-    """Endless mini-batches: a seeded permutation per epoch, cut into ``batch_size`` slices.
-
-    The last slice of an epoch may be shorter, so every item is seen once per epoch. The
-    state (generator, permutation, position) goes into checkpoints.
-    """
+    """Endless mini-batches: a seeded permutation per epoch cut into ``batch_size`` slices, the last one maybe
+    shorter (every item once per epoch). The state (generator, permutation, position) goes into checkpoints."""
 
     def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
         self.n_items, self.batch_size = n_items, min(batch_size, n_items)
         self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.long)
-        self.position = 0
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0
 
     def next(self) -> torch.Tensor:
         if self.position >= len(self.order):
-            self.order = torch.randperm(self.n_items, generator=self.generator)
-            self.position = 0
+            self.order, self.position = torch.randperm(self.n_items, generator=self.generator), 0
         batch = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return batch
@@ -122,8 +113,12 @@ class TrainingRun:
     history: list[dict] = field(default_factory=list)  # one row per log_every steps
     window: list[torch.Tensor] = field(default_factory=list)  # loss parts of the steps since the last row
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        window = torch.stack(self.window).cpu() if self.window else torch.zeros((0, len(LOSS_PARTS)))
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": capture_rng_state(),
+                "batches": self.batches.state_dict(), "history": self.history, "window": window}
+
     def result(self, extras: dict[str, Any]) -> TrainedHuse:
-        """The model (eval mode), its loss history and settings."""
         history = pd.DataFrame(self.history, columns=["step", *LOSS_PARTS])
         return TrainedHuse(self.model.eval(), history, self.weights, self.config, self.model.architecture, extras)
 
@@ -138,17 +133,15 @@ class Checkpointing:
     keep_last: int = 2
 
 
-def start_training(
-    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None, config: TrainConfig | None,
-    architecture: HuseArchitecture | None, device: torch.device | str,
-) -> TrainingRun:
+def start_training(train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None,
+                   config: TrainConfig | None, architecture: HuseArchitecture | None,
+                   device: torch.device | str) -> TrainingRun:
     """Check the inputs, seed, and build the model, RMSProp and the batch stream on ``device`` (step 0)."""
     weights, config = weights or LossWeights(), config or TrainConfig()
-    architecture = architecture or HuseArchitecture()
     class_distance = torch.as_tensor(class_distance, dtype=torch.float32)
-    check_training_inputs(train, class_distance, config)
+    features = {m: x.to(device) for m, x in train.features(config.modalities).items()}  # checks the modalities
+    check_training_inputs(train, class_distance)
     torch.manual_seed(config.seed)  # initial weights and dropout masks
-    features = {m: x.to(device) for m, x in train.features(config.modalities).items()}
     model = HuseModel({m: x.shape[1] for m, x in features.items()}, class_distance.shape[0], architecture).to(device)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
     return TrainingRun(model, optimizer, ResumableBatches(len(train), config.batch_size, config.seed), features,
@@ -165,12 +158,6 @@ def training_fingerprint(train: HuseSplit, run: TrainingRun) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(run.config).items() if k != "num_steps"}
     return {"format": 1, "train": settings, "loss": asdict(run.weights), "architecture": asdict(run.model.architecture),
             "data_sha256": digest.hexdigest(), "n_items": len(train)}
-
-
-def run_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: Mapping[str, Any], num_steps: int) -> Path:
-    """``<checkpoint_dir>/huse_<hash>``: one folder per training fingerprint and ``num_steps``."""
-    key = json.dumps({**fingerprint, "num_steps": int(num_steps)}, sort_keys=True, default=str)
-    return Path(checkpoint_dir) / f"huse_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def resume(run: TrainingRun, path: Path | None, fingerprint: Mapping[str, Any] | None) -> int:
@@ -190,29 +177,17 @@ def resume(run: TrainingRun, path: Path | None, fingerprint: Mapping[str, Any] |
     return step
 
 
-def checkpoint_state(run: TrainingRun) -> dict[str, Any]:
-    """The state to save: model, optimizer, batch stream, RNG states, loss history and window."""
-    window = torch.stack(run.window).cpu() if run.window else torch.zeros((0, len(LOSS_PARTS)))
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": capture_rng_state(),
-            "batches": run.batches.state_dict(), "history": run.history, "window": window}
-
-
-def train_steps(
-    run: TrainingRun, start: int, forward: Callable[[torch.Tensor], tuple[dict, dict]] | None = None,
-    checkpointing: Checkpointing | None = None, progress: bool = True, desc: str = "HUSE training",
-    step_callback: Callable[[int], None] | None = None,
-) -> None:
+def train_steps(run: TrainingRun, start: int, forward: Callable[[torch.Tensor], tuple[dict, dict]] | None = None,
+                checkpointing: Checkpointing | None = None, progress: bool = True, desc: str = "HUSE training",
+                step_callback: Callable[[int], None] | None = None) -> None:
     """Steps ``start + 1 .. num_steps``; ``step_callback(step)`` after each (and its checkpoint).
-
-    ``forward(index)``: the outputs for the whole batch ``index`` (default: ``run.model`` on it).
-    """
+    ``forward(index)``: the outputs for the whole batch ``index`` (default: ``run.model`` on it)."""
     config, device = run.config, run.labels.device
     forward = forward or (lambda index: run.model({m: x[index.to(device)] for m, x in run.features.items()}))
     run.model.train()
     for step in tqdm(range(start + 1, config.num_steps + 1), desc=desc, disable=not progress, mininterval=1.0):
         index = run.batches.next()
-        embeddings, logits = forward(index)
-        parts = huse_loss(embeddings, logits, run.labels[index.to(device)], run.class_distance, run.weights)
+        parts = huse_loss(*forward(index), run.labels[index.to(device)], run.class_distance, run.weights)
         run.optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
         run.optimizer.step()
@@ -222,7 +197,7 @@ def train_steps(
             run.history.append({"step": step, **dict(zip(LOSS_PARTS, means))})
             run.window.clear()
         if checkpointing is not None and (step % checkpointing.every == 0 or step == config.num_steps):
-            save_checkpoint(checkpointing.folder, step, checkpoint_state(run), checkpointing.fingerprint,
+            save_checkpoint(checkpointing.folder, step, run.checkpoint_state(), checkpointing.fingerprint,
                             checkpointing.keep_last)
         if step_callback is not None:
             step_callback(step)
@@ -236,44 +211,38 @@ def _check_checkpoint_arguments(checkpoint_dir: Any, checkpoint_every: Any) -> N
                              "(a folder and the steps between checkpoints) to make training resumable, or neither.")
 
 
-def train_huse(
-    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
-    config: TrainConfig | None = None, architecture: HuseArchitecture | None = None,
-    device: torch.device | str = "cpu", progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0, keep_last: int = 2,
-) -> TrainedHuse:
+def train_huse(train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
+               config: TrainConfig | None = None, architecture: HuseArchitecture | None = None,
+               device: torch.device | str = "cpu", progress: bool = True,
+               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+               keep_last: int = 2) -> TrainedHuse:
     """Train a HUSE model (or a single-modality one) on cached features; ``config.seed`` fixes all randomness.
 
-    With ``checkpoint_dir`` and ``checkpoint_every``, it checkpoints into :func:`run_checkpoint_dir` and
-    continues from the latest checkpoint there, ending bit for bit as an uninterrupted run.
+    With ``checkpoint_dir`` and ``checkpoint_every`` it checkpoints into ``<checkpoint_dir>/huse_<hash>`` (per
+    fingerprint and ``num_steps``) and resumes from the latest one there, bit for bit as an uninterrupted run.
     """
     _check_checkpoint_arguments(checkpoint_dir, checkpoint_every)
     run = start_training(train, class_distance, weights, config, architecture, torch.device(device))
-    checkpointing = None
-    if checkpoint_dir is not None:
-        fingerprint = training_fingerprint(train, run)
-        folder = run_checkpoint_dir(checkpoint_dir, fingerprint, run.config.num_steps)
-        checkpointing = Checkpointing(folder, fingerprint, checkpoint_every, keep_last)
-    start = resume(run, latest_checkpoint(checkpointing.folder), checkpointing.fingerprint) if checkpointing else 0
-    train_steps(run, start, checkpointing=checkpointing, progress=progress)
-    extras = {"resumed_from_step": start, "checkpoint_dir": str(checkpointing.folder)} if checkpointing else {}
-    return run.result(extras)
+    if checkpoint_dir is None:
+        train_steps(run, 0, progress=progress)
+        return run.result({})
+    fingerprint = training_fingerprint(train, run)
+    key = json.dumps({**fingerprint, "num_steps": int(run.config.num_steps)}, sort_keys=True, default=str)
+    folder = Path(checkpoint_dir) / f"huse_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    start = resume(run, latest_checkpoint(folder), fingerprint)
+    train_steps(run, start, checkpointing=Checkpointing(folder, fingerprint, checkpoint_every, keep_last),
+                progress=progress)
+    return run.result({"resumed_from_step": start, "checkpoint_dir": str(folder)})
 
 
-def grid_search(
-    train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, grid: Mapping[str, Sequence[Any]],
-    base_weights: LossWeights | None = None, config: TrainConfig | None = None,
-    architecture: HuseArchitecture | None = None, correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
-    selection: str = "mean_R@1", device: torch.device | str = "cpu", progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-) -> pd.DataFrame:
-    """Train one model per combination of ``grid`` values (``LossWeights`` fields) and score it on ``val``.
-
-    A row holds the validation headline numbers and the fusion weight chosen on ``val``;
-    rows are sorted best first by ``selection``. Checkpoint arguments go to every
-    :func:`train_huse`: a rerun reloads finished combinations and continues the interrupted one.
-    """
-    _check_checkpoint_arguments(checkpoint_dir, checkpoint_every)
+def grid_search(train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, grid: Mapping[str, Sequence[Any]],
+                base_weights: LossWeights | None = None, config: TrainConfig | None = None,
+                architecture: HuseArchitecture | None = None,
+                correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None, selection: str = "mean_R@1",
+                device: torch.device | str = "cpu", progress: bool = True,
+                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0) -> pd.DataFrame:
+    """One model per combination of ``grid`` values (``LossWeights`` fields): a row of its headline numbers and
+    fusion weight on ``val``, best first by ``selection``. With checkpoints a rerun reloads finished combinations."""
     unknown, allowed = set(grid) - set(LossWeights.__dataclass_fields__), sorted(LossWeights.__dataclass_fields__)
     if unknown:
         raise ParameterError(f"grid keys {sorted(unknown)} are not loss settings; use some of {allowed}.")
@@ -295,27 +264,18 @@ def grid_search(
 
 def best_weights(grid_table: pd.DataFrame) -> LossWeights:
     """The ``LossWeights`` of the first (best) row of a ``grid_search`` table."""
-    row = grid_table.iloc[0]
-    return LossWeights(**{k: (row[k].item() if hasattr(row[k], "item") else row[k])
-                          for k in LossWeights.__dataclass_fields__})
+    return LossWeights(**grid_table.iloc[0][list(LossWeights.__dataclass_fields__)].to_dict())  # Python scalars
 
 
-def train_separate(
-    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
-    config: TrainConfig | None = None, **options: Any,
-) -> dict[str, TrainedHuse]:
-    """The "separate models" ablation: one single-modality HUSE per modality (no gap loss).
-
-    The two spaces are never aligned, so cross-modal retrieval between them measures what
-    joint training buys. ``options``: keyword arguments of :func:`train_huse`.
-    """
-    config = config or TrainConfig()
-    return {m: train_huse(train, class_distance, weights, replace(config, modalities=(m,)), **options)
+def train_separate(train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
+                   config: TrainConfig | None = None, **options: Any) -> dict[str, TrainedHuse]:
+    """The "separate models" ablation: one single-modality HUSE per modality, never aligned (no gap loss), so
+    cross-modal retrieval between them measures what joint training buys. ``options``: for :func:`train_huse`."""
+    return {m: train_huse(train, class_distance, weights, replace(config or TrainConfig(), modalities=(m,)), **options)
             for m in train.modalities}
 
 
 def seeded_repeat_check(train: HuseSplit, class_distance: torch.Tensor, **kwargs: Any) -> bool:
     """Train twice with the same settings and report whether the final weights are identical."""
-    first = train_huse(train, class_distance, progress=False, **kwargs).model.state_dict()
-    second = train_huse(train, class_distance, progress=False, **kwargs).model.state_dict()
+    first, second = (train_huse(train, class_distance, progress=False, **kwargs).model.state_dict() for _ in range(2))
     return all(torch.equal(first[k], second[k]) for k in first)

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,9 +53,9 @@ class GlobalBatchDropout(nn.Module):
         self.p, self.rows = float(p), rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.rows
         if not self.training or self.p == 0.0:
             return x
+        rows = self.rows
         if x.shape[0] != rows.stop - rows.start:
             raise RuntimeError(f"GlobalBatchDropout got {x.shape[0]} rows, expected {rows.stop - rows.start}.")
         mask = torch.empty((rows.global_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -73,9 +72,7 @@ def _replace_dropout(model: nn.Module, kind: type, make: Callable[[float], nn.Mo
 
 class _GatherRows(torch.autograd.Function):
     """All-gather row blocks of unequal sizes; backward: this rank's rows of the gradient x W.
-
-    Every rank computes the same loss, so backward needs no collective; x W undoes DDP's averaging.
-    """
+    Every rank computes the same loss, so backward needs no collective; x W undoes DDP's averaging."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:  # type: ignore[override]
@@ -104,10 +101,8 @@ def train_huse_ddp(
     *, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     keep_last: int = 2, progress: bool = True, step_callback: Callable[[int], None] | None = None,
 ) -> TrainedHuse:
-    """``train_huse`` on ``ctx.world_size`` ranks (None: this process); rank 0 checkpoints into ``checkpoint_dir``.
-
-    A rerun continues from the latest checkpoint there; ``step_callback(step)`` runs after each step.
-    """
+    """``train_huse`` on ``ctx.world_size`` ranks (None: this process); rank 0 checkpoints into ``checkpoint_dir``,
+    from whose latest checkpoint a rerun continues. ``step_callback(step)`` runs after each step."""
     ctx = ctx or DistContext()
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ParameterError(f"checkpoint_every must be a positive int (steps), got {checkpoint_every!r}.")
@@ -187,7 +182,7 @@ def run_distributed_training(nproc: int, job_dir: str | os.PathLike, checkpoint_
     """Run this module under torchrun on ``nproc`` processes; rerun to resume (from ``<job_dir>/checkpoints``)."""
     read_training_job(job_dir)  # fail here, not in N processes, if the job is malformed
     args = ["--job-dir", str(job_dir), "--checkpoint-every", str(checkpoint_every), "--device", device]
-    launch_torchrun("zsl_utils.scale.ddp", args, nproc, tempfile.mkdtemp(prefix="zsl_huse_ddp_"), timeout_s, echo)
+    launch_torchrun("zsl_utils.scale.ddp", args, nproc, timeout_s=timeout_s, echo=echo)  # logs in a fresh temp dir
     return load_training_result(job_dir)
 
 

@@ -1,17 +1,10 @@
-"""Scale-out extraction: fill a notebook's sharded cache on 1..N processes of one or several machines.
+"""Scale-out extraction: ``torchrun --nproc_per_node 4 -m zsl_utils.scale.extract --kind probs --images-root D``.
 
-::
-
-    torchrun --nproc_per_node 4 -m zsl_utils.scale.extract --kind probs \\
-        --images-root /data/imagenet21k --cache-dir /scratch/cache/probs_21k
-
-Encoders, fingerprints, dtypes and folder names are :mod:`zsl_utils.extract`'s, so a kind fills
-the very cache ``cached_outputs`` reads (same bytes; tested); ``cached_outputs(processes=N)``
-runs this module with ``--processes N``. Shard ``s`` belongs to rank ``s % world_size`` and
-batches never cross shards, so bytes do not depend on who computed them. Ranks first agree on
-their listing's hash; after a barrier rank 0 re-reads every shard (:func:`verify_cache`).
-Rerunning computes exactly the missing shards. On CUDA each rank drives the GPU of its
-``LOCAL_RANK``; ``--autocast auto`` runs the classifier in bfloat16 there (in the fingerprint).
+Encoders, fingerprints, dtypes and folder names are :mod:`zsl_utils.extract`'s, so a kind fills the very cache
+``cached_outputs`` reads (same bytes; tested). Shard ``s`` belongs to rank ``s % world_size`` and batches never
+cross shards, so bytes do not depend on who computed them. Ranks first agree on their listing's hash; after a
+barrier rank 0 re-reads every shard (:func:`verify_cache`). Rerunning computes exactly the missing shards.
+On CUDA each rank drives the GPU of its ``LOCAL_RANK``; ``--autocast auto`` means bfloat16 there.
 """
 from __future__ import annotations
 
@@ -21,11 +14,10 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,13 +30,12 @@ from zsl_utils.cache import (CacheError, ShardedCache, check_writable_directory,
                              normalise_fingerprint, read_meta)
 from zsl_utils.device import pick_device
 from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.extract import KINDS, STORAGE_DTYPES, cache_folder, extract_to_cache, make_encoder
+from zsl_utils.extract import KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder, extract_to_cache, make_encoder
 from zsl_utils.scale.launch import (DEFAULT_TIMEOUT_S, DistContext, agree_on, all_gather_objects, barrier,
                                     default_num_workers, die_with_parent, init_distributed, launch_torchrun,
                                     rank_failure_guard, run_cli, shutdown_distributed)
 
 AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "none")  # auto: bfloat16 on CUDA
-_UNALIGNED = ("skipped_rows", "skipped_reasons")
 _SHARD_OVERHEAD_BYTES = 64 * 1024  # an uncompressed .npz shard: the payload plus zip/npy headers
 
 
@@ -60,15 +51,13 @@ class CacheVerificationError(CacheError):
 class ExtractionSpec:
     """One extraction: what to encode, with what, into which cache (default: ``extract.cache_folder``).
 
-    ``num_workers`` and the number of processes do not change the cache; everything that does is
-    in its fingerprint. The ``debug_*`` fields are testing aids (a delay per batch, a fault on one rank).
-    """
+    Whatever changes the cache is in its fingerprint; ``debug_*`` fields are the fault tests' aids."""
 
     kind: str  # "probs", "image_features" or "text_features" (MiniLM)
     cache_dir: str | None = None
     images_root: str | None = None  # image kinds: folder to list (recursively, sorted)
     file_list: str | None = None  # optional text file, one path per line (relative to images_root)
-    extensions: tuple[str, ...] | None = None  # e.g. (".png",); None = every non-hidden file
+    extensions: tuple[str, ...] | None = None  # e.g. (".png",) or ".png,.jpg"; None = every non-hidden file
     texts_file: str | None = None  # text_features: one text per line (.txt) or JSON string per line (.jsonl)
     classifier: str = "efficientnet_lite0"  # any name zsl_utils.classifiers.load_classifier accepts
     weights: str | None = None  # local checkpoint overriding the classifier's default weights
@@ -83,15 +72,13 @@ class ExtractionSpec:
     debug_fail_rank: int | None = None  # this rank raises after debug_fail_after_batches batches
     debug_fail_after_batches: int = 0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # normalise, then raise ParameterError naming the first bad field
         self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
         self.device = str(self.device)
+        if isinstance(self.extensions, str):  # the CLI's comma-separated suffixes
+            self.extensions = tuple(e.strip() for e in self.extensions.split(",") if e.strip()) or None
         if self.extensions is not None:
             self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`ParameterError` naming the first bad field."""
         if self.kind not in KINDS:
             raise ParameterError(f"kind={self.kind!r}; choose one of {KINDS}.")
         if self.kind == "text_features" and not self.texts_file:
@@ -151,17 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def spec_from_args(namespace: argparse.Namespace) -> ExtractionSpec:
-    values = {f.name: getattr(namespace, f.name) for f in fields(ExtractionSpec)}
-    if values["extensions"]:
-        values["extensions"] = tuple(e.strip() for e in values["extensions"].split(",") if e.strip())
-    return ExtractionSpec(**values)
-
-
-# ---------------------------------------------------------------------- items
-def list_image_files(
-    root: str | os.PathLike, file_list: str | os.PathLike | None = None, extensions: Sequence[str] | None = None
-) -> list[str]:
+def list_image_files(root: str | os.PathLike, file_list: str | os.PathLike | None = None,
+                     extensions: Sequence[str] | None = None) -> list[str]:
     """The dataset's rows: ``file_list``'s lines in file order (relative to ``root`` or absolute),
     else every non-hidden file under ``root`` sorted by relative path, optionally only ``extensions``.
     Non-image files are kept on purpose: they are skipped and *listed*, not silently ignored."""
@@ -205,13 +183,6 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return [t if isinstance(t, str) else "" for t in texts]
 
 
-def spec_items(spec: ExtractionSpec) -> list[str]:
-    """The rows of ``spec``'s cache: image paths or texts."""
-    if spec.kind == "text_features":
-        return read_texts(spec.texts_file)
-    return list_image_files(spec.images_root, spec.file_list, spec.extensions)
-
-
 def check_cache_dir_writable(cache_dir: str | os.PathLike | None) -> Path:
     """Create the cache folder (default: the cache root) and prove it writable, before any expensive step."""
     advice = "pass a writable --cache-dir (cache_dir=...) or set ZSL_CACHE_DIR. Nothing was computed."
@@ -222,13 +193,11 @@ def check_free_space(cache_dir: str | os.PathLike, needed_bytes: int) -> None:
     """Raise :class:`CacheFullError` when the disk of ``cache_dir`` has less than ``needed_bytes`` free."""
     free = shutil.disk_usage(cache_dir).free
     if needed_bytes > free:
-        raise CacheFullError(
-            f"cache directory {cache_dir} has {free / 1e9:.2f} GB free but the shards still to write need "
-            f"about {needed_bytes / 1e9:.2f} GB; free space or pass another --cache-dir. Nothing was computed."
-        )
+        raise CacheFullError(f"cache directory {cache_dir} has {free / 1e9:.2f} GB free but the shards still to "
+                             f"write need about {needed_bytes / 1e9:.2f} GB; free space or pass another --cache-dir. "
+                             "Nothing was computed.")
 
 
-# ---------------------------------------------------------------------- one rank's work
 class _DebugEncoder:
     """The core encoder plus the fault tests' aids: a delay after each batch, a fault on one rank."""
 
@@ -253,21 +222,18 @@ class RankReport:
     rows: int
     seconds: float  # whole rank: listing, model loading, extraction
     extract_seconds: float  # extract_to_cache only (images/s = rows / extract_seconds)
-    host: str = field(default_factory=socket.gethostname)
 
 
 def run_extraction(spec: ExtractionSpec, ctx: DistContext | None = None,
                    progress: bool = True) -> tuple[RankReport, dict, list[str]]:
-    """This rank's share of ``spec`` (every missing shard ``s`` with ``s % world_size == rank``;
-    outside torchrun, all of them). Names ``spec.cache_dir`` when unset. Returns the rank's
-    report, the cache fingerprint and the cache's items (paths or texts)."""
+    """This rank's missing shards of ``spec`` (all outside torchrun); names ``spec.cache_dir`` when unset.
+    Returns the rank's report, the cache fingerprint and the cache's items (paths or texts)."""
     ctx = ctx or DistContext(device=pick_device(spec.device))
-    began = time.perf_counter()
-    items = spec_items(spec)
+    began, text = time.perf_counter(), spec.kind == "text_features"
+    items = read_texts(spec.texts_file) if text else list_image_files(spec.images_root, spec.file_list, spec.extensions)
     agree_on(ctx, hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest(),
              f"the listing of {spec.images_root or spec.texts_file}")
     check_cache_dir_writable(spec.cache_dir)  # before loading a model
-    text = spec.kind == "text_features"
     autocast = {"auto": "bfloat16", "none": None}.get(spec.autocast, spec.autocast)
     encoder = make_encoder(spec.kind, "minilm" if text else spec.classifier, None if text else spec.weights,
                            ctx.device, spec.dtype, None if text else autocast)
@@ -289,17 +255,15 @@ def run_extraction(spec: ExtractionSpec, ctx: DistContext | None = None,
                                   encoder.pin_memory, layout)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CacheFullError(
-                f"the disk of cache directory {cache.directory} filled up while writing shards ({error}); free "
-                f"space and rerun: completed shards are kept, the interrupted one is recomputed."
-            ) from error
+            raise CacheFullError(f"the disk of cache directory {cache.directory} filled up while writing shards "
+                                 f"({error}); free space and rerun: completed shards are kept, the interrupted one "
+                                 "is recomputed.") from error
         raise
     done = sum(stop - start for start, stop in map(cache.shard_bounds, report.computed_shards))
     now = time.perf_counter()
     return RankReport(ctx.rank, report.computed_shards, done, now - began, now - extract_began), fingerprint, items
 
 
-# ---------------------------------------------------------------------- verification
 @dataclass
 class CacheCheck:
     """Result of :func:`verify_cache`: the cache's layout, its skipped rows and any problems."""
@@ -317,15 +281,14 @@ class CacheCheck:
 
     def raise_if_problems(self) -> None:
         if self.problems:
-            raise CacheVerificationError(
-                f"cache {self.directory} failed verification ({len(self.problems)} problem(s)):\n  "
-                + "\n  ".join(self.problems[:20]) + "\nDelete the listed shard files and rerun to recompute them."
-            )
+            raise CacheVerificationError(f"cache {self.directory} failed verification ({len(self.problems)} "
+                                         "problem(s)):\n  " + "\n  ".join(self.problems[:20])
+                                         + "\nDelete the listed shard files and rerun to recompute them.")
 
 
 def verify_cache(cache_dir: str | os.PathLike, expected_fingerprint: dict | None = None,
                  items: Sequence[str] | None = None) -> CacheCheck:
-    """Re-read every shard: fingerprint as expected, all shards present and readable, row counts,
+    """Re-read every shard: the expected fingerprint, every shard present and readable with its row count,
     the same array names, shapes and dtypes everywhere, ``ok`` False exactly at the skipped rows."""
     meta = read_meta(cache_dir)
     problems: list[str] = []
@@ -356,7 +319,7 @@ def verify_cache(cache_dir: str | os.PathLike, expected_fingerprint: dict | None
 
 def _check_shard(cache: ShardedCache, shard: int, arrays: dict, items: Sequence[str] | None):
     start, stop = cache.shard_bounds(shard)
-    aligned = {k: v for k, v in arrays.items() if k not in _UNALIGNED}
+    aligned = {k: v for k, v in arrays.items() if k not in UNALIGNED_ARRAYS}
     problems = [f"array {k!r} has {v.shape[0] if v.ndim else 0} rows, expected {stop - start}"
                 for k, v in aligned.items() if v.ndim == 0 or v.shape[0] != stop - start]
     layout = {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in aligned.items()}
@@ -373,7 +336,6 @@ def _check_shard(cache: ShardedCache, shard: int, arrays: dict, items: Sequence[
     return layout, problems, skipped
 
 
-# ---------------------------------------------------------------------- summaries
 @dataclass
 class ExtractionSummary:
     """What a whole (1- or N-process) extraction did, and the verified state of its cache."""
@@ -403,26 +365,21 @@ class ExtractionSummary:
 
     def __str__(self) -> str:
         computed = sum(len(s) for s in self.computed_shards.values())
-        return (
-            f"{self.n_items} items in {self.n_shards} shards on {self.processes} process(es): computed "
-            f"{computed}, reused {self.n_shards - computed}; {len(self.skipped)} unreadable item(s) skipped; "
-            f"{self.wall_seconds:.1f} s"
-        )
+        return (f"{self.n_items} items in {self.n_shards} shards on {self.processes} process(es): computed "
+                f"{computed}, reused {self.n_shards - computed}; {len(self.skipped)} unreadable item(s) skipped; "
+                f"{self.wall_seconds:.1f} s")
 
 
 def _summarise(spec: ExtractionSpec, reports: list[dict], fingerprint: dict, items: list[str],
                began: float) -> ExtractionSummary:
     check = verify_cache(spec.cache_dir, fingerprint, items)
     check.raise_if_problems()
-    return ExtractionSummary(
-        spec.cache_dir, len(reports), check.n_items, check.n_shards,
-        {r["rank"]: r["computed_shards"] for r in reports}, check.arrays, check.skipped,
-        {r["rank"]: r["seconds"] for r in reports}, {r["rank"]: r["extract_seconds"] for r in reports},
-        time.perf_counter() - began, fingerprint,
-    )
+    by_rank = {key: {r["rank"]: r[key] for r in reports} for key in ("computed_shards", "seconds", "extract_seconds")}
+    return ExtractionSummary(spec.cache_dir, len(reports), check.n_items, check.n_shards, by_rank["computed_shards"],
+                             check.arrays, check.skipped, by_rank["seconds"], by_rank["extract_seconds"],
+                             time.perf_counter() - began, fingerprint)
 
 
-# ---------------------------------------------------------------------- entry points
 def extract(spec: ExtractionSpec, processes: int = 1, progress: bool = True,
             timeout_s: float | None = None) -> ExtractionSummary:
     """Fill ``spec``'s cache in this process (``processes=1``) or with torchrun on this machine."""
@@ -436,20 +393,14 @@ def extract(spec: ExtractionSpec, processes: int = 1, progress: bool = True,
 
 
 def run_distributed_extraction(nproc: int, spec: ExtractionSpec, timeout_s: float | None = None, echo: bool = False,
-                               run_dir: str | os.PathLike | None = None,
                                collective_timeout_s: float = DEFAULT_TIMEOUT_S) -> ExtractionSummary:
-    """Launch ``torchrun --standalone --nproc_per_node nproc -m zsl_utils.scale.extract`` for ``spec``.
-
-    Checks the cache folder is writable first (no process starts otherwise). A failing rank raises
-    :class:`~zsl_utils.scale.launch.DistributedRunError` with its error; ``timeout_s`` bounds the run.
-    """
+    """Run this module under single-node torchrun for ``spec``, once the cache folder proved writable.
+    A failing rank raises :class:`~zsl_utils.scale.launch.DistributedRunError` with its error."""
     check_cache_dir_writable(spec.cache_dir)
     began = time.perf_counter()
-    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="zsl_dist_extract_"))
-    summary_path = run_dir / "summary.json"
-    summary_path.unlink(missing_ok=True)
+    summary_path = Path(tempfile.mkdtemp(prefix="zsl_dist_extract_")) / "summary.json"
     args = [*spec.to_args(), "--summary-json", str(summary_path), "--timeout-s", str(collective_timeout_s)]
-    launch_torchrun("zsl_utils.scale.extract", args, nproc, run_dir, timeout_s, echo)
+    launch_torchrun("zsl_utils.scale.extract", args, nproc, summary_path.parent, timeout_s, echo)
     summary = ExtractionSummary.from_json(summary_path.read_text())
     summary.wall_seconds = time.perf_counter() - began
     return summary
@@ -467,8 +418,7 @@ def distributed_main(spec: ExtractionSpec, timeout_s: float = DEFAULT_TIMEOUT_S,
         reports = all_gather_objects(ctx, asdict(report))
         summary = None
         if ctx.is_main:
-            summary = _summarise(spec, reports, fingerprint, items, began)
-            summary.processes = ctx.world_size
+            summary = _summarise(spec, reports, fingerprint, items, began)  # processes = len(reports) = world size
             if summary_json:
                 write_text_atomically(Path(summary_json), json.dumps(asdict(summary), indent=2))
             print(summary, flush=True)
@@ -483,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> None:
         with rank_failure_guard(args.error_dir):  # a bad argument is reported like any rank error
-            spec = spec_from_args(args)
+            spec = ExtractionSpec(**{f.name: getattr(args, f.name) for f in fields(ExtractionSpec)})
         if args.processes > 1 and "RANK" not in os.environ:  # what cached_outputs(processes=N) runs
             print(run_distributed_extraction(args.processes, spec, collective_timeout_s=args.timeout_s), flush=True)
         else:

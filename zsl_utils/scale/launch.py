@@ -83,11 +83,8 @@ def _rank_device(preference: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
-    """Join the torchrun process group (outside torchrun: a single-process context).
-
-    ``device`` ``auto``/``cuda``/``cuda:N``: ``cuda:LOCAL_RANK`` when CUDA is present, else CPU (Gloo);
-    ``timeout_s`` bounds every collective, so one whose peer died raises instead of blocking forever.
-    """
+    """Join the torchrun process group (outside torchrun: a single-process context) on ``cuda:LOCAL_RANK``
+    (NCCL) or the CPU (Gloo). ``timeout_s`` bounds every collective: a dead peer raises, never hangs."""
     if not timeout_s > 0:
         raise ParameterError(f"timeout_s must be > 0 seconds, got {timeout_s!r}.")
     if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
@@ -122,10 +119,7 @@ def default_num_workers(local_world_size: int = 1, cap: int = 8) -> int:
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """On Linux, have ``sig`` sent to this process when its parent (the torchrun agent) dies.
-
-    torchrun starts workers in their own sessions: a SIGKILLed agent would leave orphans still writing.
-    """
+    """On Linux, get ``sig`` when the parent (torchrun agent) dies: a SIGKILLed agent leaves no orphans writing."""
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         if sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0:
@@ -212,20 +206,15 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
-def _signal_all(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
 def terminate_tree(agent: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the torchrun agent (it stops its workers) and the workers; SIGKILL what is left after ``grace_s``."""
     victims = [agent.pid, *_descendants(agent.pid)]
-    _signal_all(victims, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        agent.wait(timeout=grace_s)
-    _signal_all(victims, signal.SIGKILL)
-    agent.wait()
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            agent.wait(timeout=wait_s)
 
 
 def torchrun_command(module: str, args: Sequence[str], nproc: int) -> list[str]:
@@ -247,10 +236,8 @@ def _copy_output(stream, log_path: Path, echo: bool) -> None:
 def launch_torchrun(module: str, args: Sequence[str], nproc: int, run_dir: str | os.PathLike | None = None,
                     timeout_s: float | None = None, echo: bool = False) -> Path:
     """Run ``torchrun ... -m module args... --error-dir <dir>`` (log: ``<run_dir>/torchrun.log``); return ``run_dir``.
-
     The module must wrap its work in :func:`rank_failure_guard`. On failure or timeout raises
-    :class:`DistributedRunError`, whose message starts with the earliest failing rank's error.
-    """
+    :class:`DistributedRunError`, whose message starts with the earliest failing rank's error."""
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="zsl_torchrun_"))
     error_dir, log_path = run_dir / "errors", run_dir / "torchrun.log"
     shutil.rmtree(error_dir, ignore_errors=True)  # a previous run's errors
