@@ -417,7 +417,8 @@ def _toy_problem(n_items: int = 40, n_classes: int = 5):
                       torch.randint(0, n_classes, (n_items,), generator=generator))
     distance = torch.rand(n_classes, n_classes, generator=generator)
     distance = ((distance + distance.T) / 2).fill_diagonal_(0.0)
-    architecture = HuseArchitecture(embedding_dim=8, hidden_dim=16, image_hidden_layers=3, text_hidden_layers=2, dropout=0.2)
+    architecture = HuseArchitecture(embedding_dim=8, hidden_dim=16, image_hidden_layers=3, text_hidden_layers=2,
+                                    dropout=0.2)
     # Batch 15 of 40 items: uneven rank slices (8 + 7) and a short last batch (10) per epoch.
     config = TrainConfig(num_steps=12, batch_size=15, learning_rate=1e-2, log_every=5, seed=3)
     return split, distance, LossWeights(margin=1.0), config, architecture
