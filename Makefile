@@ -7,7 +7,7 @@ PROFILE ?= demo
 STAMP := $(VENV)/.installed
 DATA_STAMPS := data/raw/wordnet/.complete data/raw/tuxpaint_stamps/.complete
 
-.PHONY: setup data demo run test test-fast bench env-file clean-runs
+.PHONY: setup data demo run notebooks test test-fast bench env-file clean-runs
 
 setup: $(STAMP) $(DATA_STAMPS)
 
@@ -26,15 +26,23 @@ $(DATA_STAMPS) &: | $(STAMP)
 	$(PY) -m zsl_utils.data.assets
 
 ## The suite's main job: every numbered notebook, in order, on a parameter profile.
+# Executed copies go to runs/demo/, figures to runs/demo/figures/: the committed files stay as they are.
 demo: setup
-	$(PY) -m zsl_utils run --profile demo
+	ZSL_FIGURES_DIR=$(CURDIR)/runs/demo/figures $(PY) -m zsl_utils run --profile demo
+
+## Regenerate the committed notebooks' outputs (and figures/) from the demo profile.
+notebooks: setup
+	$(PY) -m jupytext --sync notebooks/[0-9][0-9]_*.py
+	$(PY) tools/demo_outputs.py
 
 run: setup
 	$(PY) -m zsl_utils run --profile $(PROFILE)
 
 ## Unit tests and every notebook executed with its default parameters (nbval).
+## The marked cells (# NBVAL_CHECK_OUTPUT) are compared with the committed outputs.
 test: setup
-	$(PY) -m pytest --nbval-lax --nbval-current-env tests notebooks
+	ZSL_FIGURES_DIR=$(CURDIR)/runs/test/figures $(PY) -m pytest --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg tests notebooks
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" tests

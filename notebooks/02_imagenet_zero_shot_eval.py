@@ -86,7 +86,6 @@ print(f"mode={mode}, device={torch_device}, T={T_values}, k={ks}, outputs cached
 
 
 # %% [markdown]
-# \
 # ## 1 · Label spaces and test sets
 #
 # * **Training labels** $\mathcal{Y}_0$: the 1,000 ILSVRC-2012 synsets, the classifier's outputs.
@@ -128,7 +127,6 @@ label_sets.sizes()
 label_sets.distance_counts(max_distance=5)
 
 # %% [markdown]
-# \
 # ## 2 · The metrics
 #
 # **Flat hit@k.** The share of test images whose true label is among the $k$ best-ranked

@@ -104,7 +104,6 @@ print(f"device={torch_device}, torch threads={torch.get_num_threads()}, dataset=
 
 
 # %% [markdown]
-# \
 # ## 1 · The method
 #
 # **Inputs are frozen.** Each item $i$ has an image feature $x_i$ (the pooled layer of a
@@ -231,7 +230,7 @@ pairs.sort_values("A (cosine distance)").head(8).round(3)
 # is the mean recall@1 over the four retrieval directions, the quantity the embedding is
 # for; the other validation numbers are shown for reference.
 #
-# The library defaults (`LossWeights()`: $lpha = 1, eta = 1, \gamma = 0, \zeta = 0.6$, Eq. 10 as
+# The library defaults (`LossWeights()`: $\alpha = 1, \beta = 1, \gamma = 0, \zeta = 0.6$, Eq. 10 as
 # printed) came from a larger grid of this kind on the demo's validation split (24
 # combinations, then three seeds for $\gamma$). The surprise was $\gamma$: every run preferred
 # no gap loss. The shared classifier already brings an item's image and text into the same

@@ -7,15 +7,21 @@ itself tested on a deliberately dirty fixture notebook.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 from click.testing import CliRunner
 from papermill.cli import papermill as papermill_cli
 
-from zsl_utils import profiles
+from zsl_utils import config, profiles
 from zsl_utils.errors import ParameterError
+
+sys.path.insert(0, str(config.PROJ_ROOT / "tools"))
+import demo_outputs  # noqa: E402  (tools/ is not a package)
 
 REQUIRED_PARAMETERS = {"profile_name": "str", "seed": "int", "device": "str"}
 
@@ -24,16 +30,18 @@ def _code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
     return [cell for cell in nb.cells if cell.cell_type == "code"]
 
 
-def output_problems(nb: nbformat.NotebookNode) -> list[str]:
-    """Code cells that carry outputs or execution counts."""
+def markdown_problems(nb: nbformat.NotebookNode) -> list[str]:
+    """Markdown that renders wrongly: control characters (a ``"\\alpha"`` written without ``r`` becomes
+    BEL + "lpha") and a line that is a lone backslash (a line-continuation escape left in the text)."""
     problems = []
     for index, cell in enumerate(nb.cells):
-        if cell.cell_type != "code":
+        if cell.cell_type != "markdown":
             continue
-        if cell.get("outputs"):
-            problems.append(f"cell {index} has outputs")
-        if cell.get("execution_count") is not None:
-            problems.append(f"cell {index} has execution_count {cell.execution_count}")
+        controls = sorted({f"U+{ord(ch):04X}" for ch in cell.source if ord(ch) < 32 and ch not in "\n\t"})
+        if controls:
+            problems.append(f"markdown cell {index} holds control characters {controls}")
+        if any(line.strip() == "\\" for line in cell.source.splitlines()):
+            problems.append(f"markdown cell {index} has a line that is a lone backslash")
     return problems
 
 
@@ -135,7 +143,6 @@ def test_checker_accepts_clean_notebook(tmp_path):
         nbformat.v4.new_code_cell("print(seed)"),
     ]
     path = _write(tmp_path / "01_ok.ipynb", cells)
-    assert output_problems(nbformat.read(path, as_version=4)) == []
     assert parameters_cell_problems(path) == []
     shown = help_notebook_output(path)
     assert "seed: int (default 0)" in shown and "random seed" in shown
@@ -159,7 +166,6 @@ def test_checker_flags_every_kind_of_dirt(tmp_path):
         nbformat.v4.new_code_cell(dirty_parameters, metadata={"tags": ["parameters"]}),
     ]
     path = _write(tmp_path / "01_dirty.ipynb", cells, kernel="python")
-    assert output_problems(nbformat.read(path, as_version=4)) == ["cell 0 has outputs", "cell 0 has execution_count 3"]
     problems = parameters_cell_problems(path)
     expected_fragments = [
         "kernelspec.name must be 'python3'",
@@ -191,9 +197,76 @@ NOTEBOOK_PARAMS = [pytest.param(path, id=path.stem) for path in COMMITTED] or [
 ]
 
 
+def _executed(sources: list[str], counts: list[int | None]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src, execution_count=n) for src, n in zip(sources, counts)]
+    return nb
+
+
+def test_staleness_checker_on_hand_built_notebooks():
+    nb = _executed(["x = 1", "print(x)"], [1, 2])
+    assert demo_outputs.staleness_problems(nb) == ["no demo outputs recorded: run `make notebooks`"]
+    nb.metadata[demo_outputs.METADATA_KEY] = {"sources_sha256": demo_outputs.sources_hash(nb),
+                                              "library_sha256": demo_outputs.library_hash()}
+    assert demo_outputs.staleness_problems(nb) == []
+    nb.cells[1].outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="x", traceback=[])]
+    nb.cells[0].execution_count = 3  # run out of order
+    assert demo_outputs.staleness_problems(nb) == [
+        "cell 1 shows an error", "code cells were not executed once each, in order: execution counts [3, 2]"]
+    nb.cells[1].outputs, nb.cells[0].execution_count = [], 1
+    nb.cells[1].source = "print(x + 1)"  # edited after the run
+    assert demo_outputs.staleness_problems(nb) == ["cells were edited after the outputs were made: run `make notebooks`"]
+    nb.metadata[demo_outputs.METADATA_KEY]["sources_sha256"] = demo_outputs.sources_hash(nb)
+    nb.metadata[demo_outputs.METADATA_KEY]["library_sha256"] = "0" * 64
+    assert demo_outputs.staleness_problems(nb) == ["zsl_utils changed after the outputs were made: run `make notebooks`"]
+
+
+def _run_nbval(notebook: Path) -> subprocess.CompletedProcess:
+    sanitize = config.NOTEBOOKS_DIR / "nbval_sanitize.cfg"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-current-env", "--nbval-sanitize-with", str(sanitize), str(notebook)],
+                          capture_output=True, text=True, cwd=notebook.parent, timeout=300)
+
+
+@pytest.mark.slow
+def test_nbval_fails_when_a_committed_key_number_is_edited(tmp_path):
+    cells = [nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(f'hit@1 = {100 * 7 / 16:.1f} %, took 0.42 s')",
+                                       execution_count=1),
+             nbformat.v4.new_code_cell("print('not compared: 3')", execution_count=2)]
+    cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="hit@1 = 43.8 %, took 9.99 s\n")]
+    cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="not compared: 4\n")]
+    path = _write(tmp_path / "01_toy.ipynb", cells)
+    passed = _run_nbval(path)
+    assert passed.returncode == 0, passed.stdout  # the duration is sanitised, the unmarked cell not compared
+    cells[0].outputs[0].text = "hit@1 = 43.9 %, took 9.99 s\n"
+    path = _write(tmp_path / "01_toy.ipynb", cells)
+    failed = _run_nbval(path)
+    assert failed.returncode == 1 and "43.9" in failed.stdout, failed.stdout
+
+
+def test_markdown_checker_flags_control_characters_and_stray_escapes():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("weights $\x07lpha$ and $\\beta$"),
+                nbformat.v4.new_markdown_cell("\\\n## A title"),
+                nbformat.v4.new_markdown_cell("$\\alpha$, a line ending in \\\\ inside math is fine\n"),
+                nbformat.v4.new_code_cell("x = '\\\\'")]
+    assert markdown_problems(nb) == ["markdown cell 0 holds control characters ['U+0007']",
+                                     "markdown cell 1 has a line that is a lone backslash"]
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
-def test_committed_notebook_has_no_outputs(notebook):
-    assert output_problems(nbformat.read(notebook, as_version=4)) == []
+def test_committed_markdown_renders_as_written(notebook):
+    assert markdown_problems(nbformat.read(notebook, as_version=4)) == []
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_notebook_matches_its_paired_source(notebook):
+    """The .ipynb and its jupytext .py hold the same cells (run `jupytext --sync notebooks/NN_*.py`)."""
+    paired = notebook.with_suffix(".py")
+    assert paired.is_file(), f"{notebook.name} has no paired source {paired.name}"
+    cells = [(c.cell_type, c.source.strip()) for c in nbformat.read(notebook, as_version=4).cells]
+    source_cells = [(c.cell_type, c.source.strip()) for c in jupytext.read(paired).cells]
+    assert cells == source_cells, f"{notebook.name} and {paired.name} differ: run jupytext --sync {paired}"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
