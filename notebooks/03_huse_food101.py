@@ -46,6 +46,7 @@ batch_size: int = 32  # images per classifier forward pass during feature extrac
 shard_size: int = 128  # images per feature-cache shard, the unit of resumption (at least 1)
 num_workers: int = 0  # image-loading worker processes during extraction (at least 0)
 extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
+compute_dtype: str = "float64"  # precision of the forward pass; float64 stores the same numbers on every CPU (one of: "float32", "float64")
 torch_threads: int = 1  # CPU threads for torch; 0 keeps torch's default (1 is fastest on a busy shared CPU)
 embedding_dim: int = 512  # D, the size of the shared space (at least 1)
 num_steps: int = 600  # training steps of the final model (paper: 250000) (at least 1)
@@ -195,9 +196,10 @@ image_paths, texts = data.items["image_path"].tolist(), data.items["text"].tolis
 train_texts = data.items.loc[data.items["split"] == "train", "text"].tolist()
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
 image = cached_outputs("image_features", image_paths, classifier, dataset_id=cache_id, processes=extraction_processes,
-                       batch_size=batch_size, shard_size=shard_size, num_workers=num_workers)
+                       batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, compute_dtype=compute_dtype)
 text = cached_outputs("text_features", texts, text_kind, dataset_id=cache_id, processes=extraction_processes,
-                      fit_texts=train_texts, bert_model=bert_model or None, device=torch_device)
+                      fit_texts=train_texts, bert_model=bert_model or None, device=torch_device,
+                      compute_dtype=compute_dtype)
 image_features, text_features = image.load(), text.load()
 splits, unusable = build_splits(data.items, data.classes, image_features, text_features, image.ok & text.ok)
 print(f"image features {image_features.shape}, text features {text_features.shape}; "
@@ -213,7 +215,7 @@ unusable[["item_id", "image_path"]].head()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-class_distance = semantic_class_distance(data.phrases, device=str(torch_device))
+class_distance = semantic_class_distance(data.phrases, device=str(torch_device), compute_dtype=compute_dtype)
 upper = torch.triu_indices(len(data.classes), len(data.classes), offset=1)
 pairs = pd.DataFrame({"class a": [data.classes[i] for i in upper[0].tolist()],
                       "class b": [data.classes[j] for j in upper[1].tolist()],

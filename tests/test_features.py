@@ -190,3 +190,36 @@ def test_shards_compute_only_those_until_complete(tmp_path):
     whole = text_features(texts, "toy", cache_dir=tmp_path / "whole", **settings)
     assert np.array_equal(rest.load(), whole.load()) and rest.ok.tolist() == [True, True, False, True, True]
     assert rest.skipped["row"].tolist() == [2]
+
+
+def test_float64_forward_is_its_own_cache_and_leaves_the_classifier_in_float32(tmp_path):
+    from zsl_utils.classifiers import load_classifier
+
+    paths = []
+    for i, colour in enumerate([(250, 200, 10), (10, 90, 200)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (48, 40), colour).save(paths[-1])
+    classifier = load_classifier("efficientnet_lite0", device="cpu")
+    plain = image_features(paths, "toy", classifier, cache_root=tmp_path / "c", progress=False)
+    exact = image_features(paths, "toy", classifier, cache_root=tmp_path / "c", progress=False, compute_dtype="float64")
+    assert plain.cache.directory != exact.cache.directory
+    assert "compute_dtype" not in read_meta(plain.cache.directory)["fingerprint"]  # float32 caches keep their key
+    assert read_meta(exact.cache.directory)["fingerprint"]["compute_dtype"] == "float64"
+    assert exact.load().dtype == np.float32
+    # The same network in two precisions: equal to float32 round-off, not bit for bit.
+    assert 0 < np.abs(exact.load() - plain.load()).max() < 1e-4
+    assert all(p.dtype == torch.float32 for p in classifier.model.parameters())
+    with torch.inference_mode():
+        batch = torch.stack([classifier.preprocess(Image.open(p).convert("RGB")) for p in paths])
+        by_hand = classifier.model.double().forward_head(classifier.model.forward_features(batch.double()),
+                                                         pre_logits=True).float().numpy()
+    classifier.model.float()
+    assert np.array_equal(exact.load(), by_hand)
+
+
+def test_float64_forward_and_autocast_contradict(tmp_path):
+    with pytest.raises(ParameterError, match="compute_dtype='float64' and autocast_dtype"):
+        image_features([tmp_path / "a.png"], "toy", "efficientnet_lite0", cache_root=tmp_path, progress=False,
+                       autocast_dtype="bfloat16", compute_dtype="float64")
+    with pytest.raises(ParameterError, match="compute_dtype must be one of"):
+        text_features(["a"], "toy", compute_dtype="float16", cache_root=tmp_path, progress=False)

@@ -221,6 +221,11 @@ def test_staleness_checker_on_hand_built_notebooks():
     assert demo_outputs.staleness_problems(nb) == ["zsl_utils changed after the outputs were made: run `make notebooks`"]
 
 
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_committed_outputs_are_the_demo_run_of_the_current_sources(notebook):
+    assert demo_outputs.staleness_problems(nbformat.read(notebook, as_version=4)) == []
+
+
 def _run_nbval(notebook: Path) -> subprocess.CompletedProcess:
     sanitize = config.NOTEBOOKS_DIR / "nbval_sanitize.cfg"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
@@ -242,6 +247,15 @@ def test_nbval_fails_when_a_committed_key_number_is_edited(tmp_path):
     path = _write(tmp_path / "01_toy.ipynb", cells)
     failed = _run_nbval(path)
     assert failed.returncode == 1 and "43.9" in failed.stdout, failed.stdout
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_marked_cells_carry_committed_outputs(notebook):
+    """nbval skips a marked cell whose committed output is empty: every marked cell must have one."""
+    cells = _code_cells(nbformat.read(notebook, as_version=4))
+    empty = [c.source.splitlines()[1][:60] for c in cells
+             if c.source.lstrip().startswith("# NBVAL_CHECK_OUTPUT") and not c.get("outputs")]
+    assert not empty, f"{notebook.name}: marked cells without committed outputs: {empty}"
 
 
 def test_markdown_checker_flags_control_characters_and_stray_escapes():

@@ -14,7 +14,6 @@ that each .ipynb holds its paired .py source.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -84,7 +83,6 @@ def execute(notebook: Path) -> None:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     print(f"executing {notebook.name} ...", flush=True)
-    os.environ["TQDM_DISABLE"] = "1"  # a finished progress bar is noise in a committed notebook
     NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}},
                    record_timing=False).execute()
     nb.metadata[METADATA_KEY] = {"profile": "demo", "sources_sha256": sources_hash(nb),

@@ -12,6 +12,8 @@ import torch
 from zsl_utils.errors import ParameterError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# A float32 forward's last bits depend on the CPU's instruction set (AVX-512 vs AVX2); float64 stored as float32 not.
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _mps_available() -> bool:
@@ -67,3 +69,9 @@ def autocast(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
     if enabled and torch.device(device).type == "cuda":
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in COMPUTE_DTYPES:
+        raise ParameterError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}.")
+    return COMPUTE_DTYPES[name]

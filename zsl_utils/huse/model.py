@@ -146,9 +146,10 @@ def embed_split(models: HuseModel | Mapping[str, HuseModel], split: HuseSplit, d
     return SplitOutputs(embeddings, probabilities, split.labels.cpu())
 
 
-def semantic_class_distance(phrases: Sequence[str], device: str = "cpu") -> torch.Tensor:
+def semantic_class_distance(phrases: Sequence[str], device: str = "cpu",
+                            compute_dtype: str = "float32") -> torch.Tensor:
     """The semantic graph ``A`` from class-name phrases embedded by MiniLM (the paper: Universal Sentence Encoder)."""
-    vectors = sentence_label_embeddings(list(phrases), device=device).vectors
+    vectors = sentence_label_embeddings(list(phrases), device=device, compute_dtype=compute_dtype).vectors
     return class_distance_matrix(torch.as_tensor(vectors, dtype=torch.float32))
 
 

@@ -1,3 +1,1 @@
-"""Scale-out plumbing: torchrun launcher, distributed extraction, DDP training.
-
-Run from the command line (docs/DISTRIBUTED.md); never imported by a notebook or the core."""
+"""Scale-out plumbing (torchrun, distributed extraction, DDP): command line only, never imported by the core."""

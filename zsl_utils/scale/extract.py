@@ -28,9 +28,10 @@ from zsl_utils import config
 from zsl_utils.atomic import write_text_atomically
 from zsl_utils.cache import (CacheError, ShardedCache, check_writable_directory, fingerprint_differences,
                              normalise_fingerprint, read_meta)
-from zsl_utils.device import pick_device
+from zsl_utils.device import COMPUTE_DTYPES, pick_device
 from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.extract import KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder, extract_to_cache, make_encoder
+from zsl_utils.extract import (KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder,
+                               extract_to_cache, make_encoder)
 from zsl_utils.scale.launch import (DEFAULT_TIMEOUT_S, DistContext, agree_on, all_gather_objects, barrier,
                                     default_num_workers, die_with_parent, init_distributed, launch_torchrun,
                                     rank_failure_guard, run_cli, shutdown_distributed)
@@ -66,6 +67,7 @@ class ExtractionSpec:
     shard_size: int = 1024
     dtype: str | None = None  # storage dtype; default float16 for probs, float32 for features
     autocast: str = "auto"
+    compute_dtype: str = "float32"  # "float64": CPU results that do not depend on the instruction set
     num_workers: int | None = None  # DataLoader workers per rank; None = from the machine
     device: str = "auto"
     debug_batch_delay_s: float = 0.0
@@ -126,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--shard-size", type=int, default=1024, help="rows per shard file")
     add("--dtype", choices=sorted(STORAGE_DTYPES), help="storage dtype (default float16 probs, float32 features)")
     add("--autocast", default="auto", choices=AUTOCAST_CHOICES, help="auto: bfloat16 on CUDA; CPU stays float32")
+    add("--compute-dtype", default="float32", choices=sorted(COMPUTE_DTYPES), help="float64: same bytes on any CPU")
     add("--num-workers", type=int, help="DataLoader workers per rank (default: from the CPU count)")
     add("--device", default="auto", help="auto | cuda | cpu (under torchrun: GPU = LOCAL_RANK)")
     add("--processes", type=int, default=1, help="outside torchrun: start torchrun with this many processes here")
@@ -234,9 +237,10 @@ def run_extraction(spec: ExtractionSpec, ctx: DistContext | None = None,
     agree_on(ctx, hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest(),
              f"the listing of {spec.images_root or spec.texts_file}")
     check_cache_dir_writable(spec.cache_dir)  # before loading a model
-    autocast = {"auto": "bfloat16", "none": None}.get(spec.autocast, spec.autocast)
+    autocast = {"auto": "bfloat16", "none": None}.get(spec.autocast, spec.autocast)  # float64: no autocast
+    autocast = None if spec.compute_dtype == "float64" else autocast
     encoder = make_encoder(spec.kind, "minilm" if text else spec.classifier, None if text else spec.weights,
-                           ctx.device, spec.dtype, None if text else autocast)
+                           ctx.device, spec.dtype, None if text else autocast, spec.compute_dtype)
     dataset_id = spec.dataset_id or (Path(spec.texts_file).stem if text else Path(spec.images_root).resolve().name)
     fingerprint = encoder.fingerprint(items, dataset_id)
     if spec.cache_dir is None:  # every rank names the same folder: same fingerprint
