@@ -1,61 +1,75 @@
-"""Running a notebook twice with the same seed on CPU gives identical key numbers.
+"""The ConSE notebooks print the same key numbers on another CPU: other kernels, other thread counts.
 
-Each committed notebook runs twice through the runner with the demo profile, each run
-with its own empty cache and figures folders (so the second run recomputes rather
-than reads the first run's cache); the outputs of the cells marked
-``# NBVAL_CHECK_OUTPUT`` must be identical. Slow: minutes per notebook.
+Notebooks 01 and 02 run through the runner with the demo profile, from empty caches, once with
+torch's AVX2 kernels forced (on this project's AVX-512 machines that changes the arithmetic of a
+float32 forward in its last bits) and once on one thread; the outputs of the cells marked
+``# NBVAL_CHECK_OUTPUT`` must equal the committed ones (which come from the default kernels and
+threads), after the same masking nbval applies (``notebooks/nbval_sanitize.cfg``). Why it holds:
+the demo extracts with a float64 forward stored as float32 (``compute_dtype="float64"``).
+Notebook 03 is left out: HUSE training still turns last-bit differences of its float32 training
+arithmetic into different trained models. Slow: minutes per run.
 """
 from __future__ import annotations
 
+import configparser
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from zsl_utils import profiles
+from zsl_utils import config, profiles
 
 MARKER = "# NBVAL_CHECK_OUTPUT"
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def sanitise(text: str) -> str:
+    """``text`` with nbval's sanitiser patterns applied, in file order."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(config.NOTEBOOKS_DIR / "nbval_sanitize.cfg")
+    for section in parser.sections():
+        text = re.sub(parser[section]["regex"], parser[section]["replace"], text)
+    return text
 
 
 def checked_outputs(executed: Path) -> list[str]:
-    """Text of every output of the marked cells of an executed notebook, in order."""
+    """Sanitised text of every output of the marked cells of an executed notebook, in order."""
     nb = nbformat.read(executed, as_version=4)
     texts = []
     for cell in nb.cells:
         if cell.cell_type != "code" or not cell.source.lstrip().startswith(MARKER):
             continue
         for output in cell.outputs:
-            texts.append(output.get("text") or output.get("data", {}).get("text/plain", ""))
+            texts.append(sanitise(output.get("text") or output.get("data", {}).get("text/plain", "")))
     return texts
 
 
-def test_checked_outputs_reads_only_marked_cells(tmp_path):
+def test_checked_outputs_reads_only_marked_cells_and_masks_durations(tmp_path):
     nb = nbformat.v4.new_notebook()
     marked = nbformat.v4.new_code_cell(f"{MARKER}\nprint(1)")
-    marked.outputs = [nbformat.v4.new_output("stream", text="1\n"),
+    marked.outputs = [nbformat.v4.new_output("stream", text="1 in 0.25 s\n"),
                       nbformat.v4.new_output("execute_result", data={"text/plain": "0.5"}, execution_count=1)]
     unmarked = nbformat.v4.new_code_cell("print(2)")
     unmarked.outputs = [nbformat.v4.new_output("stream", text="2\n")]
     nb.cells = [marked, unmarked]
     nbformat.write(nb, tmp_path / "x.ipynb")
-    assert checked_outputs(tmp_path / "x.ipynb") == ["1\n", "0.5"]
+    assert checked_outputs(tmp_path / "x.ipynb") == ["1 in DURATION\n", "0.5"]
 
 
-NOTEBOOKS = [pytest.param(path.stem, id=path.stem) for path in profiles.list_notebooks()] or [
-    pytest.param(None, marks=pytest.mark.skip(reason="no numbered notebooks committed yet"))
-]
+CONSE_NOTEBOOKS = [path.stem for path in profiles.list_notebooks() if path.stem[:2] in ("01", "02")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem", NOTEBOOKS)
-def test_same_seed_same_numbers(stem, tmp_path, monkeypatch):
-    outputs = []
-    for attempt in ("first", "second"):
-        # the kernel inherits these, so each run writes its own cache and figures
-        monkeypatch.setenv("ZSL_CACHE_DIR", str(tmp_path / attempt / "cache"))
-        monkeypatch.setenv("ZSL_FIGURES_DIR", str(tmp_path / attempt / "figures"))
-        runs = profiles.plan_runs("demo", notebooks=[stem], runs_dir=tmp_path / attempt / "runs")
-        profiles.execute_plan(runs, progress_bar=False)
-        outputs.append(checked_outputs(runs[0].output))
-    assert outputs[0], f"{stem} has no '{MARKER}' cell with output to compare"
-    assert outputs[0] == outputs[1]
+@pytest.mark.parametrize("variant", [AVX2, ONE_THREAD], ids=["avx2-kernels", "one-thread"])
+@pytest.mark.parametrize("stem", CONSE_NOTEBOOKS)
+def test_key_numbers_do_not_depend_on_the_cpu(stem, variant, tmp_path, monkeypatch):
+    committed = checked_outputs(config.NOTEBOOKS_DIR / f"{stem}.ipynb")
+    assert committed, f"{stem} has no '{MARKER}' cell with a committed output to compare"
+    for name, value in {**variant, "ZSL_CACHE_DIR": str(tmp_path / "cache"),
+                        "ZSL_FIGURES_DIR": str(tmp_path / "figures")}.items():
+        monkeypatch.setenv(name, value)  # the kernel inherits these: its own kernels, threads, cache and figures
+    runs = profiles.plan_runs("demo", notebooks=[stem], runs_dir=tmp_path / "runs")
+    profiles.execute_plan(runs, progress_bar=False)
+    assert checked_outputs(runs[0].output) == committed
