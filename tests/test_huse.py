@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from zsl_utils.errors import ParameterError
+from zsl_utils.huse.diagnostics import active_unit_fractions, participation_ratio, tower_diagnostics
 from zsl_utils.huse.model import HuseArchitecture, HuseModel, HuseSplit, SplitOutputs, build_splits, embed_split
 from zsl_utils.huse.evaluation import (
     choose_fusion_weight,
@@ -17,6 +21,7 @@ from zsl_utils.huse.evaluation import (
     fuse_probabilities,
     paper_numbers,
     project_2d,
+    seed_table,
     side_by_side,
 )
 from zsl_utils.huse.losses import (
@@ -25,14 +30,20 @@ from zsl_utils.huse.losses import (
     classification_loss,
     cosine_distance_matrix,
     gap_loss,
+    graph_pair_mask,
     huse_loss,
     semantic_graph_loss,
 )
 from zsl_utils.huse.training import (
     ResumableBatches,
     TrainConfig,
+    TrainedHuse,
     best_weights,
+    fit_and_evaluate,
     grid_search,
+    loss_shares,
+    over_seeds,
+    seed_spreads,
     seeded_repeat_check,
     train_huse,
     train_separate,
@@ -86,34 +97,58 @@ def test_graph_loss_equation_matches_hand_sum():
     ]
     # u1-u2 (d=0.13) and u1-v2 (d=0.03) are close but A=1.0 >= zeta: the mask drops them.
     expected = 2 * sum((d - a) ** 2 for d, a in kept) / 36  # ordered pairs, (2N)^2 = 36
-    got = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "equation")
+    got, kept_share = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "equation")
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert expected == pytest.approx(0.0048153, rel=1e-4)
+    assert kept_share.item() == pytest.approx(8 / 30)  # 4 unordered pairs of the 30 ordered off-diagonal ones
 
 
-def test_graph_loss_prose_variant_adds_hinge_on_dissimilar_pairs():
-    equation = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "equation").item()
-    # Dissimilar-class pairs (A >= 0.6) closer than zeta are pushed out: (zeta - d)^2.
-    pushed = [cos_distance(30), cos_distance(15), cos_distance(60), cos_distance(45)]  # u1-u2, u1-v2, u2-v0, v0-v2
-    expected = equation + 2 * sum((ZETA - d) ** 2 for d in pushed) / 36
-    got = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "prose").item()
-    assert got == pytest.approx(expected, rel=1e-5)
-    assert got == pytest.approx(0.0404691, rel=1e-4)
+def test_graph_loss_prose_variant_keeps_related_pairs_and_close_pairs():
+    # "prose": A < zeta OR d < zeta, each kept pair pulled or pushed to its class distance (d - A)^2.
+    related = [  # A < 0.6, whatever their distance
+        (cos_distance(30), 0.0), (cos_distance(120), 0.0), (cos_distance(15), 0.0),  # u0-v0, u1-v1, u2-v2
+        (cos_distance(60), 0.3), (cos_distance(180), 0.3), (cos_distance(30), 0.3), (cos_distance(150), 0.3),
+    ]  # u0-u1, u0-v1, v0-u1, v0-v1 (classes 0 and 1)
+    close_unrelated = [(cos_distance(30), 1.0), (cos_distance(15), 1.0),  # u1-u2, u1-v2
+                       (cos_distance(60), 1.2), (cos_distance(45), 1.2)]  # u2-v0, v0-v2
+    expected = 2 * sum((d - a) ** 2 for d, a in related + close_unrelated) / 36
+    got, kept_share = semantic_graph_loss([IMAGES, TEXTS], LABELS, CLASS_DISTANCE, ZETA, "prose")
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() == pytest.approx(0.5930536, rel=1e-4)
+    assert kept_share.item() == pytest.approx(22 / 30)
+
+
+def test_graph_pair_mask_counts_on_four_classes():
+    # Classes 0..3, one embedding each; A: 0-1 related (0.2), 2-3 related (0.4), every other pair 1.0.
+    class_distance = torch.tensor([[0.0, 0.2, 1.0, 1.0], [0.2, 0.0, 1.0, 1.0],
+                                   [1.0, 1.0, 0.0, 0.4], [1.0, 1.0, 0.4, 0.0]])
+    # Embedding distances: 0-1 close (0.1), 2-3 far (0.9), 1-2 close although unrelated (0.3), others far.
+    distance = torch.tensor([[0.0, 0.1, 1.5, 1.5], [0.1, 0.0, 0.3, 1.5],
+                             [1.5, 0.3, 0.0, 0.9], [1.5, 1.5, 0.9, 0.0]])
+    equation = graph_pair_mask(distance, class_distance, 0.5, "equation")
+    prose = graph_pair_mask(distance, class_distance, 0.5, "prose")
+    off_diagonal = ~torch.eye(4, dtype=torch.bool)
+    # Eq. 10: only 0-1 (related and close); the far related pair 2-3 gets no gradient.
+    assert {tuple(p) for p in (equation & off_diagonal).nonzero().tolist()} == {(0, 1), (1, 0)}
+    # Prose: 0-1 and 2-3 (related) and 1-2 (closer than the margin).
+    assert {tuple(p) for p in (prose & off_diagonal).nonzero().tolist()} == {(0, 1), (1, 0), (2, 3), (3, 2), (1, 2), (2, 1)}
+    with pytest.raises(ParameterError):
+        graph_pair_mask(distance, class_distance, 0.5, "neither")
 
 
 def test_graph_loss_mask_follows_distance_not_only_class():
     # Same class pair far apart (d = 1 >= zeta) is ignored by Eq. 10: the loss is 0.
-    far = semantic_graph_loss([torch.tensor([unit(0)]), torch.tensor([unit(90)])], torch.tensor([0]),
-                              torch.zeros(1, 1), 0.6)
+    far, _ = semantic_graph_loss([torch.tensor([unit(0)]), torch.tensor([unit(90)])], torch.tensor([0]),
+                                 torch.zeros(1, 1), 0.6)
     assert far.item() == pytest.approx(0.0, abs=1e-7)
-    near = semantic_graph_loss([torch.tensor([unit(0)]), torch.tensor([unit(40)])], torch.tensor([0]),
-                               torch.zeros(1, 1), 0.6)
+    near, _ = semantic_graph_loss([torch.tensor([unit(0)]), torch.tensor([unit(40)])], torch.tensor([0]),
+                                  torch.zeros(1, 1), 0.6)
     assert near.item() == pytest.approx(2 * cos_distance(40) ** 2 / 4, rel=1e-5)
 
 
 def test_graph_loss_single_modality_uses_only_that_modality():
-    got = semantic_graph_loss([IMAGES], LABELS, CLASS_DISTANCE, ZETA).item()
-    assert got == pytest.approx(2 * (cos_distance(60) - 0.3) ** 2 / 9, rel=1e-5)  # only u0-u1 passes
+    got, _ = semantic_graph_loss([IMAGES], LABELS, CLASS_DISTANCE, ZETA)
+    assert got.item() == pytest.approx(2 * (cos_distance(60) - 0.3) ** 2 / 9, rel=1e-5)  # only u0-u1 passes
 
 
 def test_gap_loss_pairs_image_and_text_of_same_item():
@@ -142,11 +177,13 @@ def test_huse_loss_weights_and_skipped_terms():
     expected = 2 * math.log(3) + 3 * parts["graph"].item() + 0.5 * gap_loss(IMAGES, TEXTS).item()
     assert parts["total"].item() == pytest.approx(expected, rel=1e-6)
     no_graph = huse_loss(embeddings, logits, LABELS, CLASS_DISTANCE, LossWeights(beta=0.0, margin=ZETA))
-    assert no_graph["graph"].item() == 0.0
-    assert no_graph["gap"].item() == pytest.approx(gap_loss(IMAGES, TEXTS).item())  # monitored even at gamma=0
+    assert no_graph["graph"].item() == pytest.approx(parts["graph"].item())  # monitored even at beta=0 ...
+    assert no_graph["gap"].item() == pytest.approx(gap_loss(IMAGES, TEXTS).item())  # ... and the gap at gamma=0
     assert no_graph["total"].item() == pytest.approx(math.log(3), rel=1e-6)  # ...but not in the total
+    assert parts["accuracy_image"].item() == pytest.approx(1 / 3)  # all-zero logits: argmax 0, right for item 0
+    assert parts["classification_text"].item() == pytest.approx(math.log(3), rel=1e-6)
     single = huse_loss({"image": IMAGES}, {"image": logits["image"]}, LABELS, CLASS_DISTANCE, weights)
-    assert single["gap"].item() == 0.0
+    assert single["gap"].item() == 0.0 and "accuracy_text" not in single
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=-1.0), dict(margin=0.0), dict(margin=2.5), dict(graph_variant="x")])
@@ -463,3 +500,124 @@ def test_training_killed_with_sigkill_resumes_bitwise(tmp_path):
                          checkpoint_dir=checkpoints, checkpoint_every=5)
     assert resumed.extras["resumed_from_step"] == killed_at
     _assert_same_training(train_huse(split, class_distance, config=config, architecture=SMALL, progress=False), resumed)
+
+
+# ---------------------------------------------------------------- collapse diagnostics, seeds (issue 11)
+
+
+def test_participation_ratio_by_hand():
+    line = torch.tensor([[1.0, 2.0], [2.0, 4.0], [-1.0, -2.0]])
+    assert participation_ratio(line) == pytest.approx(1.0)
+    isotropic = torch.cat([torch.eye(3), -torch.eye(3)])  # covariance 2/5 * I
+    assert participation_ratio(isotropic) == pytest.approx(3.0)
+    # Variances 8/3 and 2/3 along the axes: (10/3)^2 / ((8/3)^2 + (2/3)^2) = 100 / 68.
+    stretched = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert participation_ratio(stretched) == pytest.approx(100 / 68)
+
+
+def test_active_unit_fractions_by_hand():
+    linear = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]))
+        linear.bias.copy_(torch.tensor([1.0, -1.0, 0.0]))  # unit 0 always on, unit 1 dead, unit 2 on for x0 > 0
+    tower = torch.nn.Sequential(linear, torch.nn.ReLU(), torch.nn.Linear(3, 1), torch.nn.ReLU())
+    with torch.no_grad():
+        tower[2].weight.fill_(0.0)
+        tower[2].bias.fill_(-1.0)  # the output unit is dead
+    fractions = active_unit_fractions(tower, torch.tensor([[-1.0, 0.0], [2.0, 0.0]]))
+    assert fractions == pytest.approx([2 / 3, 0.0])
+    assert active_unit_fractions(tower, torch.tensor([[-1.0, 0.0]])) == pytest.approx([1 / 3, 0.0])
+
+
+def separable_image_problem(n_classes: int = 6, per_class: int = 10, dim: int = 64, seed: int = 0):
+    """Well-separated classes in non-negative, Lite0-sized features (row norm ~16), text a noisy copy."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    prototypes = 4 * torch.rand(n_classes, dim, generator=generator)
+    image = (prototypes[labels] + 0.5 * torch.rand(len(labels), dim, generator=generator)).relu()
+    text = F.normalize(torch.randn(n_classes, 16, generator=generator)[labels], dim=1)
+    return HuseSplit(image, text, labels), class_distance_matrix(torch.randn(n_classes, 8, generator=generator))
+
+
+def test_five_layer_image_tower_does_not_collapse_on_a_separable_problem():
+    split, class_distance = separable_image_problem()
+    config = TrainConfig(num_steps=150, batch_size=32, learning_rate=1e-4, seed=0, modalities=("image",))
+    trained = train_huse(split, class_distance, LossWeights(beta=0.0), config, HuseArchitecture(embedding_dim=64),
+                         progress=False)
+    diagnostics = tower_diagnostics(trained.model, split).loc["image"]
+    assert diagnostics["accuracy (%)"] == 100.0
+    assert diagnostics["embedding effective dim"] >= 3  # 6 classes spread over several directions, not a line
+    assert diagnostics["lowest active-unit share"] >= 0.5
+    assert len(trained.history.filter(like="accuracy_").columns) == 1  # per-modality monitors: image only
+
+
+def test_torch_default_init_starves_the_deep_tower_before_training():
+    split, _ = separable_image_problem()
+    shares = {}
+    for init in ("torch", "he"):
+        torch.manual_seed(0)
+        model = HuseModel({"image": 64}, 6, HuseArchitecture(init=init))
+        shares[init] = active_unit_fractions(model.towers["image"], split.image)[-1]
+        output = model.towers["image"].eval()(split.image)
+        if init == "he":
+            assert all(torch.count_nonzero(m.bias) == 0 for m in model.towers["image"] if isinstance(m, nn.Linear))
+    assert shares["torch"] < shares["he"]
+    with pytest.raises(ParameterError, match="init"):
+        HuseArchitecture(init="xavier")
+    assert output.shape == (len(split), 512)
+
+
+def test_loss_shares_over_the_second_half():
+    history = pd.DataFrame({"step": [1, 2, 3, 4], "total": [10.0, 10.0, 4.0, 2.0], "classification": [9.0, 9.0, 2.0, 1.0],
+                            "graph": [0.5, 0.5, 1.0, 0.25], "gap": [1.0, 1.0, 1.0, 1.0]})
+    trained = TrainedHuse(None, history, LossWeights(alpha=1.0, beta=2.0, gamma=0.0), TrainConfig(num_steps=4),
+                          HuseArchitecture())
+    shares = loss_shares(trained)  # steps 3 and 4: classification 2/4, 1/2; graph 2*1/4, 2*0.25/2
+    assert shares["classification"] == pytest.approx(0.5)
+    assert shares["graph"] == pytest.approx(0.375)
+    assert shares["gap"] == 0.0
+
+
+def test_over_seeds_and_spreads_on_a_toy():
+    split, class_distance = toy_split(n_per_class=6)
+    splits = {"train": split, "val": split, "test": split}
+    config = TrainConfig(num_steps=10, batch_size=8, learning_rate=1e-3)
+    settings = {"joint": dict(weights=LossWeights()), "separate": dict(weights=LossWeights(), separate=True)}
+    results = over_seeds(settings, [0, 1], config, progress=False, splits=splits, class_distance=class_distance,
+                         ks=(1,), architecture=SMALL)
+    assert [len(r) for r in results.values()] == [2, 2]
+    assert isinstance(results["separate"][0][0], dict)
+    first = fit_and_evaluate(splits, class_distance, LossWeights(), replace(config, seed=1), ks=(1,),
+                             architecture=SMALL)
+    assert first[1].headline().equals(results["joint"][1][1].headline())  # seed 1 is seed 1
+    spreads = seed_spreads(results)
+    headlines = [e.headline() for _, e in results["joint"]]
+    row = "R@1 image->text"
+    assert spreads["joint"].loc[row, "mean"] == pytest.approx((headlines[0][row] + headlines[1][row]) / 2)
+    assert spreads["joint"].loc[row, "seeds"] == 2
+
+
+def test_seed_table_by_hand():
+    tables = [pd.DataFrame({"accuracy": [50.0, 70.0]}, index=["image", "text"]),
+              pd.DataFrame({"accuracy": [52.0, 70.0]}, index=["image", "text"])]
+    table = seed_table(tables)
+    assert table.loc["image", "accuracy (ours, 2 seeds)"] == f"51.0 ± {math.sqrt(2):.1f}"
+    assert table.loc["text", "accuracy (ours, 2 seeds)"] == "70.0 ± 0.0"
+
+
+def test_grid_search_averages_over_seeds():
+    split, class_distance = toy_split(n_per_class=6)
+    config = TrainConfig(num_steps=5, batch_size=8, learning_rate=1e-3)
+    table = grid_search(split, split, class_distance, {"beta": [0.0, 1.0]}, config=config, architecture=SMALL,
+                        progress=False, seeds=[0, 1])
+    assert len(table) == 2 and table["mean_R@1 sd"].notna().all()
+
+
+def test_best_weights_keeps_the_default_unless_clearly_beaten():
+    grid = pd.DataFrame([{**asdict(LossWeights(beta=1.0)), "mean_R@1": 70.0, "mean_R@1 sd": 1.0},
+                         {**asdict(LossWeights(beta=3.0)), "mean_R@1": 68.5, "mean_R@1 sd": 1.0},
+                         {**asdict(LossWeights(beta=10.0)), "mean_R@1": 60.0, "mean_R@1 sd": 1.0}])
+    assert best_weights(grid) == LossWeights(beta=1.0)
+    assert best_weights(grid, default=LossWeights(beta=3.0)) == LossWeights(beta=3.0)  # 1.5 <= 1 + 1
+    assert best_weights(grid, default=LossWeights(beta=10.0)) == LossWeights(beta=1.0)  # 10 > 2: clearly beaten
+    assert best_weights(grid, default=LossWeights(beta=0.5)) == LossWeights(beta=1.0)  # not in the grid

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from zsl_utils.errors import ParameterError
 from zsl_utils.metrics import (
     Hierarchy,
+    clearly_different,
     correct_sets,
+    difference_counts,
     flat_hit_at_k,
     hierarchical_precision_at_k,
     hierarchical_precision_sums,
+    mean_sd_text,
+    seed_spread,
 )
 
 # root -> fruit -> apple, pear ; root -> veg -> kale, leek, okra
@@ -106,3 +111,16 @@ def test_hp_requires_true_labels_among_candidates():
     tree = Hierarchy.from_parents(PARENTS)
     with pytest.raises(ParameterError, match="not among the 2 candidates"):
         hierarchical_precision_at_k(np.array([[0]]), ["kale"], ["apple", "pear"], tree, ks=(1,))
+
+
+def test_seed_spread_and_clear_differences_by_hand():
+    first = seed_spread([pd.Series({"a": 10.0, "b": 5.0}), pd.Series({"a": 12.0, "b": 7.0})])  # sd sqrt(2) each
+    second = seed_spread([pd.Series({"a": 6.0, "b": 6.0}), pd.Series({"a": 6.0, "b": 6.0})])  # sd 0
+    assert first.loc["a", "mean"] == 11.0 and first.loc["a", "sd"] == pytest.approx(2 ** 0.5)
+    assert first.loc["a", "seeds"] == 2
+    # a: 11 vs 6, gap 5 > sqrt(2) + 0 -> different; b: 6 vs 6 -> not.
+    assert clearly_different(first, second).tolist() == [True, False]
+    assert clearly_different(first.loc["a"], second.loc["a"])
+    assert difference_counts(first, second) == (1, 0, 1)
+    assert difference_counts(second, first) == (0, 1, 1)
+    assert mean_sd_text(first).tolist() == ["11.0 ± 1.4", "6.0 ± 1.4"]

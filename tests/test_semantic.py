@@ -85,7 +85,7 @@ def test_file_formats_round_trip(tiny_kv, tmp_path, kind, filename):
     else:
         tiny_kv.save_word2vec_format(str(path), binary=kind == "word2vec-bin")
     assert guess_vector_kind(path) == kind
-    loaded = load_word_vectors(path)
+    loaded = load_word_vectors(path, trust_pickle=kind == "keyedvectors")  # a pickle needs explicit trust
     np.testing.assert_allclose(loaded["house"], TINY["house"])
     assert len(loaded.index_to_key) == len(TINY)
 

@@ -1,7 +1,5 @@
 """Command line: run the numbered notebooks for a parameter profile (``run``, ``profiles``, ``check-profile``).
-
-Exit status: 0 on success, 2 when the input is rejected (nothing was run), 1 when a notebook failed.
-"""
+Exit status: 0 on success, 2 when the input is rejected (nothing was run), 1 when a notebook failed."""
 from __future__ import annotations
 
 import argparse

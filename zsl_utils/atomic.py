@@ -1,12 +1,11 @@
 """Atomic file writes: a reader sees the old file or the complete new one, never a part.
 
-The bytes go to a temporary sibling (same file system), are fsync-ed and renamed onto the
-target with ``os.replace`` (atomic on POSIX); the directory is fsync-ed so the rename survives
-a crash. Temporary names carry ``<host>-<pid>-<random>`` after :data:`TMP_MARKER`, so a cleaner
-can tell a dead writer's leftovers from a live one's.
-"""
+The bytes go to a temporary sibling (same file system), are fsync-ed and renamed onto the target with ``os.replace``
+(atomic on POSIX); the directory is fsync-ed so the rename survives a crash. A temporary name carries
+``<host>-<pid>-<random>`` after :data:`TMP_MARKER`: a cleaner tells a dead writer's leftovers from a live one's."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -24,21 +23,16 @@ def temporary_sibling(target: Path) -> Path:
 
 def fsync_directory(directory: Path) -> None:
     """Persist a rename in ``directory`` (best effort: not every OS allows opening dirs)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(handle)`` on a temporary sibling of ``target``, then rename it into place
-    (on any error the temporary file is removed and ``target`` is left as it was)."""
+    """Write ``target`` by ``write(handle)`` on a temporary sibling renamed into place; on error nothing changes."""
     target = Path(target)
     tmp = temporary_sibling(target)
     try:

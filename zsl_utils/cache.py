@@ -1,15 +1,10 @@
-"""Sharded, atomic, resumable, fingerprinted array caches.
-
-A cache is a directory of ``shard_000000.npz``, ... (``shard_size`` consecutive rows of named arrays each) plus
-``meta.json`` (fingerprint, n_items, shard_size, format version). Shards are written atomically
-(``zsl_utils.atomic``: a killed run leaves at most an ignored temporary file), so ``missing_shards()`` is the work
-left; another fingerprint raises :class:`~zsl_utils.errors.StaleCacheError`; ranks of a distributed job fill
-disjoint shards, and temporary names carry host and pid, so no writer deletes a live writer's file.
-"""
+"""Sharded, atomic, resumable array caches, fingerprinted in ``meta.json`` (another one: ``StaleCacheError``)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 import zipfile
@@ -25,12 +20,20 @@ FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _SHARD_PREFIX = "shard_"
 _SHARD_SUFFIX = ".npz"
-# A temporary file from another host cannot be checked for liveness: unchanged this long, its writer is dead.
-_FOREIGN_TMP_MAX_AGE_S = 24 * 3600
+_FOREIGN_TMP_MAX_AGE_S = 24 * 3600  # another host's temporary file (pid not checkable) unchanged this long: writer dead
 
 
 class CacheError(ZslError):
     """A cache directory cannot be used (not writable, corrupt, wrong arguments)."""
+
+
+class CacheFullError(CacheError):
+    """The cache's disk has (or had) too little free space for the shards still to write."""
+
+
+def _size(n_bytes: float) -> str:  # 1.5 kB, 12.0 GB
+    return next(f"{n_bytes / 10**p:.1f} {unit}" for p, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B"))
+                if n_bytes >= 10**p or not p)
 
 
 def normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,12 +50,8 @@ def normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
 
 def fingerprint_differences(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
     """Human-readable ``key: cached=... requested=...`` lines for keys whose values differ."""
-    lines = []
-    for key in sorted(set(cached) | set(requested)):
-        old, new = cached.get(key, "<absent>"), requested.get(key, "<absent>")
-        if old != new:
-            lines.append(f"{key}: cached={_short(old)} requested={_short(new)}")
-    return lines
+    pairs = ((k, cached.get(k, "<absent>"), requested.get(k, "<absent>")) for k in sorted({*cached, *requested}))
+    return [f"{key}: cached={_short(old)} requested={_short(new)}" for key, old, new in pairs if old != new]
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -85,12 +84,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ShardedCache:
-    """Rows ``0..n_items-1`` of named arrays, stored as atomic, fingerprinted shards.
-
-    ``directory`` is created if missing; ``fingerprint`` is a JSON-serialisable dict of what
-    produced the rows; the last shard may be shorter than ``shard_size``. ``read_only`` skips
-    the writability check (a finished cache on a read-only file system) and refuses writes.
-    """
+    """Rows ``0..n_items-1`` of named arrays in atomic shards; ``read_only``: a finished cache, writes refused."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: Mapping[str, Any], n_items: int, shard_size: int,
                  read_only: bool = False) -> None:
@@ -101,17 +95,21 @@ class ShardedCache:
         self.directory = Path(directory).expanduser()
         self.fingerprint = normalise_fingerprint(fingerprint)
         self.n_items, self.shard_size, self.read_only = int(n_items), int(shard_size), read_only
-        if read_only and not (self.directory / META_NAME).is_file():
+        has_meta = (self.directory / META_NAME).is_file()
+        if read_only and not has_meta:
             raise CacheError(f"no cache at {self.directory} (missing {META_NAME}); build it first "
                              f"or open it with read_only=False.")
-        if not read_only:
-            check_writable_directory(self.directory, "pass a writable cache_dir, set ZSL_CACHE_DIR, or open a "
-                                     "finished cache with read_only=True.")
+        try:
+            read_only or check_writable_directory(self.directory, "pass a writable cache_dir, set ZSL_CACHE_DIR, or "
+                                                  "open a finished cache with read_only=True.")
+        except CacheError:  # a finished cache on read-only storage: reading is all it needs
+            if not has_meta or not self.is_complete():
+                raise
+            self.read_only = True
         self._check_or_write_meta()
-        if not read_only:
+        if not self.read_only:
             self.clean_temporary_files()
 
-    # ------------------------------------------------------------------ opening
     @classmethod
     def open_existing(cls, directory: str | os.PathLike, read_only: bool = True) -> "ShardedCache":
         """Open a cache using the fingerprint and sizes stored in its ``meta.json``."""
@@ -125,6 +123,10 @@ class ShardedCache:
     def _check_or_write_meta(self) -> None:
         if (self.directory / META_NAME).exists():
             self._check_meta(read_meta(self.directory))
+        elif orphans := sorted(self.directory.glob(f"{_SHARD_PREFIX}*{_SHARD_SUFFIX}")):
+            raise StaleCacheError(f"{self.directory} holds {len(orphans)} shard file(s) (e.g. {orphans[0].name}) but "
+                                  f"no {META_NAME}, so nothing says which model, dtype or items made them; delete "
+                                  "those shards (or the folder) to recompute, or pass another cache directory.")
         elif not self.read_only:  # several ranks may race here; each writes the same content atomically
             payload = json.dumps(self._meta(), indent=2, sort_keys=True).encode()
             write_atomically(self.directory / META_NAME, lambda handle: handle.write(payload))
@@ -132,17 +134,13 @@ class ShardedCache:
     def _check_meta(self, stored: Mapping[str, Any]) -> None:
         requested = self._meta()
         lines = fingerprint_differences(stored.get("fingerprint", {}), requested["fingerprint"])
-        for key in ("n_items", "shard_size", "format_version"):
-            if stored.get(key) != requested[key]:
-                lines.append(f"{key}: cached={stored.get(key)} requested={requested[key]}")
+        lines += [f"{key}: cached={stored.get(key)} requested={requested[key]}"
+                  for key in ("n_items", "shard_size", "format_version") if stored.get(key) != requested[key]]
         if lines:
-            raise StaleCacheError(
-                f"the cache at {self.directory} was made by a different model, preprocessing "
-                f"or dataset:\n  " + "\n  ".join(lines) + "\nDelete that folder to recompute, "
-                "or pass a different cache directory to keep both."
-            )
+            raise StaleCacheError(f"the cache at {self.directory} was made by a different model, preprocessing or "
+                                  "dataset:\n  " + "\n  ".join(lines) + "\nDelete that folder to recompute, or pass a "
+                                  "different cache directory to keep both.")
 
-    # ------------------------------------------------------------------ geometry
     @property
     def n_shards(self) -> int:
         """Number of shards (0 for an empty cache)."""
@@ -164,7 +162,6 @@ class ShardedCache:
             raise CacheError(f"shard index {shard} out of range for cache {self.directory} "
                              f"({self.n_shards} shards of {self.shard_size} rows, {self.n_items} rows).")
 
-    # ------------------------------------------------------------------ state
     def has_shard(self, shard: int) -> bool:
         return self.shard_path(shard).is_file()
 
@@ -182,38 +179,47 @@ class ShardedCache:
     def is_complete(self) -> bool:
         return not self.missing_shards()
 
-    # ------------------------------------------------------------------ writing
+    def check_free_space(self, row_bytes: int, shards: Sequence[int] | None = None) -> None:
+        """:class:`CacheFullError` unless the disk has room for the missing ``shards`` (default: all), up front."""
+        todo = set(self.missing_shards()) & set(range(self.n_shards) if shards is None else shards)
+        # 8 kB a shard: the zip and .npy headers of its arrays, and file-system block rounding
+        needed = sum((stop - start) * row_bytes + 8192 for start, stop in map(self.shard_bounds, todo))
+        if needed > (free := shutil.disk_usage(self.directory).free):
+            raise CacheFullError(f"cache directory {self.directory} has {_size(free)} free but the {len(todo)} shards "
+                                 f"still to write need about {_size(needed)}; free space or pass another cache "
+                                 "directory. Nothing was computed.")
+
     def write_shard(self, shard: int, /, *, unaligned: Mapping[str, np.ndarray] | None = None,
                     **arrays: np.ndarray) -> Path:
-        """Atomically write ``shard``: row-aligned ``arrays`` (first axis = the shard's rows) and
-        ``unaligned`` arrays of any length stored alongside (e.g. which rows were skipped and why)."""
+        """Atomically write ``shard``: row-aligned ``arrays``, and ``unaligned`` ones of any length (skipped rows)."""
         if self.read_only:
             raise CacheError(f"cache {self.directory} was opened read_only; reopen it writable to add shards.")
         start, stop = self.shard_bounds(shard)
         if not arrays:
             raise CacheError(f"write_shard({shard}) got no row-aligned arrays for cache {self.directory}.")
         unaligned = dict(unaligned or {})
-        if set(unaligned) & set(arrays):
-            raise CacheError(f"write_shard({shard}): names {sorted(set(unaligned) & set(arrays))} given both "
-                             f"aligned and unaligned.")
+        if both := sorted(set(unaligned) & set(arrays)):
+            raise CacheError(f"write_shard({shard}): names {both} given both aligned and unaligned.")
         payload = {k: np.asarray(v) for k, v in {**arrays, **unaligned}.items()}
         for key, value in payload.items():
             if key in arrays and (value.ndim == 0 or value.shape[0] != stop - start):
-                raise CacheError(
-                    f"array {key!r} for shard {shard} of {self.directory} has shape {value.shape}; "
-                    f"its first axis must be the shard's {stop - start} rows ({start}..{stop - 1})."
-                )
+                raise CacheError(f"array {key!r} for shard {shard} of {self.directory} has shape {value.shape}; its "
+                                 f"first axis must be the shard's {stop - start} rows ({start}..{stop - 1}).")
             if value.dtype == object:
                 raise CacheError(f"array {key!r} has dtype object, which needs pickling; store numbers or "
                                  f"fixed-width strings (np.asarray(list_of_str)) instead.")
-        target = self.shard_path(shard)
-        write_atomically(target, lambda handle: np.savez(handle, **payload))
-        return target
+        try:
+            return write_atomically(self.shard_path(shard), lambda handle: np.savez(handle, **payload))
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise CacheFullError(f"the disk of cache directory {self.directory} filled up while writing shard {shard} "
+                                 f"({error.strerror}); free space and rerun: completed shards are kept, the "
+                                 "interrupted one is recomputed.") from error
 
     def clean_temporary_files(self) -> list[Path]:
         """Delete temporary files of dead writers (this host: pid gone; another host: unchanged for a day)."""
-        removed = []
-        host = socket.gethostname()
+        removed, host = [], socket.gethostname()
         for path in self.directory.glob(f".*{TMP_MARKER}*"):
             writer = path.name.split(TMP_MARKER, 1)[1]  # "<host>-<pid>-<random>"
             writer_host, _, pid_text = writer.rpartition("-")[0].rpartition("-")
@@ -229,15 +235,12 @@ class ShardedCache:
                 continue  # vanished meanwhile, or not one of ours
         return removed
 
-    # ------------------------------------------------------------------ reading
     def read_shard(self, shard: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Arrays of ``shard`` (only ``keys`` if given), fully read into memory."""
         path = self.shard_path(shard)
         if not path.is_file():
-            raise CacheError(
-                f"shard {shard} of {self.directory} has not been computed yet "
-                f"({len(self.missing_shards())} of {self.n_shards} missing); run the extraction first."
-            )
+            raise CacheError(f"shard {shard} of {self.directory} has not been computed yet "
+                             f"({len(self.missing_shards())} of {self.n_shards} missing); run the extraction first.")
         try:
             with np.load(path, allow_pickle=False) as data:
                 wanted = list(data.files) if keys is None else list(keys)

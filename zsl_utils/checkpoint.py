@@ -1,14 +1,12 @@
-"""Atomic, fingerprinted training checkpoints (``step_000001000.pt``) that make long runs resumable.
-
-A run killed at any instant never leaves a truncated checkpoint (``zsl_utils.atomic``). Files are read with
-``weights_only=True`` (data, never code), so RNG states are stored as tensors and lists.
-"""
+"""Atomic, fingerprinted, SHA-256-verified checkpoints, read with ``weights_only=True`` (so RNG states are tensors)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,15 +64,15 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping[str, Any], fingerprint: Mapping[str, Any],
                     keep_last: int = 2) -> Path:
-    """Atomically write ``state`` (tensors, numbers, strings, containers) as the checkpoint of ``step``, then
-    delete all but the ``keep_last`` newest."""
+    """Atomically write ``state`` (tensors, numbers, strings, containers) as ``step``; keep the ``keep_last`` newest."""
     if keep_last < 1:
         raise CheckpointError(f"keep_last must be >= 1, got {keep_last}.")
     if int(step) < 0:
         raise CheckpointError(f"checkpoint step must be >= 0, got {step}.")
     target = Path(directory) / f"step_{int(step):09d}.pt"
-    payload = {"format": CHECKPOINT_FORMAT, "step": int(step),
-               "fingerprint": json.dumps(normalise_fingerprint(fingerprint), sort_keys=True), "state": dict(state)}
+    payload = {"step": int(step), "fingerprint": json.dumps(normalise_fingerprint(fingerprint), sort_keys=True),
+               "state": dict(state)}
+    payload.update(format=CHECKPOINT_FORMAT, sha256=_digest(payload))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(target, lambda handle: torch.save(payload, handle))
@@ -88,16 +86,29 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping[str,
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"loss": {"margin": 1}}`` -> ``{"loss.margin": 1}``, so a difference names the leaf that changed."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value
-                    else {f"{prefix}{key}": value})
-    return flat
+    return {name: leaf for key, value in tree.items() for name, leaf in (_flatten(value, f"{prefix}{key}.")
+            if isinstance(value, Mapping) and value else {f"{prefix}{key}": value}).items()}
 
 
-def load_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any] | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[int, dict[str, Any]]:
-    """``(step, state)`` of a checkpoint; :class:`StaleCheckpointError` if ``fingerprint`` differs from its own."""
+def _digest(tree: Any, digest: Any = None) -> str:
+    """SHA-256 of every tensor's dtype, shape and bytes and every other leaf's repr, in key order."""
+    digest = digest or hashlib.sha256()
+    if isinstance(tree, torch.Tensor):
+        tensor = tree.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(tree, (Mapping, list, tuple)):
+        digest.update(f"{len(tree)}(".encode())
+        pairs = sorted(tree.items(), key=lambda kv: repr(kv[0])) if isinstance(tree, Mapping) else enumerate(tree)
+        for key, value in pairs:
+            _digest(key, digest), _digest(value, digest)
+    else:
+        digest.update(repr(tree).encode())
+    return digest.hexdigest()
+
+
+def _read(path: Path, map_location: Any) -> dict[str, Any]:
+    """The verified payload of checkpoint ``path``, else :class:`CheckpointError` naming it and why."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as error:
@@ -108,11 +119,33 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any] | No
                               "resume from the previous one.") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a zsl_utils checkpoint (format {CHECKPOINT_FORMAT}).")
-    if fingerprint is not None:
+    if "sha256" in payload and _digest({k: payload[k] for k in ("step", "fingerprint", "state")}) != payload["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is damaged: its content no longer matches the SHA-256 written with "
+                              "it; delete it to resume from the previous one.")  # older files have no sha256
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any] | None = None,
+                    map_location: str | torch.device = "cpu") -> tuple[int, dict[str, Any]]:
+    """``(step, state)``; with ``fingerprint``: StaleCheckpointError if it differs, a damaged file falls back."""
+    path, problems, resuming = Path(path), [], fingerprint is not None
+    earlier = [p for _, p in reversed(list_checkpoints(path.parent)) if p.name < path.name] if resuming else []
+    for path in [path, *earlier]:
+        try:
+            payload = _read(path, map_location)
+            break
+        except CheckpointError as error:
+            problems.append(str(error))
+    else:
+        raise CheckpointError(" ".join(problems) + (f" No intact earlier checkpoint in {path.parent}: delete the "
+                                                    "damaged file(s) to start over." if resuming else ""))
+    if problems:
+        warnings.warn(f"resuming from {path.name}, the newest intact one, as " + " ".join(problems), stacklevel=2)
+    if resuming:
         stored = _flatten(json.loads(payload["fingerprint"]))
         differences = fingerprint_differences(stored, _flatten(normalise_fingerprint(fingerprint)))
         if differences:
             raise StaleCheckpointError(f"checkpoint {path} belongs to a different run:\n  " + "\n  ".join(differences)
                                        + f"\nUse another checkpoint_dir for this configuration, or delete "
-                                       f"{Path(path).parent} to start over.")
+                                       f"{path.parent} to start over.")
     return payload["step"], payload["state"]

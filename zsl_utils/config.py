@@ -1,9 +1,6 @@
-"""Every path the project uses, in one place (Cookiecutter Data Science layout).
-
-Raw downloads are immutable under ``data/raw``, derived artefacts under ``data/cache``,
-executed notebooks under ``runs/``, figures under ``figures/``. Each can be moved with an
-environment variable (e.g. to a cluster's scratch disk) without editing code.
-"""
+"""Every path the project uses (Cookiecutter Data Science layout): immutable raw downloads under ``data/raw``, derived
+artefacts under ``data/cache``, executed notebooks under ``runs/``, figures under ``figures/``. Each can be moved
+with an environment variable (e.g. to a cluster's scratch disk) without editing code."""
 from __future__ import annotations
 
 import os

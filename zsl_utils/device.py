@@ -29,11 +29,7 @@ def try_gpu(index: int = 0) -> torch.device:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """Resolve a device parameter: ``auto`` picks cuda -> mps -> cpu; anything else is honoured.
-
-    An explicit request for hardware that is not there fails with the list of choices
-    rather than silently falling back, so a GPU run never quietly becomes a CPU run.
-    """
+    """``auto`` picks cuda -> mps -> cpu; anything else is honoured or raises, so a GPU run never becomes a CPU run."""
     choice = (preference or "auto").strip().lower()
     if choice == "auto":
         return try_gpu()
@@ -46,10 +42,8 @@ def pick_device(preference: str = "auto") -> torch.device:
         raise ParameterError(f"device={preference!r} is not understood; expected one of {DEVICE_CHOICES}.")
     index = int(cuda.group(1) or 0)
     if torch.cuda.device_count() <= index:
-        raise ParameterError(
-            f"device={preference!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
-            "device(s); use device='auto' (falls back to CPU) or 'cpu'."
-        )
+        raise ParameterError(f"device={preference!r} was requested but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s); use device='auto' (falls back to CPU) or 'cpu'.")
     return torch.device(f"cuda:{index}")
 
 

@@ -1,6 +1,4 @@
-"""Exception types for problems a user can fix: each message names the thing at fault
-(a file, a parameter, a profile) and the fix, so a notebook stops with one readable line."""
-from __future__ import annotations
+"""Errors a user can fix: each message names the thing at fault (file, parameter, profile) and the fix, in one line."""
 
 
 class ZslError(Exception):

@@ -1,9 +1,5 @@
-"""Items (image paths or texts) -> model outputs in a :class:`~zsl_utils.cache.ShardedCache`.
-
-:func:`cached_outputs` is the one call. One encoder per kind owns the cache fingerprint: what changes the stored
-numbers, never batch size, workers or processes. The engine, :func:`extract_to_cache`, computes only missing shards
-and *skips* unreadable items (zero rows, ``ok`` False, reasons stored in the shard): one bad file never stops a run.
-"""
+"""Items (image paths or texts) -> model outputs in a resumable :class:`~zsl_utils.cache.ShardedCache` (the encoder's
+fingerprint); unreadable items are *skipped* (zero rows, ``ok`` False, reasons kept): one bad file never stops a run."""
 from __future__ import annotations
 
 import functools
@@ -44,17 +40,13 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TFIDF_FEATURES = 512  # vocabulary size of the "tfidf" text model
 SALIENT_WORDS = 512  # words kept per text before the "bert" text model
 BERT_LAYERS = 4  # last hidden layers the "bert" text model concatenates
-# Errors that mean "this file is bad" rather than "the code is wrong". Anything else (TypeError, AttributeError,
-# ...) stops the run: skipping every item because of a bug would be far worse than a traceback.
-LOAD_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes PIL.UnidentifiedImageError, truncated and missing files
-    ValueError, SyntaxError, EOFError, IndexError, RuntimeError, struct.error, zlib.error,
-    Image.DecompressionBombError,
-)
+# "This file is bad", not "the code is wrong": any other error (TypeError, ...) stops the run, as a bug should.
+LOAD_ERRORS: tuple[type[BaseException], ...] = (  # OSError includes PIL.UnidentifiedImageError, truncated, missing
+    OSError, ValueError, SyntaxError, EOFError, IndexError, RuntimeError, struct.error, zlib.error,
+    Image.DecompressionBombError)
 _MAX_REASON_CHARS = 200
 UNALIGNED_ARRAYS = ("skipped_rows", "skipped_reasons")  # per-shard arrays, not row-aligned
-# Row-aligned output arrays of a cache: name -> (shape of one row, dtype).
-Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]  # row-aligned output arrays: name -> (shape of one row, dtype)
 
 
 class ExtractionError(ZslError):
@@ -64,7 +56,6 @@ class ExtractionError(ZslError):
 @dataclass
 class CachedOutputs:
     """A filled cache, its unreadable items (row, item, reason), this run's work and the main array ``name``."""
-
     cache: ShardedCache
     skipped: pd.DataFrame
     computed_shards: list[int]
@@ -73,10 +64,9 @@ class CachedOutputs:
     name: str = ""
 
     def __str__(self) -> str:
-        return (
-            f"{self.cache.n_items} items in {self.cache.n_shards} shards: computed {len(self.computed_shards)}, "
-            f"reused {self.reused_shards} from cache; {len(self.skipped)} skipped as unreadable; {self.seconds:.1f} s"
-        )
+        return (f"{self.cache.n_items} items in {self.cache.n_shards} shards: computed {len(self.computed_shards)}, "
+                f"reused {self.reused_shards} from cache; {len(self.skipped)} skipped as unreadable; "
+                f"{self.seconds:.1f} s")
 
     def load(self) -> np.ndarray:
         """Every row of the main array (the zero rows of skipped items included)."""
@@ -96,7 +86,6 @@ def image_loader(preprocess: Callable[[Image.Image], Any]) -> Callable[[str | os
     return functools.partial(_load_image, preprocess)
 
 
-# ---------------------------------------------------------------------- the engine
 def _load(load_item: Callable[[Any], Any], item: Any) -> tuple[Any, str]:
     """``(value, "")``, or ``(None, reason)`` for an unreadable item instead of raising."""
     try:
@@ -107,8 +96,7 @@ def _load(load_item: Callable[[Any], Any], item: Any) -> tuple[Any, str]:
 
 
 class _Batch:
-    """``rows`` loaded by the DataLoader's collate_fn in its workers. With ``stack``, same-shaped tensors become
-    one tensor, which the DataLoader pins on CUDA (one copy per batch, not per image)."""
+    """``rows`` loaded in the DataLoader's workers; ``stack``: same-shaped tensors as one (pinned once per batch)."""
 
     def __init__(self, items: Sequence, load_item: Callable[[Any], Any], stack: bool, rows: list[int]) -> None:
         loaded = [(row, *_load(load_item, items[row])) for row in rows]
@@ -132,11 +120,8 @@ def _stack_if_uniform(values: list) -> list | torch.Tensor:
 
 def _batches_for_shards(cache: ShardedCache, shards: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row batches that never cross a shard boundary (so any rank encodes a shard the same way)."""
-    batches = []
-    for shard in shards:
-        start, stop = cache.shard_bounds(shard)
-        batches.extend(list(range(i, min(i + batch_size, stop))) for i in range(start, stop, batch_size))
-    return batches
+    bounds = [cache.shard_bounds(shard) for shard in shards]
+    return [list(range(i, min(i + batch_size, stop))) for start, stop in bounds for i in range(start, stop, batch_size)]
 
 
 def _encoded_shards(loader: torch.utils.data.DataLoader, encode_batch: Callable,
@@ -221,15 +206,9 @@ def extract_to_cache(
     items: Sequence, load_item: Callable[[Any], Any | None], encode_batch: Callable[[list], Mapping[str, np.ndarray]],
     cache: ShardedCache, batch_size: int = 64, num_workers: int = 0, desc: str = "extracting",
     shards: Sequence[int] | None = None, progress: bool = True, pin_memory: bool = False,
-    output_layout: Mapping[str, tuple[Sequence[int], Any]] | None = None,
-) -> CachedOutputs:
-    """Fill the missing shards of ``cache`` (or only ``shards``) with ``encode_batch`` outputs for ``items``.
-
-    ``load_item`` (picklable: it runs in DataLoader workers) returns None or raises one of :data:`LOAD_ERRORS`
-    for an unreadable item, which is skipped and listed. ``encode_batch`` maps the loaded values (a list; with
-    ``pin_memory``, one stacked tensor) to ``{name: array}`` with first axis the batch. ``output_layout``
-    (``{name: (row shape, dtype)}``) lets a run whose items are all unreadable still write its shards.
-    """
+    output_layout: Mapping[str, tuple[Sequence[int], Any]] | None = None) -> CachedOutputs:
+    """Fill the missing ``shards`` of ``cache`` with ``encode_batch`` outputs for ``items``; an item whose (picklable)
+    ``load_item`` returns None or raises :data:`LOAD_ERRORS` is skipped and listed (``output_layout``: if all are)."""
     _check_extraction_arguments(items, cache, batch_size, num_workers)
     declared = normalise_layout(output_layout) if output_layout is not None else None
     began = time.perf_counter()
@@ -238,8 +217,7 @@ def extract_to_cache(
     loader = torch.utils.data.DataLoader(
         range(len(items)), batch_sampler=_batches_for_shards(cache, todo, batch_size), num_workers=num_workers,
         collate_fn=functools.partial(_Batch, items, load_item, bool(pin_memory)),
-        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
-    )
+        pin_memory=bool(pin_memory) and torch.cuda.is_available())
     layout, waiting = None, []  # waiting: shards of unreadable items only, seen before any layout was known
     for shard, parts, skipped in tqdm(_encoded_shards(loader, encode_batch, cache.shard_size), total=len(todo),
                                       desc=desc, unit="shard", disable=not progress):
@@ -268,10 +246,8 @@ def _check_extraction_arguments(items: Sequence, cache: ShardedCache, batch_size
         raise ParameterError(f"num_workers must be an int >= 0, got {num_workers!r}.")
 
 
-# ---------------------------------------------------------------------- fingerprints of items
 def dataset_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
-    """SHA-256 of the files' paths (relative to their common folder: a moved dataset keeps it) and
-    byte sizes (a file replaced in place changes it; contents are too slow to hash), in row order."""
+    """SHA-256 of the paths (relative to their common folder: a moved dataset keeps it) and sizes (not contents)."""
     paths = [Path(p) for p in paths]
     root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path(".")
     root = paths[0].parent if len(paths) == 1 else root
@@ -303,10 +279,8 @@ def _storage_dtype(dtype: str) -> str:
     return dtype
 
 
-# ---------------------------------------------------------------------- image encoders
 class _ImageEncoder:
     """Preprocessed CHW images -> ``{output: (B, D)}`` on the classifier's device, eval mode, no grad."""
-
     kind = output = ""
     default_dtype, batch_size, shard_size = "float32", 64, 1024
 
@@ -317,11 +291,10 @@ class _ImageEncoder:
         self.classifier, self.model_name = classifier, classifier.name
         self.device = torch.device(classifier.device)
         self.dtype = _storage_dtype(dtype or self.default_dtype)
-        # Autocast only runs on CUDA; elsewhere the numbers are float32 and the fingerprint says so.
         if torch_dtype(compute_dtype) == torch.float64 and autocast_dtype is not None:
             raise ParameterError(f"compute_dtype='float64' and autocast_dtype={autocast_dtype!r} contradict each "
                                  "other; choose one (float64 for identical CPU results, autocast for GPU speed).")
-        self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
+        self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None  # autocast: CUDA only
         self.compute_dtype = compute_dtype
         self.load_item = image_loader(classifier.preprocess)
         self.pin_memory = self.device.type == "cuda"
@@ -349,8 +322,7 @@ class _ImageEncoder:
 
     @torch.inference_mode()
     def __call__(self, values: list) -> dict[str, np.ndarray]:
-        # A tensor when the loader stacked the batch (and pinned it, on CUDA).
-        batch = (values if isinstance(values, torch.Tensor) else torch.stack(values))
+        batch = values if isinstance(values, torch.Tensor) else torch.stack(values)  # stacked, pinned by the loader
         batch = batch.to(self.device, torch_dtype(self.compute_dtype), non_blocking=True)
         self.classifier.model.to(batch.dtype)  # for this batch only: float32 -> float64 -> float32 is exact
         try:
@@ -363,7 +335,6 @@ class _ImageEncoder:
 
 class ProbsEncoder(_ImageEncoder):
     """``probs``: the softmax over all of the classifier's outputs, columns in ``classifier.wnids`` order."""
-
     kind, output, default_dtype = "probs", "probs", "float16"
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -379,7 +350,6 @@ class ProbsEncoder(_ImageEncoder):
 
 class PooledFeaturesEncoder(_ImageEncoder):
     """``image_features``: the classifier's globally pooled penultimate layer."""
-
     kind, output = "image_features", "features"
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -391,14 +361,12 @@ class PooledFeaturesEncoder(_ImageEncoder):
         return int(self.classifier.pooled_features(torch.zeros(1, *size)).shape[-1])
 
     def fingerprint(self, paths: Sequence, dataset_id: str) -> dict[str, Any]:
-        fingerprint = {"kind": "pooled_image_features", **self._fingerprint(paths, dataset_id)}
-        # Recorded only when not the defaults, so that float32 caches keep their fingerprint.
-        fingerprint.update({"dtype": self.dtype} if self.dtype != "float32" else {})
-        fingerprint.update({"autocast_dtype": self.autocast_dtype} if self.autocast_dtype else {})
-        return fingerprint
+        # dtype and autocast recorded only when not the defaults, so that float32 caches keep their fingerprint.
+        return {"kind": "pooled_image_features", **self._fingerprint(paths, dataset_id),
+                **({"dtype": self.dtype} if self.dtype != "float32" else {}),
+                **({"autocast_dtype": self.autocast_dtype} if self.autocast_dtype else {})}
 
 
-# ---------------------------------------------------------------------- text encoder
 def non_empty_text(text: str) -> str | None:
     """Loader for texts: an empty or blank text is unusable (skipped, listed)."""
     return text if isinstance(text, str) and text.strip() else None
@@ -410,10 +378,7 @@ def _as_texts(texts: Sequence[Any]) -> list[str]:
 
 
 def salient_words(text: str, vectorizer: TfidfVectorizer, max_words: int = SALIENT_WORDS) -> str:
-    """``text`` cut to its ``max_words`` highest TF-IDF words (in this text), in their original order.
-
-    Texts that already fit are returned unchanged; unknown words score 0; ties keep the earlier word.
-    """
+    """``text`` cut to its ``max_words`` highest TF-IDF words in their order (unknown words 0, ties: the earlier)."""
     words = text.split()
     if len(words) <= max_words:
         return text
@@ -430,7 +395,6 @@ class _BertStyleEncoder:
 
     def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel, AutoTokenizer  # lazy: transformers takes seconds to import
-
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(device, dtype)
         self.device = device
@@ -450,19 +414,14 @@ def _bert_dir(bert_model: str | Path | None) -> Path:
         raise ParameterError("text model 'bert' needs bert_model=<folder with config.json and weights>.")
     path = Path(bert_model).expanduser()
     if not (path / "config.json").is_file():
-        raise AssetUnavailableError(f"BERT-style features: {path} has no config.json; pass a local Hugging Face "
-                                    "model folder (config.json, tokenizer files and weights), e.g. bert-base-uncased "
-                                    "saved with save_pretrained(). Nothing is downloaded. Without such weights use "
-                                    "the text model 'minilm'.")
+        raise AssetUnavailableError(f"BERT-style features: {path} has no config.json; pass a local Hugging Face model "
+                                    "folder (config.json, tokenizer files and weights), e.g. bert-base-uncased saved "
+                                    "with save_pretrained(). Nothing is downloaded. Without such weights use 'minilm'.")
     return path
 
 
 class TextEncoder:
-    """``text_features``: ``minilm`` (the packaged 384-d all-MiniLM-L6-v2), ``tfidf`` (the 512 most frequent terms)
-    or ``bert`` (the HUSE paper's recipe for a local BERT-type folder, texts cut to their most salient words).
-    ``fit_texts`` (default: the texts; pass the training split) give the TF-IDF statistics. Call :meth:`rows` first.
-    """
-
+    """``text_features``: ``minilm``, ``tfidf`` (fit on ``fit_texts``) or ``bert`` (local folder); ``rows`` first."""
     kind, output, batch_size, shard_size, pin_memory = "text_features", "features", 128, 4096, False
     load_item = staticmethod(non_empty_text)
 
@@ -507,13 +466,11 @@ class TextEncoder:
     def output_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {"features": ((int(self(["a"])["features"].shape[1]),), self.dtype)}
 
-    def cli_args(self) -> list[str] | None:
-        # The scale-out CLI encodes MiniLM only.
+    def cli_args(self) -> list[str] | None:  # the scale-out CLI encodes MiniLM only
         return ["--compute-dtype", self.compute_dtype] if self.model_name == "minilm" else None
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        if self._encode is None:
-            self._encode = self._load()
+        self._encode = self._encode or self._load()
         return {"features": np.asarray(self._encode(list(texts)), np.float32).astype(STORAGE_DTYPES[self.dtype])}
 
     def _load(self) -> Callable[[list[str]], Any]:
@@ -529,9 +486,7 @@ class TextEncoder:
 def make_encoder(kind: str, model: Any = None, weights: str | Path | None = None,
                  device: str | torch.device = "auto", dtype: str | None = None, autocast_dtype: str | None = None,
                  compute_dtype: str = "float32", **text_settings: Any) -> _ImageEncoder | TextEncoder:
-    """The encoder of ``kind``. ``model``: a classifier from ``load_classifier`` or a name loaded with
-    ``weights`` on ``device`` (default EfficientNet-Lite0), or a text model (default ``minilm``).
-    ``compute_dtype="float64"``: a slower forward whose stored float32 outputs do not depend on the CPU."""
+    """The encoder of ``kind`` for ``model`` (classifier, name, text model); ``compute_dtype="float64"``: CPU-exact."""
     if kind not in KINDS:
         raise ParameterError(f"kind={kind!r}; choose one of {KINDS}.")
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
@@ -548,13 +503,9 @@ def make_encoder(kind: str, model: Any = None, weights: str | Path | None = None
     return (ProbsEncoder if kind == "probs" else PooledFeaturesEncoder)(model, dtype, autocast_dtype, compute_dtype)
 
 
-# ---------------------------------------------------------------------- the one call
 def cache_folder(kind: str, model_name: str, dataset_id: str, fingerprint: Mapping[str, Any], shard_size: int,
                  root: str | os.PathLike | None = None) -> Path:
-    """``<root>/<dataset_id>/<kind>_<model>_<hash>`` (root: ``config.CACHE_DIR``): where a cache lives.
-
-    The hash of the fingerprint and shard size keeps other weights, items or fitting texts apart.
-    """
+    """Where a cache lives: ``<root or config.CACHE_DIR>/<dataset_id>/<kind>_<model>_<fingerprint+shard size hash>``."""
     payload = json.dumps(normalise_fingerprint({**fingerprint, "shard_size": shard_size}), sort_keys=True)
     safe = functools.partial(re.sub, r"[^A-Za-z0-9_.-]+", "_")
     name = f"{safe(f'{kind}_{model_name}')}_{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
@@ -564,16 +515,10 @@ def cache_folder(kind: str, model_name: str, dataset_id: str, fingerprint: Mappi
 def cached_outputs(
     kind: str, items: Sequence, model: Any = None, cache_dir: str | os.PathLike | None = None, *, dataset_id: str,
     processes: int = 1, cache_root: str | os.PathLike | None = None, batch_size: int | None = None,
-    shard_size: int | None = None, num_workers: int = 0, progress: bool = True,
-    shards: Sequence[int] | None = None, **encoder_settings: Any,
-) -> CachedOutputs:
-    """The ``kind`` outputs of ``model`` for ``items`` (image paths or texts), computed once and cached.
-
-    ``cache_dir`` (default: :func:`cache_folder` under ``cache_root``) of another model or items raises
-    ``StaleCacheError``. ``processes > 1``: torchrun workers (one per GPU) of the scale-out CLI, run as a
-    subprocess, fill the cache (MiniLM texts and images only). ``shards``: compute only those.
-    ``encoder_settings`` go to :func:`make_encoder`.
-    """
+    shard_size: int | None = None, num_workers: int = 0, progress: bool = True, shards: Sequence[int] | None = None,
+    **encoder_settings: Any) -> CachedOutputs:
+    """The ``kind`` outputs of ``model`` for ``items`` (paths or texts), computed once into ``cache_dir`` (another
+    model's: StaleCacheError); ``processes > 1``: torchrun workers (MiniLM texts, images); ``shards``: only those."""
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ParameterError(f"processes (extraction_processes) must be a positive int, got {processes!r}.")
     if len(items) == 0:
@@ -583,14 +528,16 @@ def cached_outputs(
     fingerprint = encoder.fingerprint(items, dataset_id)
     directory = cache_dir or cache_folder(kind, encoder.model_name, dataset_id, fingerprint, shard_size, cache_root)
     cache = ShardedCache(directory, fingerprint, len(items), shard_size)
+    if not cache.is_complete():  # rows first: a text encoder's layout needs them; row bytes: outputs and "ok"
+        rows, layout = encoder.rows(items), encoder.output_layout()
+        cache.check_free_space(1 + sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in layout.values()), shards)
     if processes > 1 and encoder.cli_args() is not None and not cache.is_complete():
         _fill_on_processes(encoder, items, cache, dataset_id, processes, batch_size, num_workers, progress)
     report = CachedOutputs(cache, pd.DataFrame(), [], cache.n_shards, 0.0)
     if not cache.is_complete():
-        report = extract_to_cache(encoder.rows(items), encoder.load_item, encoder, cache, batch_size, num_workers,
+        report = extract_to_cache(rows, encoder.load_item, encoder, cache, batch_size, num_workers,
                                   desc=f"{encoder.model_name} {kind} on {dataset_id}", shards=shards,
-                                  progress=progress, pin_memory=encoder.pin_memory,
-                                  output_layout=encoder.output_layout())
+                                  progress=progress, pin_memory=encoder.pin_memory, output_layout=layout)
         if progress:
             print(report)
     # The items as given (not as the model read them, e.g. cut to salient words) name the skipped rows.

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -285,3 +286,29 @@ def retrieval_hierarchical_precision_at_k(queries, gallery, query_labels, galler
             allowed[c, list(members)] = True
         out[int(k)] = float(allowed[query_labels[:, None], found[:, :k]].float().mean())
     return out
+
+
+def seed_spread(per_seed: Sequence[pd.Series]) -> pd.DataFrame:
+    """Mean, sample standard deviation and count over seeds, one row per metric (``per_seed``: one Series of
+    metrics per seed)."""
+    values = pd.DataFrame(list(per_seed))
+    return pd.DataFrame({"mean": values.mean(), "sd": values.std(ddof=1), "seeds": values.count()})
+
+
+def clearly_different(first: pd.DataFrame | pd.Series, second: pd.DataFrame | pd.Series) -> pd.Series | bool:
+    """For ``seed_spread`` rows (tables, or one row each): True where the means differ by more than the two sds
+    together (the mean +- sd intervals do not overlap), the rule the notebooks use before calling a difference one."""
+    return abs(first["mean"] - second["mean"]) > first["sd"] + second["sd"]
+
+
+def difference_counts(first: pd.DataFrame, second: pd.DataFrame) -> tuple[int, int, int]:
+    """Over the metrics of two aligned ``seed_spread`` tables: how many are clearly higher in ``first``, clearly
+    lower, and within the spread."""
+    different, higher = clearly_different(first, second), first["mean"] > second["mean"]
+    return int((different & higher).sum()), int((different & ~higher).sum()), int((~different).sum())
+
+
+def mean_sd_text(spread: pd.DataFrame, digits: int = 1) -> pd.Series:
+    """``"mean ± sd"`` strings of a ``seed_spread`` table, for display."""
+    return pd.Series([f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(spread["mean"], spread["sd"])],
+                     index=spread.index)

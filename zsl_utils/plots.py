@@ -26,10 +26,8 @@ def _panels(n: int, max_columns: int, width: float, height: float):
     return fig, axes.ravel()
 
 
-# ---------------------------------------------------------------- ConSE (notebook 01)
 def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str = "ConSE"):
-    """One row per image: the picture, its top training labels (probability) and ConSE's top unseen labels
-    (cosine); ``train_tops``/``conse_tops``: lists of ``(name, value)``."""
+    """Per image: the picture, top training labels and ConSE's top unseen labels (lists of ``(name, value)``)."""
     fig, axes = plt.subplots(len(images), 3, figsize=(12, 2.4 * len(images)),
                              gridspec_kw={"width_ratios": [1, 1.6, 1.6]}, squeeze=False)
     for row, (image, title, train, conse) in enumerate(zip(images, titles, train_tops, conse_tops)):
@@ -73,10 +71,8 @@ def plot_norm_vs_confidence(norms, confidence, correlations):
     return fig
 
 
-# ---------------------------------------------------------------- ImageNet evaluation (notebook 02)
 def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
-    """One panel per test set: ``metric``@k (%) against k, one line per model, from rows with columns
-    ``test set``, ``model`` and ``<metric>@<k>`` (``zsl_utils.conse.imagenet.evaluate_conse(...).table``)."""
+    """One panel per test set: ``metric``@k (%) against k, one line per model, from ``evaluate_conse(...).table``."""
     names = list(dict.fromkeys(table["test set"]))
     fig, axes = _panels(len(names), 3, 4.2, 3.2)
     for axis, name in zip(axes, names):
@@ -92,8 +88,7 @@ def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
 
 
 def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: str):
-    """A grid of images with their true label (green if hit) and predicted label names, best first;
-    ``hit_ranks``: per image the 1-based rank of the true label among them (0 = miss)."""
+    """Images with true (green if hit) and predicted labels; ``hit_ranks``: the true one's 1-based rank (0 = miss)."""
     fig, axes = _panels(len(images), 4, 3.4, 3.9)
     for axis, image, truth, predictions, rank in zip(axes, images, true_names, predicted_names, hit_ranks):
         axis.imshow(image)
@@ -107,28 +102,35 @@ def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: 
     return fig
 
 
-# ---------------------------------------------------------------- HUSE (notebook 03)
 def plot_huse_losses(history, title: str = "HUSE training losses", weights=None):
-    """Loss curves (total and its three parts, but not those zero throughout, e.g. the graph loss at beta = 0)
-    against the step, log y axis; with ``weights`` (``LossWeights``) the legend shows each part's weight."""
-    factor = {} if weights is None else {"classification": weights.alpha, "graph": weights.beta, "gap": weights.gamma}
-    fig, axis = plt.subplots(figsize=(6, 3.6))
-    for column in ("total", "classification", "graph", "gap"):
-        if (history[column] > 0).any():
-            label = f"{column} (weight {factor[column]:g})" if column in factor else column
-            axis.plot(history["step"], history[column].clip(lower=1e-6), label=label,
-                      lw=2 if column == "total" else 1.2)
-    axis.set(yscale="log", xlabel="step", ylabel="loss (mean over logging window)")
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    """Three panels against the step: the total and each weighted part (log y; parts zero throughout left out),
+    the classification loss per modality, the batch accuracy per modality. ``weights``: the run's ``LossWeights``
+    (default: all 1)."""
+    factor = {"classification": 1, "graph": 1, "gap": 1} if weights is None else \
+        {"classification": weights.alpha, "graph": weights.beta, "gap": weights.gamma}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(history["step"], history["total"], label="total", lw=2)
+    for part, weight in factor.items():
+        if (weight * history[part] > 0).any():
+            axes[0].plot(history["step"], (weight * history[part]).clip(lower=1e-6), label=f"{weight:g} x {part}")
+    modalities = [c.split("_", 1)[1] for c in history.columns if c.startswith("accuracy_")]
+    for m in modalities:
+        axes[1].plot(history["step"], history[f"classification_{m}"], label=m)
+        axes[2].plot(history["step"], 100 * history[f"accuracy_{m}"], label=m)
+    axes[0].set(yscale="log", ylabel="loss (mean over logging window)", title="weighted loss parts")
+    axes[1].set(yscale="log", ylabel="cross-entropy", title="classification loss per modality")
+    axes[2].set(ylabel="accuracy on the batch (%)", title="training accuracy per modality", ylim=(0, 101))
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
 
 def plot_embedding_projection(coords, groups, title: str = "HUSE space (shared 2-D PCA)"):
-    """One panel per modality (``coords``: {modality: (N, 2)}), points coloured by ``groups``
-    (one superclass name per item, the same items in every modality), shared axes."""
+    """One panel per modality (``coords``: {modality: (N, 2)}), points coloured by ``groups`` (one name per item)."""
     names = sorted(set(groups))
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     groups = np.asarray(groups)
@@ -148,8 +150,7 @@ def plot_embedding_projection(coords, groups, title: str = "HUSE space (shared 2
 
 
 def plot_huse_retrievals(image_queries, text_queries, max_chars: int = 48):
-    """Cross-modal retrieval examples: ``image_queries`` as ``(image, label, [(text, label), ...])``,
-    ``text_queries`` as ``(text, label, [(image, label), ...])``; items of the query's class green (✓), others red."""
+    """Retrievals of ``(image or text, label, [(text or image, label), ...])`` queries; the query's class green (✓)."""
     k = max([len(r) for _, _, r in image_queries + text_queries] or [1])
     rows = len(image_queries) + len(text_queries)
     fig, axes = plt.subplots(rows, k + 1, figsize=(2.1 * (k + 1), 2.2 * rows), squeeze=False)

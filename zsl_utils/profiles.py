@@ -1,5 +1,4 @@
 """Parameter profiles for the notebooks, their validation, and the papermill runner.
-
 A profile ``notebooks/profiles/<name>.yaml`` may hold ``description``, ``notebooks`` (the default selection of
 ``run``), ``common`` (for every notebook declaring the name) and a section per notebook stem (beats ``common``);
 the runner sets ``profile_name`` and writes executed copies to ``runs/<profile>/<notebook>.ipynb``. Each notebook's
@@ -12,8 +11,7 @@ float, str, bool, list[T], Optional[T], Any) and against markers in its comment:
 * ``(at least 1)``, ``(above 0)``, ``(at most N)``, ``(below N)`` bound a number or each item of a list (no
   ``>=``: papermill skips a line holding a second ``=``); ``(non-empty)``, ``(increasing)`` (no repeats) for lists;
 * a non-empty value (the profile's, else the default) of a name ending in ``_root``, ``_dir``, ``_path`` or ``_file``
-  must exist, relative to ``notebooks/`` (papermill's cwd), unless its comment says ``(created if missing)``.
-"""
+  must exist, relative to ``notebooks/`` (papermill's cwd), unless its comment says ``(created if missing)``."""
 from __future__ import annotations
 
 import ast
@@ -45,15 +43,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # in a profile, True is not 1
 
 
-TYPE_CHECKS = {
-    "None": lambda v: True,  # no annotation: anything goes
-    "Any": lambda v: True,
-    "int": lambda v: _is_number(v) and isinstance(v, int),
-    "float": _is_number,
-    "str": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "list": lambda v: isinstance(v, list),  # papermill passes YAML sequences as lists
-}
+TYPE_CHECKS = {"None": lambda v: True, "Any": lambda v: True,  # "None": no annotation, anything goes
+               "int": lambda v: _is_number(v) and isinstance(v, int), "float": _is_number,
+               "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+               "list": lambda v: isinstance(v, list)}  # papermill passes YAML sequences as lists
 
 
 class NotebookExecutionError(ZslError):
@@ -62,7 +55,6 @@ class NotebookExecutionError(ZslError):
 
 class NotebookParameter(NamedTuple):
     """One line of a ``parameters`` cell, as ``papermill.inspect_notebook`` reports it."""
-
     name: str
     type_name: str  # "None" when the line has no annotation
     default: str  # source text
@@ -90,6 +82,8 @@ class NotebookParameter(NamedTuple):
         """The comment's rule that a well-typed ``value`` breaks, or None."""
         if self.choices is not None and not value_in_choices(value, self.choices):
             return "it must be one of " + ", ".join(map(repr, self.choices))
+        if self.name == "device" and str(value).startswith("cuda:") and not str(value)[5:].isdigit():
+            return "a CUDA device is cuda:N, N the number of a GPU (e.g. cuda:0)"
         items = value if isinstance(value, list) else [value]
         for op, bound in BOUND_RE.findall(self.help):
             if any(_is_number(item) and not COMPARE[op](item, float(bound)) for item in items):
@@ -162,9 +156,8 @@ class _ProfileLoader(yaml.SafeLoader):
 
 
 # YAML 1.1 reads `1e-3` (no dot) as a string, and a learning rate written so would be rejected.
-_ProfileLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
+_ProfileLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml_text(text: str, source: str) -> Any:
@@ -200,7 +193,11 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path | None = None) -> 
     if not path.is_file():
         raise ParameterError(f"Unknown profile {str(name_or_path)!r}: no file {path}. Available profiles: "
                              f"{', '.join(available_profiles(path.parent)) or 'none'}. Pick one, or give a .yaml path.")
-    data = load_yaml_text(path.read_text(encoding="utf-8"), str(path)) or {}
+    try:
+        data = load_yaml_text(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as exc:
+        raise ParameterError(f"{path} is not UTF-8: line {exc.object.count(10, 0, exc.start) + 1} holds byte "
+                             f"{exc.object[exc.start]:#04x}; save the profile as UTF-8.") from None
     if not isinstance(data, dict):
         raise ParameterError(f"{path} must be a YAML mapping of sections, got {type(data).__name__}.")
     if not isinstance(data.get("description", ""), str):
@@ -352,9 +349,8 @@ def execute_plan(plan: Sequence[NotebookRun], log_output: bool = False, progress
     for run in plan:
         config.ensure_dir(run.output.parent)
         try:
-            papermill.execute_notebook(str(run.notebook), str(run.output), parameters=run.parameters,
-                                       kernel_name=KERNEL_NAME, cwd=str(run.notebook.parent),
-                                       progress_bar=progress_bar, log_output=log_output)
+            papermill.execute_notebook(str(run.notebook), str(run.output), parameters=run.parameters, cwd=str(
+                run.notebook.parent), kernel_name=KERNEL_NAME, progress_bar=progress_bar, log_output=log_output)
         except PapermillExecutionError as exc:
             raise NotebookExecutionError(f"{run.notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
                                          f"{exc.evalue}. Full traceback in the executed copy {run.output}.") from exc

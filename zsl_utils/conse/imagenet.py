@@ -1,15 +1,6 @@
-"""ImageNet label spaces and ConSE's zero-shot test sets, and evaluation from cached outputs.
-
-Training labels: the 1,000 ILSVRC-2012 synsets. Candidates: the fall-2011 release (21,841
-synsets) minus the training labels, 20,842 synsets (the ILSVRC class n04399382 *teddy bear* is
-not in the release; the paper's 20,841 is 21,841 - 1,000). Generalised ("+1K") tasks rank the
-training labels as candidates too. Test sets go by tree distance to the nearest training label
-in WordNet 3.0 (:mod:`zsl_utils.metrics`): we read "n-hop" as n nodes on the path, so "2-hop" =
-distance <= 1 edge (1,548 labels; published 1,549, while <= 2 edges would give 5,982) and "3-hop"
-<= 2 edges (5,982; published 7,860, made with ImageNet's own 2011 is-a file). For the exact
-benchmark pass the published WNID lists (:func:`load_wnid_list`), e.g. those of the SynC code
-(github.com/pujols/zero-shot-learning, ``ImageNet_w2v.zip``).
-"""
+"""ImageNet label spaces, ConSE's zero-shot test sets and evaluation from cached outputs. We read "n-hop" as n nodes on
+the WordNet 3.0 path to the nearest training label: "2-hop" <= 1 edge, "3-hop" <= 2 (1,548 and 5,982 labels; published
+1,549 and 7,860, via ImageNet's 2011 is-a file); for the exact benchmark pass the SynC code's lists (load_wnid_list)."""
 from __future__ import annotations
 
 import os
@@ -32,12 +23,10 @@ from zsl_utils.errors import ParameterError
 from zsl_utils.metrics import PAPER_KS, Hierarchy, correct_sets, hierarchical_precision_sums
 
 PUBLISHED_TEST_SET_SIZES = {"2-hop": 1549, "3-hop": 7860, "all": 20841}
-# Our reading of "n-hop" as a maximum tree distance in edges (see module docstring).
-PAPER_HOP_EDGES = {"2-hop": 1, "3-hop": 2}
+PAPER_HOP_EDGES = {"2-hop": 1, "3-hop": 2}  # our reading of "n-hop" as a maximum tree distance in edges (see above)
 PAPER_TABLE = config.TABLES_DIR / "paper_conse_imagenet.csv"
 
 
-# ----------------------------------------------------------------------------- label sets
 def wordnet_hierarchy(wordnet: WordNet | None = None) -> Hierarchy:
     """The WordNet 3.0 noun is-a DAG (hypernym and instance-hypernym links) as a Hierarchy."""
     if wordnet is None:
@@ -53,7 +42,6 @@ def _default_hierarchy() -> Hierarchy:
 @dataclass
 class LabelSets:
     """Training labels, candidates, their hop distances and the named test sets."""
-
     training: list[str]
     candidates: list[str]
     distance: np.ndarray  # tree distance of candidates[i] to the nearest training label, -1 if none
@@ -83,8 +71,7 @@ class LabelSets:
 def build_label_sets(hierarchy: Hierarchy | None = None, training: Sequence[str] | None = None,
                      release: Sequence[str] | None = None, hop_edges: Mapping[str, int] = PAPER_HOP_EDGES,
                      published_lists: Mapping[str, str | os.PathLike] | None = None) -> LabelSets:
-    """The 2-hop / 3-hop / all test sets: ``hop_edges`` maps a name to the largest tree distance (edges) it
-    admits; ``published_lists`` maps names to WNID files (release synsets) that replace derived sets."""
+    """Test sets: ``hop_edges``: name -> largest tree distance (edges); ``published_lists``: name -> WNID file."""
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
     training = imagenet_wnids("1k") if training is None else list(training)
     candidates = candidate_wnids(training, release)
@@ -129,11 +116,9 @@ def with_paper_numbers(ours: pd.DataFrame, metric: str = "hit", ks: Sequence[int
     return table.reset_index(drop=True)
 
 
-# ----------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalTask:
     """One ranking problem: images whose label is in ``test_labels``, ranked over ``candidates``."""
-
     name: str
     candidates: list[str]
     test_labels: frozenset[str]
@@ -141,8 +126,7 @@ class EvalTask:
 
 def paper_tasks(label_sets: LabelSets, names: Sequence[str] = ("2-hop", "3-hop", "all"),
                 generalised: bool = True, seen_images: bool = False) -> list[EvalTask]:
-    """Each test set alone and, if ``generalised``, with the training labels (+1K); ``seen_images``
-    adds the +1K ranking on images of the training classes (does ConSE still name seen classes?)."""
+    """Each test set alone, with the training labels (+1K) if ``generalised``, and on seen images if ``seen_images``."""
     tasks = []
     for name in names:
         labels = label_sets.test_set(name)
@@ -157,8 +141,7 @@ def paper_tasks(label_sets: LabelSets, names: Sequence[str] = ("2-hop", "3-hop",
 
 def classifier_hit_at_k(probs_source, image_wnids: Sequence[str], output_wnids: Sequence[str],
                         ks: Sequence[int] = (1, 5), batch_size: int = 4096) -> pd.Series:
-    """Plain softmax hit@k (%) on the images whose label is a classifier output: the
-    supervised reference for seen images (ConSE(1) over the training labels cannot beat it)."""
+    """Softmax hit@k (%) on images labelled by a classifier output: the seen-image reference ConSE(1) cannot beat."""
     position = {w: j for j, w in enumerate(output_wnids)}
     image_wnids = np.asarray(image_wnids, dtype=object)
     hits, count = np.zeros(len(ks)), 0
@@ -176,7 +159,6 @@ def classifier_hit_at_k(probs_source, image_wnids: Sequence[str], output_wnids: 
 @dataclass
 class EvalResult:
     """Metrics per (task, T) and, optionally, the top predictions of every evaluated image."""
-
     table: pd.DataFrame
     top_predictions: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # image rows evaluated per task
@@ -184,8 +166,7 @@ class EvalResult:
 
     def examples(self, task: str, T: int, image_wnids: Sequence[str], n_hits: int = 4, n_misses: int = 4,
                  seed: int = 0) -> pd.DataFrame:
-        """Random hits and misses of ConSE(T) on ``task`` (needs ``keep_top``): image row, true
-        WNID, predicted WNIDs best first, and the rank of the true label (0 = miss)."""
+        """Random hits and misses of ConSE(T) on ``task`` (needs ``keep_top``): row, true, predicted, rank (0: miss)."""
         if (task, T) not in self.top_predictions:
             raise ParameterError(f"no kept predictions for ({task!r}, T={T}); run evaluate_conse with keep_top > 0.")
         rows, top, labels = self.rows[task], self.top_predictions[(task, T)], self.candidates[task]
@@ -254,20 +235,13 @@ def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, l
                    tasks: Sequence[EvalTask], T_values: Sequence[int] = (1, 10, 1000), ks: Sequence[int] = PAPER_KS,
                    hierarchy: Hierarchy | None = None, batch_size: int = 4096, device: str = "cpu",
                    keep_top: int = 0, progress: bool = True) -> EvalResult:
-    """Flat hit@k and hierarchical precision@k (%) of ConSE(T): one table row per (task, T).
-
-    ``probs_source`` (a :class:`~zsl_utils.cache.ShardedCache` with ``probs`` and ``ok``, or an array) is
-    streamed; unreadable rows and images in no task's test set are skipped. ``label_embeddings`` cover every
-    candidate (one without a vector stays in hp@k sets but is never predicted). ``keep_top`` predictions per
-    image are kept for :meth:`EvalResult.examples`. Tasks over the same images (a test set and its +1K twin)
-    share one check and one ``f(x)`` per batch and T, with exactly the numbers of separate runs.
-    """
+    """Hit@k and hierarchical precision@k (%) of ConSE(T) per (task, T), streaming ``probs_source`` (a cache with
+    ``probs`` and ``ok``, or an array). A candidate without a vector stays in hp@k sets but is never predicted."""
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
     image_wnids = np.asarray(image_wnids, dtype=object)
     states = {t.name: _TaskState(t, train_embeddings, label_embeddings, T_values, ks, device, hierarchy, keep_top)
               for t in tasks}
-    # Where each image's label sits in each task's candidates (-1: not evaluated), computed once
-    # with set lookups (np.isin on strings would redo it every batch).
+    # Where each image's label sits in each task's candidates (-1: not evaluated), once (np.isin would, every batch).
     true_position = {t.name: np.array([states[t.name].position.get(w, -1) if w in t.test_labels else -1
                                        for w in image_wnids], dtype=np.int64) for t in tasks}
     groups: dict[bytes, list[EvalTask]] = {}  # tasks by the exact set of images they evaluate

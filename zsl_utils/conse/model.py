@@ -1,17 +1,12 @@
 r"""ConSE: a zero-shot model made from any classifier and any semantic space, with no training.
 
-Given softmax probabilities :math:`p(y \mid x)` over ``n`` training labels and one semantic
-vector :math:`s(y)` per label, ConSE (Norouzi et al., ICLR 2014) embeds an image as the
-probability-weighted average of its ``T`` most probable labels' vectors,
-
-.. math:: f(x) = \frac{1}{Z} \sum_{t=1}^{T} p(\hat y_t \mid x)\, s(\hat y_t), \qquad
-          Z = \sum_{t=1}^{T} p(\hat y_t \mid x),
-
-and ranks candidate labels by cosine similarity to :math:`f(x)`: unseen labels only (zero-shot) or
-training + unseen labels (generalised, the paper's "+1K" rows). :math:`\lVert f(x) \rVert_2` shrinks
-when the top labels point in different semantic directions, which the paper reads as a confidence.
-Inputs are numpy, memmap or torch, processed in chunks (bounded memory) on any torch device.
-"""
+Given softmax probabilities :math:`p(y \mid x)` over ``n`` training labels and one semantic vector :math:`s(y)` per
+label, ConSE (Norouzi et al., ICLR 2014) embeds an image as the probability-weighted average of its ``T`` most
+probable labels' vectors, :math:`f(x) = \frac{1}{Z} \sum_{t=1}^{T} p(\hat y_t \mid x)\, s(\hat y_t)` with
+:math:`Z = \sum_{t=1}^{T} p(\hat y_t \mid x)`, and ranks candidate labels by cosine similarity to :math:`f(x)`: unseen
+labels only (zero-shot) or training + unseen labels (generalised, the paper's "+1K" rows). :math:`\lVert f(x) \rVert_2`
+shrinks when the top labels point in different semantic directions, which the paper reads as a confidence. Inputs are
+numpy, memmap or torch, processed in chunks (bounded memory) on any torch device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,8 +61,7 @@ def _check_T(T: int, n_train: int) -> int:
 
 
 def check_probabilities(probs, n_train: int, values: bool = True) -> None:
-    """Raise :class:`ParameterError` unless ``probs`` is ``[N, n_train]`` and (if ``values``) finite and
-    non-negative. One min/max pass catches every bad value (NaN fails ``min >= 0``, ``+inf`` ``max < inf``)."""
+    """Raise :class:`ParameterError` unless ``probs`` is ``[N, n_train]`` and (if ``values``) finite, non-negative."""
     if probs.ndim != 2 or probs.shape[1] != n_train:
         raise ParameterError(f"ConSE: probabilities have shape {tuple(probs.shape)} but there are {n_train} training "
                              "label vectors; pass softmax outputs [N, n_train] in the order of the training labels "
@@ -78,7 +72,7 @@ def check_probabilities(probs, n_train: int, values: bool = True) -> None:
         low, high = (float(v) for v in torch.aminmax(probs.detach()))
     else:
         low, high = float(np.min(probs)), float(np.max(probs))
-    if not (low >= 0.0 and high < np.inf):
+    if not (low >= 0.0 and high < np.inf):  # one min/max pass: NaN fails low >= 0, +inf fails high < inf
         raise ParameterError("ConSE: probabilities contain negative or non-finite values; pass softmax probabilities "
                              "(LoadedClassifier.probabilities), not logits.")
 
@@ -88,7 +82,6 @@ def unit_rows(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-# --------------------------------------------------------------------------- the formula
 def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: torch.Tensor | None):
     """``(f(x), ||f(x)||)`` for one block of probabilities: the module docstring's formula."""
     if train_mask is not None:
@@ -144,7 +137,6 @@ def rank(embeddings, candidate_vectors, k: int = 5, chunk_size: int | None = Non
     return _like_input(indices, embeddings), _like_input(scores, embeddings)
 
 
-# --------------------------------------------------------------------------- the model
 @dataclass
 class ConSEPrediction:
     """Top-``k`` candidates and cosines per image, plus ``||f(x)||``. All-zero probabilities (an
@@ -160,8 +152,7 @@ class ConSEPrediction:
 
 
 class ConSE:
-    """Training-label vectors (``train_mask``: which rows are real embeddings), ``T``, and the
-    candidates to rank (unseen labels for zero-shot, training + unseen for the generalised setting)."""
+    """Training-label vectors (``train_mask``: real ones), ``T``, candidates to rank (unseen, or training + unseen)."""
 
     def __init__(self, train_vectors, candidate_vectors, T: int = 10, train_mask=None,
                  candidate_labels: Sequence[str] | None = None, device: str | torch.device = "cpu") -> None:
@@ -231,7 +222,6 @@ class ConSE:
         return ConSEPrediction(indices, scores, norms, self.candidate_labels)
 
 
-# --------------------------------------------------------------------------- analysis (notebook 01)
 def generalised_candidates(train: LabelEmbeddings, unseen: LabelEmbeddings) -> LabelEmbeddings:
     """Training labels followed by the unseen labels not already among them (the "+1K" setting)."""
     seen = set(train.labels)
@@ -239,8 +229,7 @@ def generalised_candidates(train: LabelEmbeddings, unseen: LabelEmbeddings) -> L
 
 
 def label_collisions(embeddings: LabelEmbeddings, decimals: int = 5) -> list[list[str]]:
-    """Groups of embedded labels whose vectors point the same way (cosine 1 to ``decimals``): synsets
-    sharing all their embeddable lemmas (ImageNet's two *crane* classes), which ConSE cannot tell apart."""
+    """Groups of labels whose vectors point the same way (cosine 1 to ``decimals``): ConSE cannot tell them apart."""
     found = np.flatnonzero(embeddings.found)
     unit = unit_rows(torch.as_tensor(embeddings.vectors[found], dtype=torch.float32)).numpy()
     _, inverse, counts = np.unique(np.round(unit, decimals), axis=0, return_inverse=True, return_counts=True)
@@ -253,8 +242,7 @@ PAPER_1K_HIT1 = {"softmax": 55.6, "ConSE(1)": 55.1}
 
 
 def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] | None = None) -> pd.DataFrame:
-    """Softmax top-1 vs. ConSE(1) top-1 over the training labels, one row per image: equal unless
-    another label has the same vector or the top-1 has none; column ``case`` says which."""
+    """Softmax vs. ConSE(1) top-1 over the training labels per image; column ``case`` says why they differ, if so."""
     probs_np = np.asarray(probs, dtype=np.float32)
     prediction = ConSE.from_embeddings(train, train, T=1).predict(probs_np, k=1)
     table = pd.DataFrame({"softmax_top1": [train.labels[j] for j in probs_np.argmax(axis=1)],
@@ -290,8 +278,7 @@ def classifier_confidence(probs) -> pd.DataFrame:
 
 
 def top_training_labels(probs_row, names: Sequence[str], n: int = 5, mask=None) -> list[tuple[str, float]]:
-    """The ``n`` most probable training labels of one image as ``(name, probability)``; with
-    ``mask`` (e.g. ``LabelEmbeddings.found``) only those where it is True, as ConSE(T = n) uses."""
+    """One image's ``n`` likeliest training labels ``(name, probability)``, only where ``mask`` is True (as ConSE)."""
     row = np.asarray(probs_row, dtype=np.float64)
     if mask is not None:
         row = np.where(np.asarray(mask, dtype=bool), row, -np.inf)

@@ -1,9 +1,7 @@
 """Fetch the offline data assets into ``data/raw`` (never committed): ``python -m zsl_utils.data.assets``.
 
-Each asset has routes tried in order (see :func:`ensure_wordnet`, :func:`ensure_tuxpaint`). A route
-fills a temporary folder that is then renamed into place, so an interrupted fetch leaves no
-half-filled folder; when every route fails, the error lists what was tried and what to do.
-"""
+Each asset's routes are tried in order; a route fills a temporary folder renamed into place (an interrupted fetch
+leaves no half-filled folder). When every route fails, the error lists what was tried and what to do."""
 from __future__ import annotations
 
 import os
@@ -25,8 +23,7 @@ TUXPAINT_UPSTREAM_URL = ("https://sourceforge.net/projects/tuxpaint/files/tuxpai
                          "tuxpaint-stamps-2022.06.04.tar.gz/download")
 _COMPLETE_MARKER = ".complete"
 
-# A route fills a fresh empty folder and returns where the files came from, or None
-# when it cannot serve here (it raises when it tried and failed).
+# A route fills an empty folder and returns its source, or None where it cannot serve (raises if it tried and failed).
 Route = Callable[[Path], Optional[str]]
 
 
@@ -143,21 +140,16 @@ def _stamps_from_upstream(staging: Path) -> Optional[str]:
 
 _wordnet_from_apt = _from_apt_package("wordnet-base", "usr/share/wordnet", required=WORDNET_FILES)
 _stamps_from_apt = _from_apt_package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", STAMP_SUFFIXES)
-WORDNET_ADVICE = (
-    "install Debian's 'wordnet-base' (apt-get install wordnet-base), or pip install nltk with internet access, "
-    "or download WordNet 3.0 (wordnet.princeton.edu) and set ZSL_WORDNET_SOURCE to the folder that holds "
-    "data.noun and index.noun."
-)
-TUXPAINT_ADVICE = (
-    "install Debian's 'tuxpaint-stamps-default', or download tuxpaint-stamps-2022.06.04.tar.gz from the Tux Paint "
-    "project and unpack its stamps/ folder into this target folder, then create an empty "
-    f"'{_COMPLETE_MARKER}' file in it."
-)
+WORDNET_ADVICE = ("install Debian's 'wordnet-base' (apt-get install wordnet-base), or pip install nltk with internet "
+                  "access, or download WordNet 3.0 (wordnet.princeton.edu) and set ZSL_WORDNET_SOURCE to the folder "
+                  "that holds data.noun and index.noun.")
+TUXPAINT_ADVICE = ("install Debian's 'tuxpaint-stamps-default', or download tuxpaint-stamps-2022.06.04.tar.gz from the "
+                   "Tux Paint project and unpack its stamps/ folder into this target folder, then create an empty "
+                   f"'{_COMPLETE_MARKER}' file in it.")
 
 
 def ensure_wordnet(target: Path | None = None) -> Path:
-    """A folder holding the WordNet 3.0 database files, fetched if needed: from ``$ZSL_WORDNET_SOURCE``,
-    ``/usr/share/wordnet``, Debian's ``wordnet-base`` or NLTK's downloader."""
+    """A folder holding the WordNet 3.0 database files, fetched (routes below, in order) if needed."""
     user_copy = os.environ.get("ZSL_WORDNET_SOURCE")
     routes = [("$ZSL_WORDNET_SOURCE", _from_dir(Path(user_copy) if user_copy else None, required=WORDNET_FILES)),
               ("/usr/share/wordnet", _from_dir(Path("/usr/share/wordnet"), required=WORDNET_FILES)),
@@ -167,8 +159,7 @@ def ensure_wordnet(target: Path | None = None) -> Path:
 
 
 def ensure_tuxpaint(target: Path | None = None) -> Path:
-    """The root of the Tux Paint stamps tree (``<category>/<sub>/NAME.png``), fetched if needed: from
-    ``/usr/share/tuxpaint/stamps``, Debian's ``tuxpaint-stamps-default`` or the upstream tarball."""
+    """The root of the Tux Paint stamps tree (``<category>/<sub>/NAME.png``), fetched (routes below) if needed."""
     routes = [("/usr/share/tuxpaint/stamps", _from_dir(Path("/usr/share/tuxpaint/stamps"), STAMP_SUFFIXES)),
               ("apt-get download tuxpaint-stamps-default", _stamps_from_apt),
               ("upstream tarball", _stamps_from_upstream)]

@@ -1,10 +1,8 @@
-"""HUSE item tables: UPMC Food-101 in both layouts (the common mirror and the original release),
-splits, taxonomies, and :func:`load_huse_dataset`, which also serves the Tux Paint demo. Items are
-``item_id, image_path, text, label``; every row left out is listed with its reason.
-"""
+"""HUSE items ``item_id, image_path, text, label`` of UPMC Food-101 (both layouts) or Tux Paint, splits, taxonomies."""
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +23,23 @@ from zsl_utils.metrics import hierarchy_correct_sets
 FOOD101_CLASSES: tuple[str, ...] = tuple(
     """apple_pie baby_back_ribs baklava beef_carpaccio beef_tartare beet_salad beignets bibimbap bread_pudding
     breakfast_burrito bruschetta caesar_salad cannoli caprese_salad carrot_cake ceviche cheese_plate cheesecake
-    chicken_curry chicken_quesadilla chicken_wings chocolate_cake chocolate_mousse churros clam_chowder
-    club_sandwich crab_cakes creme_brulee croque_madame cup_cakes deviled_eggs donuts dumplings edamame
-    eggs_benedict escargots falafel filet_mignon fish_and_chips foie_gras french_fries french_onion_soup
-    french_toast fried_calamari fried_rice frozen_yogurt garlic_bread gnocchi greek_salad grilled_cheese_sandwich
-    grilled_salmon guacamole gyoza hamburger hot_and_sour_soup hot_dog huevos_rancheros hummus ice_cream lasagna
-    lobster_bisque lobster_roll_sandwich macaroni_and_cheese macarons miso_soup mussels nachos omelette
-    onion_rings oysters pad_thai paella pancakes panna_cotta peking_duck pho pizza pork_chop poutine prime_rib
-    pulled_pork_sandwich ramen ravioli red_velvet_cake risotto samosa sashimi scallops seaweed_salad
-    shrimp_and_grits spaghetti_bolognese spaghetti_carbonara spring_rolls steak strawberry_shortcake sushi tacos
-    takoyaki tiramisu tuna_tartare waffles""".split()
-)
+    chicken_curry chicken_quesadilla chicken_wings chocolate_cake chocolate_mousse churros clam_chowder club_sandwich
+    crab_cakes creme_brulee croque_madame cup_cakes deviled_eggs donuts dumplings edamame eggs_benedict escargots
+    falafel filet_mignon fish_and_chips foie_gras french_fries french_onion_soup french_toast fried_calamari fried_rice
+    frozen_yogurt garlic_bread gnocchi greek_salad grilled_cheese_sandwich grilled_salmon guacamole gyoza hamburger
+    hot_and_sour_soup hot_dog huevos_rancheros hummus ice_cream lasagna lobster_bisque lobster_roll_sandwich
+    macaroni_and_cheese macarons miso_soup mussels nachos omelette onion_rings oysters pad_thai paella pancakes
+    panna_cotta peking_duck pho pizza pork_chop poutine prime_rib pulled_pork_sandwich ramen ravioli red_velvet_cake
+    risotto samosa sashimi scallops seaweed_salad shrimp_and_grits spaghetti_bolognese spaghetti_carbonara spring_rolls
+    steak strawberry_shortcake sushi tacos takoyaki tiramisu tuna_tartare waffles""".split())
 WORDNET_TABLE = config.TABLES_DIR / "food101_wordnet.csv"
-# Coarse groups for colouring plots: a class belongs to the first group whose synset is
-# among its WordNet ancestors (checked in this order, most specific first).
+# Coarse groups for colouring plots: a class is in the first (most specific) group among its WordNet ancestors.
 FOOD101_SUPERCLASSES: tuple[tuple[str, str], ...] = (
     ("soup", "n07583197"), ("salad", "n07806221"), ("sandwich", "n07695965"), ("dessert", "n07609840"),
     ("pasta & dumplings", "n07863374"), ("pasta & dumplings", "n07698915"), ("baked goods", "n07622061"),
-    ("seafood", "n07776866"), ("seafood", "n07775375"),  # the second: fish (as food)
-    ("meat", "n07649854"),
+    ("seafood", "n07776866"), ("seafood", "n07775375"), ("meat", "n07649854"),  # the second seafood: fish (as food)
     ("starters & spreads", "n07581346"), ("starters & spreads", "n07810907"),  # appetizer; condiment (dips, pate)
-    ("vegetables", "n07705711"), ("other dishes", "n07557434"),
-)
+    ("vegetables", "n07705711"), ("other dishes", "n07557434"))
 OTHER_FOOD = "other food"  # classes under none of the groups above (cheese, rice)
 SPLITS = ("train", "test")
 ITEM_COLUMNS = ["item_id", "image_path", "text", "label"]
@@ -66,7 +59,6 @@ ORIGINAL_TREE = """<root>/
 @dataclass
 class ReadResult:
     """Usable items and the rows that were skipped (with why)."""
-
     items: pd.DataFrame
     skipped: pd.DataFrame
 
@@ -94,8 +86,7 @@ def _collect(candidates: Iterator[tuple], verify_images: bool, skipped: Iterable
     """Items from ``(item_id, image path, text or None, label)`` candidates; the others skipped with why."""
     rows, skipped = [], list(skipped)
     for item_id, path, text, label in candidates:
-        reason = _skip_reason(path, text, label, verify_images)
-        if reason:
+        if reason := _skip_reason(path, text, label, verify_images):
             skipped.append((item_id, str(path), reason))
         else:
             rows.append((item_id, str(path), clean_text(text), label))
@@ -103,14 +94,20 @@ def _collect(candidates: Iterator[tuple], verify_images: bool, skipped: Iterable
 
 
 def _read_titles_csv(path: Path) -> tuple[list[list[str]], list[str]]:
-    """Rows of a headerless 3-column CSV and the raw text of malformed lines."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        lines = [line for line in csv.reader(handle) if line]
+    """Rows of a headerless 3-column UTF-8 CSV and the raw text of malformed lines."""
+    data = path.read_bytes()
+    try:
+        lines = [line for line in csv.reader(io.StringIO(data.decode("utf-8"), newline="")) if line]
+    except UnicodeDecodeError as error:
+        raise DataLayoutError(f"{path} is not UTF-8: line {data.count(10, 0, error.start) + 1} holds byte "
+                              f"{data[error.start]:#04x}; re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 "
+                              f"{path.name} > fixed.csv, then replace the file.") from None
     rows = [line for line in lines if len(line) == 3]
-    if lines and not rows:
-        raise DataLayoutError(f"{path} has no line of 3 fields; expected image file name, text, class.")
+    if not rows:
+        raise DataLayoutError(f"{path} is empty or has no line of 3 fields; expected one line per item: image file "
+                              "name, text, class. Re-extract or re-download it.")
     bad = [",".join(line) for line in lines if len(line) != 3]
-    if rows and not re.search(r"\.(jpe?g|png)$", rows[0][0], re.I) and rows[0][2] not in FOOD101_CLASSES:
+    if not re.search(r"\.(jpe?g|png)$", rows[0][0], re.I) and rows[0][2] not in FOOD101_CLASSES:
         rows = rows[1:]  # a header line some copies carry
     return rows, bad
 
@@ -136,8 +133,7 @@ def _read_original(root: Path, images: Path, split: str, verify_images: bool) ->
 
 
 def read_upmc_food101(root: Path | str, split: str, verify_images: bool = False) -> ReadResult:
-    """UPMC Food-101 items of ``split`` in either layout (detected). ``verify_images=True`` also opens
-    every image (slow on 90k files; otherwise the feature extraction catches and reports unreadable ones)."""
+    """UPMC Food-101 items of ``split`` in either layout; ``verify_images``: open every image (slow on 90k files)."""
     if split not in SPLITS:
         raise ParameterError(f"split={split!r}; UPMC Food-101 splits are {SPLITS}.")
     root = Path(root).expanduser()
@@ -149,20 +145,21 @@ def read_upmc_food101(root: Path | str, split: str, verify_images: bool = False)
     elif (root / "texts_txt").is_dir():
         read, tree = _read_original, ORIGINAL_TREE
     else:
-        raise DataLayoutError(
-            f"{root} is not a UPMC Food-101 folder: found neither texts/{split}_titles.csv nor texts_txt/.\n"
-            f"Expected the mirror layout\n{MIRROR_TREE}\nor the original release\n{ORIGINAL_TREE}\n"
-            "Pass the folder that contains images/ (set data_root in the profile)."
-        )
+        raise DataLayoutError(f"{root} is not a UPMC Food-101 folder: found neither texts/{split}_titles.csv nor "
+                              f"texts_txt/.\nExpected the mirror layout\n{MIRROR_TREE}\nor the original release\n"
+                              f"{ORIGINAL_TREE}\nPass the folder that contains images/ (set data_root in the profile).")
     images = root / "images" / split
     if not images.is_dir():
         raise DataLayoutError(f"{images} is missing; expected\n{tree}")
-    return read(root, images, split, verify_images)
+    result = read(root, images, split, verify_images)
+    if result.items.empty:  # before any expensive step
+        found = result.skipped["reason"].value_counts().to_dict() if len(result.skipped) else "no images or rows"
+        raise DataLayoutError(f"{root} has no usable {split} item (found: {found}); expected\n{tree}")
+    return result
 
 
 def stratified_holdout(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split row indices into (kept, held out), holding out ``fraction`` of every class: a class of two
-    or more items keeps one and holds out one at least, a singleton stays kept. Seeded by ``seed`` only."""
+    """Row indices (kept, held out): ``fraction`` of each class of 2+ held out, >= 1 each side; seeded by ``seed``."""
     if not 0 < fraction < 1:
         raise ParameterError(f"held-out fraction={fraction!r} must lie strictly between 0 and 1.")
     labels = np.asarray(labels)
@@ -181,8 +178,7 @@ def stratified_holdout(labels: Sequence[str], fraction: float, seed: int = 0) ->
 
 def assign_splits(items: pd.DataFrame, val_fraction: float, test_fraction: float | None = None,
                   seed: int = 0) -> pd.DataFrame:
-    """Add a ``split`` column: carve ``test`` (if ``test_fraction``) then ``val`` out of the rest, per class.
-    Without ``test_fraction`` the items' own ``split`` (UPMC: train/test) is kept, ``val`` taken from train."""
+    """Add ``split``: ``test`` (if ``test_fraction``; else the items' own split) then ``val`` from train, per class."""
     items = items.copy()
     if test_fraction is not None:
         _, test = stratified_holdout(items["label"], test_fraction, seed)
@@ -198,9 +194,7 @@ def assign_splits(items: pd.DataFrame, val_fraction: float, test_fraction: float
 
 @dataclass(frozen=True)
 class ClassTaxonomy:
-    """A class hierarchy: ``parents`` (node -> parent nodes; classes are leaves) and a coarse
-    ``superclass`` per class (for colouring plots)."""
-
+    """A class hierarchy: ``parents`` (node -> parent nodes; classes are leaves), a ``superclass`` per class (plots)."""
     classes: tuple[str, ...]
     parents: Mapping[str, tuple[str, ...]]
     superclass: Mapping[str, str]
@@ -217,10 +211,8 @@ def load_food101_wordnet_table(path: Path | None = None) -> pd.DataFrame:
     missing = sorted(set(FOOD101_CLASSES) - set(table["class_name"]))
     bad = table[~table["wnid"].map(is_wnid)]
     if missing or len(table) != len(FOOD101_CLASSES) or len(bad):
-        raise DataLayoutError(
-            f"{path} must map each of the 101 Food-101 classes once to a WNID 'n' + 8 digits; "
-            f"missing {missing[:5]}, {len(table)} rows, malformed WNIDs {bad['wnid'].tolist()[:5]}."
-        )
+        raise DataLayoutError(f"{path} must map each of the 101 Food-101 classes once to a WNID 'n' + 8 digits; "
+                              f"missing {missing[:5]}, {len(table)} rows, malformed WNIDs {bad['wnid'].tolist()[:5]}.")
     return table.set_index("class_name").loc[list(FOOD101_CLASSES)].reset_index()
 
 
@@ -250,9 +242,7 @@ def class_phrase(name: str) -> str:
 
 @dataclass
 class HuseDataset:
-    """Items with a ``split`` column (train/val/test), the class list, phrases for the
-    semantic graph, the taxonomy for H@k, and every skipped row with its reason."""
-
+    """Items with a ``split`` column, classes, phrases for the semantic graph, the H@k taxonomy, skipped rows (why)."""
     name: str
     items: pd.DataFrame
     classes: tuple[str, ...]
@@ -264,17 +254,13 @@ class HuseDataset:
         """Items per split, and how many classes each split covers."""
         grouped = self.items.groupby("split", sort=False)
         return pd.DataFrame({"items": grouped.size(), "classes": grouped["label"].nunique()}).loc[
-            [s for s in ("train", "val", "test") if s in set(self.items["split"])]
-        ]
+            [s for s in ("train", "val", "test") if s in set(self.items["split"])]]
 
 
 def load_huse_dataset(dataset: str = "tuxpaint", data_root: str | Path = "", seed: int = 0,
                       val_fraction: float = 0.2, test_fraction: float = 0.25, min_items_per_class: int = 6,
                       verify_images: bool = False) -> HuseDataset:
-    """The demo (``"tuxpaint"``) or UPMC Food-101 (``"upmc_food101"``, at ``data_root``) with seeded,
-    class-stratified splits. Tux Paint: ``test_fraction`` and ``val_fraction`` held out per class. UPMC:
-    the official train/test split, and ``val_fraction`` of each class's train items as validation.
-    """
+    """Tux Paint or UPMC Food-101 (at ``data_root``; its own test split), with seeded, class-stratified splits."""
     if dataset == "tuxpaint":
         stamps = tuxpaint.load_stamps(Path(data_root) if str(data_root) else None)
         items, skipped = tuxpaint.tuxpaint_items(stamps, min_items_per_class)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Collection
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -14,47 +16,62 @@ from zsl_utils.errors import DataLayoutError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
+def _entries(folder: str | os.PathLike, kind: str, skipped: list[str]) -> list[os.DirEntry]:
+    """Sub-folders (``kind="dir"``) or files of ``folder`` by name; unreadable ones and bad links go to ``skipped``."""
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+    except OSError as error:
+        entries = skipped.append(f"{folder} ({error.strerror or error})") or []
+    kept = []
+    for entry in entries:
+        try:
+            ok = getattr(entry, f"is_{kind}")()
+            reason = "" if ok or not entry.is_symlink() or os.path.exists(entry.path) else "dangling link"
+        except OSError as error:
+            ok, reason = False, error.strerror or str(error)
+        kept += [entry] if ok else []
+        skipped += [f"{entry.path} ({reason})"] if reason else []
+    return kept
+
+
 def image_folder_by_wnid(root: str | os.PathLike, wnids: Collection[str] | None = None,
                          max_per_class: int | None = None,
                          extensions: Collection[str] = IMAGE_EXTENSIONS) -> pd.DataFrame:
-    """Images under ``<root>/<wnid>/`` as a DataFrame ``path, wnid``, sorted by path. Folders not named by
-    a WNID are ignored (listed in ``frame.attrs['ignored_folders']``); ``wnids`` keeps only those classes
-    (absent ones in ``frame.attrs['missing_wnids']``); ``max_per_class`` keeps the first images by name."""
+    """Images under ``<root>/<wnid>/`` (``wnids`` only, ``max_per_class`` first by name) as a DataFrame ``path, wnid``;
+    ``attrs``: ``ignored_folders``, ``missing_wnids``, and (warned) ``skipped`` unreadable entries and bad links."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataLayoutError(
-            f"image folder {root} does not exist; pass the folder that holds one sub-folder per WNID "
-            f"(<root>/n01440764/*.JPEG), e.g. an extracted ImageNet release or ILSVRC-2012 val by class."
-        )
+        raise DataLayoutError(f"image folder {root} does not exist; pass the folder that holds one sub-folder per "
+                              "WNID (<root>/n01440764/*.JPEG), e.g. an extracted ImageNet release or ILSVRC-2012 val.")
     if max_per_class is not None and max_per_class < 1:
         raise DataLayoutError(f"max_per_class must be >= 1 or None, got {max_per_class}.")
     wanted = set(wnids) if wnids is not None else None
-    rows, ignored = [], []
-    with os.scandir(root) as entries:
-        folders = sorted((e for e in entries if e.is_dir()), key=lambda e: e.name)
-    for folder in folders:
-        if not is_wnid(folder.name):
-            ignored.append(folder.name)
-            continue
-        if wanted is not None and folder.name not in wanted:
-            continue
-        with os.scandir(folder.path) as files:
-            names = sorted(f.name for f in files if f.is_file() and Path(f.name).suffix.lower() in extensions)
+    rows, skipped = [], []
+    folders = _entries(root, "dir", skipped)
+    ignored = [f.name for f in folders if not is_wnid(f.name)]
+    for folder in (f for f in folders if is_wnid(f.name) and (wanted is None or f.name in wanted)):
+        names = [f.name for f in _entries(folder.path, "file", skipped) if Path(f.name).suffix.lower() in extensions]
         rows.extend((os.path.join(folder.path, n), folder.name) for n in names[:max_per_class])
-    if not rows and not wanted:
-        raise DataLayoutError(
-            f"no images found under {root}: expected sub-folders named by WNID (n + 8 digits) holding "
-            f"images with suffixes {sorted(extensions)}; found folders {[f.name for f in folders[:5]]}."
-        )
+    if not rows:
+        asked = f" for the {len(wanted)} WNIDs asked for" if wanted else ""
+        raise DataLayoutError(f"no images found under {root}{asked}: expected sub-folders named by WNID (n + 8 digits) "
+                              f"holding images with suffixes {sorted(extensions)}; {len(folders) - len(ignored)} WNID "
+                              f"folders, found folders {[f.name for f in folders[:5]]}"
+                              f"{f', unreadable: {skipped[:3]}' if skipped else ''}.")
+    if skipped:
+        warnings.warn(f"{len(skipped)} entries under {root} could not be read and were skipped (frame.attrs['skipped'])"
+                      f": {skipped[:3]}", stacklevel=2)
     frame = pd.DataFrame(rows, columns=["path", "wnid"])
-    frame.attrs["ignored_folders"] = ignored
-    frame.attrs["missing_wnids"] = sorted(wanted - set(frame["wnid"])) if wanted is not None else []
+    frame.attrs.update(ignored_folders=ignored, skipped=skipped,
+                       missing_wnids=sorted(wanted - set(frame["wnid"])) if wanted is not None else [])
     return frame
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL image as RGB, transparent pixels composited onto ``background``. A plain ``convert('RGB')``
-    turns a PNG's transparent background (all Tux Paint stamps) black, which no ImageNet photo looks like."""
+    """Any image as RGB: alpha onto ``background`` (``convert('RGB')`` turns it black), 16-bit grey scaled to 8 bits."""
+    if image.mode.startswith("I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, background + (255,))

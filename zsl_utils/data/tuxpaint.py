@@ -1,11 +1,9 @@
 """The Tux Paint stamps: a small, real image + text + category data set, with WordNet labels.
 
-A stamp is ``<root>/<category>/<sub>/.../NAME.png`` with an English description on the first line
-of ``NAME.txt``; the two first folders give the class (``animals/mammals``, or ``<top>/misc``).
-``NAME_mirror.png`` files are flipped copies. A normalised name's WNID comes from the reviewed table
-``tables/tuxpaint_wnids.csv`` (empty WNID = excluded; it covers names ambiguous in ImageNet and
-compounds WordNet cannot find), else from its (or its singular's) one noun sense in the label space.
-"""
+A stamp is ``<root>/<category>/<sub>/.../NAME.png`` (``NAME_mirror.png``: a flipped copy) with an English description
+on ``NAME.txt``'s first line; the two first folders give its class (``animals/mammals``, or ``<top>/misc``). A
+normalised name's WNID comes from the reviewed ``tables/tuxpaint_wnids.csv`` (names ambiguous in ImageNet, compounds
+WordNet cannot find; empty WNID = excluded), else from its (or its singular's) one noun sense in the label space."""
 from __future__ import annotations
 
 import os
@@ -22,7 +20,6 @@ from zsl_utils.data.wordnet import WordNet
 from zsl_utils.errors import DataLayoutError, ParameterError
 
 MIRROR_SUFFIX = "_mirror"
-COLUMNS = ("path", "name", "description", "category", "top_category")
 TUXPAINT_TABLE = config.TABLES_DIR / "tuxpaint_wnids.csv"
 
 
@@ -34,32 +31,21 @@ def read_description(text_path: Path) -> str:
         return " ".join(handle.readline().split())
 
 
-def _category(relative: Path) -> str:
-    top, sub = [*relative.parts[:-1], "misc", "misc"][:2]  # a missing folder level is "misc"
-    return f"{top}/{sub}"
-
-
 def load_stamps(root: Path | None = None) -> pd.DataFrame:
-    """One row per PNG stamp, sorted by path: ``path, name, description, category, top_category``.
-
-    The default ``root`` is the copy that ``make data`` (``zsl_utils.data.assets``) fetches; like WordNet,
-    nothing is fetched here, so that reading data never downloads anything.
-    """
+    """One row per PNG stamp, sorted by path: ``path, name, description, category, top_category``; never downloads."""
     root = Path(root) if root else config.TUXPAINT_DIR
     if not root.is_dir():
-        raise DataLayoutError(
-            f"Tux Paint stamps folder {root} does not exist; run `make data` (or `python -m zsl_utils.data.assets`) "
-            "or pass the folder that holds <category>/<sub>/NAME.png."
-        )
+        raise DataLayoutError(f"Tux Paint stamps folder {root} does not exist; run `make data` (or `python -m "
+                              "zsl_utils.data.assets`) or pass the folder that holds <category>/<sub>/NAME.png.")
     rows = []
     for png in sorted(root.rglob("*.png")):
         if png.stem.endswith(MIRROR_SUFFIX):
             continue
-        category = _category(png.relative_to(root))
-        rows.append((png, png.stem, read_description(png.with_suffix(".txt")), category, category.split("/")[0]))
+        top, sub = [*png.relative_to(root).parts[:-1], "misc", "misc"][:2]  # a missing folder level is "misc"
+        rows.append((png, png.stem, read_description(png.with_suffix(".txt")), f"{top}/{sub}", top))
     if not rows:
         raise DataLayoutError(f"No NAME.png stamps found under {root}; expected <category>/<sub>/NAME.png.")
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    return pd.DataFrame(rows, columns=["path", "name", "description", "category", "top_category"])
 
 
 def normalise_stamp_name(name: str) -> str:
@@ -85,16 +71,14 @@ def load_tuxpaint_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     bad = table[(table["wnid"] != "") & ~table["wnid"].map(wnids.is_wnid)]
     if len(bad):
         raise DataLayoutError(f"{path}: malformed WNIDs {bad['wnid'].tolist()[:5]} (expected n + 8 digits).")
-    duplicated = table["name"][table["name"].duplicated()].tolist()
-    if duplicated:
+    if duplicated := table["name"][table["name"].duplicated()].tolist():
         raise DataLayoutError(f"{path}: names listed twice: {duplicated[:5]}; keep one row per name.")
     return table
 
 
 def map_name_to_wnid(name: str, wordnet, label_space: Collection[str],
                      table: pd.DataFrame) -> tuple[str | None, str, str]:
-    """``(wnid or None, how, detail)``, ``how`` one of ``table, excluded, lookup, ambiguous`` (several senses:
-    add the name to the reviewed table), ``unmapped``."""
+    """``(wnid or None, how, detail)``; ``how``: ``table, excluded, lookup, ambiguous`` (review it), ``unmapped``."""
     key = normalise_stamp_name(name)
     reviewed = table.set_index("name") if "name" in table.columns else table
     if key in reviewed.index:
@@ -116,9 +100,7 @@ def map_name_to_wnid(name: str, wordnet, label_space: Collection[str],
 def tuxpaint_by_wnid(stamps: pd.DataFrame | None = None, wordnet: WordNet | None = None,
                      label_space: Collection[str] | None = None,
                      seen_wnids: Iterable[str] | None = None) -> pd.DataFrame:
-    """Every stamp plus its WNID decision: ``wnid`` (None when not mapped), ``how``, ``detail``, ``lemma``
-    (first WordNet lemma), ``seen`` (a training label). Default label space: the fall-2011 release plus
-    the seen set, the ILSVRC-2012 labels."""
+    """Every stamp plus its WNID decision: ``wnid`` (None: unmapped), ``how``, ``detail``, ``lemma``, ``seen``."""
     stamps = load_stamps() if stamps is None else stamps
     wordnet = WordNet.load() if wordnet is None else wordnet
     seen = set(wnids.imagenet_wnids("1k") if seen_wnids is None else seen_wnids)
@@ -126,21 +108,16 @@ def tuxpaint_by_wnid(stamps: pd.DataFrame | None = None, wordnet: WordNet | None
     table = load_tuxpaint_table().set_index("name")
     decisions = [map_name_to_wnid(name, wordnet, space, table) for name in stamps["name"]]
     labels = [d[0] for d in decisions]
-    frame = stamps.copy()
-    frame["wnid"] = pd.Series(labels, index=frame.index, dtype=object)
-    frame["how"] = [d[1] for d in decisions]
-    frame["detail"] = [d[2] for d in decisions]
     lemmas = [wordnet.synset(w).lemmas[0] if w else None for w in labels]
-    frame["lemma"] = pd.Series(lemmas, index=frame.index, dtype=object)
-    frame["seen"] = [w is not None and w in seen for w in labels]
-    return frame
+    return stamps.assign(wnid=pd.Series(labels, index=stamps.index, dtype=object), how=[d[1] for d in decisions],
+                         detail=[d[2] for d in decisions], lemma=pd.Series(lemmas, index=stamps.index, dtype=object),
+                         seen=[w is not None and w in seen for w in labels])
 
 
 def filter_stamps(frame: pd.DataFrame, photos_only: bool = True, top_categories: Sequence[str] | None = None,
                   under: str | None = None, wordnet: WordNet | None = None) -> pd.DataFrame:
-    """The rows that pass every filter, re-indexed from 0. ``photos_only`` drops the drawings (``cartoon/``
-    folders); ``under`` keeps rows whose ``wnid`` is that synset or below it (``under=animal`` drops the
-    teddy bear of the animals folder)."""
+    """The rows that pass every filter, re-indexed from 0. ``photos_only`` drops the drawings (``cartoon/`` folders);
+    ``under`` keeps rows whose ``wnid`` is that synset or below it (``under=animal`` drops the animals' teddy bear)."""
     keep = pd.Series(True, index=frame.index)
     if photos_only:
         keep &= ~frame["path"].astype(str).str.contains("/cartoon/", regex=False)
@@ -161,9 +138,8 @@ def filter_stamps(frame: pd.DataFrame, photos_only: bool = True, top_categories:
 
 
 def tuxpaint_items(stamps: pd.DataFrame, min_items_per_class: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(items, skipped)``: stamps as HUSE items (``item_id, image_path, text, label``; label = class);
-    stamps without a description and classes of fewer than ``min_items_per_class`` (too few to split
-    three ways) are skipped."""
+    """``(items, skipped)``: stamps as HUSE items (``item_id, image_path, text, label``; label = class); stamps without
+    a description and classes of fewer than ``min_items_per_class`` (too few to split three ways) are skipped."""
     rows = [(str(Path(s.category) / s.name), str(s.path), s.description or "", s.category)
             for s in stamps.itertuples(index=False)]
     items = pd.DataFrame(rows, columns=["item_id", "image_path", "text", "label"])

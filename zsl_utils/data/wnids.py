@@ -1,7 +1,6 @@
-"""ImageNet WNID lists (1K training labels, 21K release, candidates), lemmas and WNID list files,
-from the synset files timm ships in ``timm/data/_info`` (no WordNet needed). The fall-2011 release
-is the ConSE paper's label space; it lacks one 1K class, teddy bear ``n04399382``.
-"""
+"""ImageNet WNID lists (1K training labels, 21K release, candidates), lemmas and WNID list files, from the synset
+files timm ships in ``timm/data/_info`` (no WordNet needed). The fall-2011 release is the ConSE paper's label space;
+it lacks one 1K class, teddy bear ``n04399382``."""
 from __future__ import annotations
 
 import os
@@ -63,10 +62,8 @@ def wnid_lemmas(wnids: Iterable[str] | None = None) -> dict[str, tuple[str, ...]
     wnids = list(wnids)
     unknown = [w for w in wnids if w not in table]
     if unknown:
-        raise ParameterError(
-            f"{len(unknown)} WNID(s) have no lemmas in timm's imagenet_synset_to_lemma.txt, "
-            f"e.g. {unknown[:5]}; use zsl_utils.data.wordnet.WordNet.load().synset(wnid).lemmas for them."
-        )
+        raise ParameterError(f"{len(unknown)} WNID(s) have no lemmas in timm's imagenet_synset_to_lemma.txt, e.g. "
+                             f"{unknown[:5]}; use zsl_utils.data.wordnet.WordNet.load().synset(wnid).lemmas for them.")
     return {w: table[w] for w in wnids}
 
 
@@ -93,13 +90,11 @@ def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) 
             continue
         tokens = line.split()
         if not is_wnid(tokens[0]):
-            raise DataLayoutError(
-                f"{path}:{number}: {tokens[0]!r} is not a WNID (expected n + 8 digits, e.g. n01440764).")
+            raise DataLayoutError(f"{path}:{number}: {tokens[0]!r} is not a WNID (expected n + 8 digits, "
+                                  "e.g. n01440764).")
         wnids.extend(t for t in tokens if is_wnid(t))  # other tokens are names: ignored
     if not wnids:
         raise DataLayoutError(f"WNID list {path} holds no WNIDs.")
-    if known is not None:
-        unknown = sorted(set(wnids) - set(known))
-        if unknown:
-            raise DataLayoutError(f"{path}: {len(unknown)} WNIDs are not in the label space, e.g. {unknown[:5]}.")
+    if known is not None and (unknown := sorted(set(wnids) - set(known))):
+        raise DataLayoutError(f"{path}: {len(unknown)} WNIDs are not in the label space, e.g. {unknown[:5]}.")
     return list(dict.fromkeys(wnids))  # drop repeats, keep order

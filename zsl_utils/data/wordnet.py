@@ -1,9 +1,7 @@
-"""A small, fast reader for the WordNet 3.0 noun database.
+"""A small, fast reader for the WordNet 3.0 noun database: lemmas, gloss, is-a graph (*instance* links included).
 
-ImageNet labels are WordNet noun synsets named by WNID: ``"n"`` + the synset's eight-digit
-byte offset in ``data.noun`` (``n02123045`` is *tabby cat*). We read lemmas, gloss and the
-is-a graph, *instance* links included (a named mountain still hangs under *mountain*).
-"""
+ImageNet labels are WordNet noun synsets named by WNID: ``"n"`` + the synset's eight-digit byte offset in ``data.noun``
+(``n02123045`` is *tabby cat*)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,11 +44,9 @@ def parse_data_line(line: str) -> Synset | None:
     hypernyms, hyponyms = [], []
     for i in range(pointer_count):
         symbol, target, pos = fields[position + 1 + 4 * i : position + 4 + 4 * i]
-        if pos != "n":
-            continue
-        if symbol in _HYPERNYM_POINTERS:
+        if pos == "n" and symbol in _HYPERNYM_POINTERS:
             hypernyms.append(offset_to_wnid(target))
-        elif symbol in _HYPONYM_POINTERS:
+        elif pos == "n" and symbol in _HYPONYM_POINTERS:
             hyponyms.append(offset_to_wnid(target))
     return Synset(offset_to_wnid(offset), lemmas, gloss.strip(), tuple(hypernyms), tuple(hyponyms))
 
@@ -71,16 +67,12 @@ class WordNet:
     """The WordNet 3.0 noun graph. Build with :meth:`load`; look up synsets by WNID."""
 
     def __init__(self, synsets: dict[str, Synset], index: dict[str, list[str]]):
-        self._synsets = synsets
-        self._index = index
+        self._synsets, self._index = synsets, index
 
     @classmethod
     def load(cls, path: Path | None = None) -> "WordNet":
-        """WordNet from the folder holding ``data.noun`` and ``index.noun`` (default ``data/raw/wordnet``).
-
-        Parsing takes about a second, so a process reads each folder once. There is no
-        on-disk cache on purpose: unpickling a file from a writable cache folder can run code.
-        """
+        """WordNet from the folder holding ``data.noun`` and ``index.noun`` (default ``data/raw/wordnet``), read once
+        per process (parsing takes a second). No on-disk cache on purpose: unpickling a writable cache can run code."""
         return _read(Path(path or config.WORDNET_DIR).resolve())
 
     def __contains__(self, wnid: object) -> bool:

@@ -70,6 +70,14 @@ class HuseEvaluation:
     retrieval: pd.DataFrame
     hierarchical: pd.DataFrame
 
+    def headline(self) -> pd.Series:
+        """Accuracy per input, R@(first K) and every H@k per direction: the numbers the comparisons use."""
+        rows = {f"accuracy {k}": v for k, v in self.classification["accuracy"].items()}
+        rows.update({f"{self.retrieval.columns[0]} {d}": v for d, v in self.retrieval.iloc[:, 0].items()})
+        for column in self.hierarchical.columns:
+            rows.update({f"{column} {d}": v for d, v in self.hierarchical[column].items()})
+        return pd.Series(rows, dtype=float)
+
     def summary(self) -> dict[str, float]:
         """A few headline numbers (accuracies, mean R@1 and mean H@ smallest k)."""
         out = {f"accuracy_{k}": float(v) for k, v in self.classification["accuracy"].items()}
@@ -136,4 +144,20 @@ def side_by_side(ours: pd.DataFrame, table: str, paper: pd.DataFrame | None = No
         out[f"{metric} (ours)"] = ours[metric]
         column = published[metric] if metric in published else pd.Series(dtype=float)
         out[f"{metric} (paper)"] = column.reindex(ours.index).astype(float)
+    return out
+
+
+def seed_table(tables: Sequence[pd.DataFrame], paper_table: str | None = None, digits: int = 1) -> pd.DataFrame:
+    """Cell by cell ``"mean ± sd"`` over seeds of same-shaped result tables (one per seed), with the paper's value
+    after each metric when ``paper_table`` names one of ``paper_numbers()``'s tables."""
+    values = np.stack([t.to_numpy(dtype=float) for t in tables])
+    mean, sd = values.mean(axis=0), values.std(axis=0, ddof=1) if len(tables) > 1 else np.full(values.shape[1:], np.nan)
+    first = tables[0]
+    out = pd.DataFrame([[f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(*row)] for row in zip(mean, sd)],
+                       index=first.index, columns=[f"{c} (ours, {len(tables)} seeds)" for c in first.columns])
+    if paper_table is not None:
+        paper = side_by_side(first, paper_table)
+        for column in first.columns:
+            out.insert(out.columns.get_loc(f"{column} (ours, {len(tables)} seeds)") + 1, f"{column} (paper)",
+                       paper[f"{column} (paper)"])
     return out

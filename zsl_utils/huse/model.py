@@ -68,6 +68,7 @@ class HuseArchitecture:
     image_hidden_layers: int = 5
     text_hidden_layers: int = 2
     dropout: float = 0.15  # between consecutive hidden layers
+    init: str = "he"  # "he" (default) or "torch" (torch's Linear default; collapses the 5-layer tower, see tower())
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "hidden_dim", "image_hidden_layers", "text_hidden_layers"):
@@ -75,16 +76,26 @@ class HuseArchitecture:
                 raise ParameterError(f"HuseArchitecture.{name}={getattr(self, name)!r} must be >= 1.")
         if not 0 <= self.dropout < 1:
             raise ParameterError(f"HuseArchitecture.dropout={self.dropout!r} must lie in [0, 1).")
+        if self.init not in ("he", "torch"):
+            raise ParameterError(f"HuseArchitecture.init={self.init!r}; choose 'he' or 'torch'.")
 
     def tower(self, modality: str, input_dim: int) -> nn.Sequential:
-        """Hidden layers of Linear + ReLU (dropout between them), then Linear to ``embedding_dim``."""
+        """Hidden layers of Linear + ReLU (dropout between them), then Linear to ``embedding_dim``.
+
+        He initialisation, zero biases (``init="he"``): torch's default Linear init divides a ReLU layer's output
+        second moment by 6, so after five layers the outputs are no larger than the biases and a third of the last
+        layer's units are dead before training starts; on the demo that tower then collapses (notebook 03)."""
         n_hidden = self.image_hidden_layers if modality == "image" else self.text_hidden_layers
         layers: list[nn.Module] = []
         for layer, width in enumerate([input_dim] + [self.hidden_dim] * (n_hidden - 1)):
             if layer > 0 and self.dropout > 0:
                 layers.append(nn.Dropout(self.dropout))
             layers += [nn.Linear(width, self.hidden_dim), nn.ReLU()]
-        return nn.Sequential(*layers, nn.Linear(self.hidden_dim, self.embedding_dim))
+        layers.append(nn.Linear(self.hidden_dim, self.embedding_dim))  # the D outputs (the paper lists hidden layers)
+        for linear in [m for m in layers if isinstance(m, nn.Linear) and self.init == "he"]:
+            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+            nn.init.zeros_(linear.bias)
+        return nn.Sequential(*layers)
 
 
 class HuseModel(nn.Module):
@@ -111,7 +122,7 @@ class HuseModel(nn.Module):
         if features.ndim != 2 or features.shape[1] != expected:
             raise ParameterError(f"{modality} features have shape {tuple(features.shape)} but the model was built for "
                                  f"(N, {expected}); features and model must come from the same extractor.")
-        return F.normalize(self.towers[modality](features), dim=1)
+        return F.normalize(self.towers[modality](features.to(self.classifier.weight.dtype)), dim=1)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(embeddings, logits)``, each ``{modality: tensor}`` for the modalities given."""
@@ -140,8 +151,8 @@ def embed_split(models: HuseModel | Mapping[str, HuseModel], split: HuseSplit, d
         model = per_modality[modality].eval().to(device)
         features = split.features([modality])[modality]
         starts = range(0, len(split), batch_size)
-        embedded = torch.cat([model.embed(modality, features[s : s + batch_size].to(device)) for s in starts]).float()
-        embeddings[modality] = embedded.cpu()
+        embedded = torch.cat([model.embed(modality, features[s : s + batch_size].to(device)) for s in starts])
+        embeddings[modality] = embedded.float().cpu()
         probabilities[modality] = model.classifier(embedded).softmax(dim=1).float().cpu()
     return SplitOutputs(embeddings, probabilities, split.labels.cpu())
 

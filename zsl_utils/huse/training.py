@@ -19,12 +19,19 @@ from tqdm.auto import tqdm
 
 from zsl_utils.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
                                   save_checkpoint)
+from zsl_utils.device import torch_dtype
 from zsl_utils.errors import ParameterError
-from zsl_utils.huse.evaluation import choose_fusion_weight, evaluate_huse
+from zsl_utils.huse.evaluation import HuseEvaluation, choose_fusion_weight, evaluate_huse
 from zsl_utils.huse.losses import LossWeights, huse_loss
 from zsl_utils.huse.model import MODALITIES, HuseArchitecture, HuseModel, HuseSplit, embed_split
+from zsl_utils.metrics import seed_spread
 
-LOSS_PARTS = ("total", "classification", "graph", "gap")  # columns of the loss history
+LOSS_PARTS = ("total", "classification", "graph", "gap", "graph_pairs_kept")  # columns of the loss history
+
+
+def history_columns(modalities: Sequence[str]) -> list[str]:
+    """The loss parts, then each modality's classification loss and batch accuracy (see ``huse_loss``)."""
+    return [*LOSS_PARTS, *(f"{kind}_{m}" for kind in ("classification", "accuracy") for m in modalities)]
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class TrainConfig:
     log_every: int = 100  # steps per row of the loss history
     seed: int = 0
     modalities: tuple[str, ...] = MODALITIES  # one modality = the separate-models ablation
+    compute_dtype: str = "float32"  # "float64": the same weights on every CPU (rounding is not amplified)
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "batch_size", "log_every"):
@@ -47,6 +55,7 @@ class TrainConfig:
             raise ParameterError(f"TrainConfig.learning_rate={self.learning_rate!r} must be > 0.")
         if not 0 <= self.momentum < 1:
             raise ParameterError(f"TrainConfig.momentum={self.momentum!r} must lie in [0, 1).")
+        torch_dtype(self.compute_dtype)  # checks the name
         if not self.modalities or set(self.modalities) - set(MODALITIES):
             raise ParameterError(f"TrainConfig.modalities={self.modalities!r}; use a non-empty subset of {MODALITIES}.")
 
@@ -114,12 +123,13 @@ class TrainingRun:
     window: list[torch.Tensor] = field(default_factory=list)  # loss parts of the steps since the last row
 
     def checkpoint_state(self) -> dict[str, Any]:
-        window = torch.stack(self.window).cpu() if self.window else torch.zeros((0, len(LOSS_PARTS)))
+        columns = history_columns(self.config.modalities)
+        window = torch.stack(self.window).cpu() if self.window else torch.zeros((0, len(columns)))
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": capture_rng_state(),
                 "batches": self.batches.state_dict(), "history": self.history, "window": window}
 
     def result(self, extras: dict[str, Any]) -> TrainedHuse:
-        history = pd.DataFrame(self.history, columns=["step", *LOSS_PARTS])
+        history = pd.DataFrame(self.history, columns=["step", *history_columns(self.config.modalities)])
         return TrainedHuse(self.model.eval(), history, self.weights, self.config, self.model.architecture, extras)
 
 
@@ -138,11 +148,13 @@ def start_training(train: HuseSplit, class_distance: torch.Tensor, weights: Loss
                    device: torch.device | str) -> TrainingRun:
     """Check the inputs, seed, and build the model, RMSProp and the batch stream on ``device`` (step 0)."""
     weights, config = weights or LossWeights(), config or TrainConfig()
-    class_distance = torch.as_tensor(class_distance, dtype=torch.float32)
-    features = {m: x.to(device) for m, x in train.features(config.modalities).items()}  # checks the modalities
+    dtype = torch_dtype(config.compute_dtype)
+    class_distance = torch.as_tensor(class_distance, dtype=dtype)
+    features = {m: x.to(device, dtype) for m, x in train.features(config.modalities).items()}  # checks modalities
     check_training_inputs(train, class_distance)
     torch.manual_seed(config.seed)  # initial weights and dropout masks
-    model = HuseModel({m: x.shape[1] for m, x in features.items()}, class_distance.shape[0], architecture).to(device)
+    model = HuseModel({m: x.shape[1] for m, x in features.items()}, class_distance.shape[0], architecture)
+    model = model.to(device, dtype)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
     return TrainingRun(model, optimizer, ResumableBatches(len(train), config.batch_size, config.seed), features,
                        train.labels.to(device), class_distance.to(device), weights, config)
@@ -182,7 +194,7 @@ def train_steps(run: TrainingRun, start: int, forward: Callable[[torch.Tensor], 
                 step_callback: Callable[[int], None] | None = None) -> None:
     """Steps ``start + 1 .. num_steps``; ``step_callback(step)`` after each (and its checkpoint).
     ``forward(index)``: the outputs for the whole batch ``index`` (default: ``run.model`` on it)."""
-    config, device = run.config, run.labels.device
+    config, device, columns = run.config, run.labels.device, history_columns(run.config.modalities)
     forward = forward or (lambda index: run.model({m: x[index.to(device)] for m, x in run.features.items()}))
     run.model.train()
     for step in tqdm(range(start + 1, config.num_steps + 1), desc=desc, disable=not progress, mininterval=1.0):
@@ -191,10 +203,10 @@ def train_steps(run: TrainingRun, start: int, forward: Callable[[torch.Tensor], 
         run.optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
         run.optimizer.step()
-        run.window.append(torch.stack([parts[k].detach() for k in LOSS_PARTS]))
+        run.window.append(torch.stack([parts[k].detach() for k in columns]))
         if step % config.log_every == 0 or step == config.num_steps:
             means = torch.stack(run.window).mean(dim=0).cpu().tolist()
-            run.history.append({"step": step, **dict(zip(LOSS_PARTS, means))})
+            run.history.append({"step": step, **dict(zip(columns, means))})
             run.window.clear()
         if checkpointing is not None and (step % checkpointing.every == 0 or step == config.num_steps):
             save_checkpoint(checkpointing.folder, step, run.checkpoint_state(), checkpointing.fingerprint,
@@ -239,32 +251,46 @@ def grid_search(train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, 
                 base_weights: LossWeights | None = None, config: TrainConfig | None = None,
                 architecture: HuseArchitecture | None = None,
                 correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None, selection: str = "mean_R@1",
-                device: torch.device | str = "cpu", progress: bool = True,
+                device: torch.device | str = "cpu", progress: bool = True, seeds: Sequence[int] | None = None,
                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0) -> pd.DataFrame:
-    """One model per combination of ``grid`` values (``LossWeights`` fields): a row of its headline numbers and
-    fusion weight on ``val``, best first by ``selection``. With checkpoints a rerun reloads finished combinations."""
+    """One model per combination of ``grid`` values (``LossWeights`` fields) and seed (default: ``config.seed``): a
+    row of its headline numbers on ``val`` averaged over the seeds (``<selection> sd``: their spread), best first by
+    ``selection``. With checkpoints a rerun reloads finished trainings."""
     unknown, allowed = set(grid) - set(LossWeights.__dataclass_fields__), sorted(LossWeights.__dataclass_fields__)
     if unknown:
         raise ParameterError(f"grid keys {sorted(unknown)} are not loss settings; use some of {allowed}.")
-    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    rows = []
-    for combo in tqdm(combos, desc="grid search", disable=not progress or len(combos) < 2):
+    config = config or TrainConfig()
+    jobs = [(dict(zip(grid, values)), s) for values in itertools.product(*grid.values()) for s in seeds or [config.seed]]
+    summaries: dict[str, list[pd.Series]] = {}
+    for combo, s in tqdm(jobs, desc="grid search", disable=not progress or len(jobs) < 2):
         weights = replace(base_weights or LossWeights(), **combo)
-        trained = train_huse(train, class_distance, weights, config, architecture, device, progress=False,
-                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+        trained = train_huse(train, class_distance, weights, replace(config, seed=s), architecture, device,
+                             progress=False, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
         outputs = embed_split(trained.model, val, device)
         fusion_weight = choose_fusion_weight(outputs) if len(outputs.probabilities) == 2 else 0.5
-        summary = evaluate_huse(outputs, fusion_weight, correct_sets).summary()
-        rows.append({**asdict(weights), "fusion_weight": fusion_weight, **summary})
+        summary = {"fusion_weight": fusion_weight, **evaluate_huse(outputs, fusion_weight, correct_sets).summary()}
+        summaries.setdefault(json.dumps(asdict(weights)), []).append(pd.Series(summary))
+    rows = []
+    for key, per_seed in summaries.items():
+        spread = seed_spread(per_seed)
+        rows.append({**json.loads(key), **spread["mean"].to_dict(), f"{selection} sd": spread["sd"].get(selection)})
     table = pd.DataFrame(rows)
     if selection not in table.columns:
         raise ParameterError(f"selection={selection!r} is not a grid column; choose one of {list(table.columns)}.")
     return table.sort_values(selection, ascending=False, kind="stable").reset_index(drop=True)
 
 
-def best_weights(grid_table: pd.DataFrame) -> LossWeights:
-    """The ``LossWeights`` of the first (best) row of a ``grid_search`` table."""
-    return LossWeights(**grid_table.iloc[0][list(LossWeights.__dataclass_fields__)].to_dict())  # Python scalars
+def best_weights(grid_table: pd.DataFrame, default: LossWeights | None = None,
+                 selection: str = "mean_R@1") -> LossWeights:
+    """The ``LossWeights`` of the best (first) row of a ``grid_search`` table; with ``default``, that one instead
+    when it is a row of the grid and the best row does not lead it by more than the two rows' sds together (so a
+    lead within the seed-to-seed noise does not move the setting)."""
+    rows = [LossWeights(**row) for row in grid_table[list(LossWeights.__dataclass_fields__)].to_dict("records")]
+    if default in rows:
+        best, candidate = grid_table.iloc[0], grid_table.iloc[rows.index(default)]
+        if best[selection] - candidate[selection] <= best[f"{selection} sd"] + candidate[f"{selection} sd"]:
+            return default
+    return rows[0]
 
 
 def train_separate(train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
@@ -279,3 +305,47 @@ def seeded_repeat_check(train: HuseSplit, class_distance: torch.Tensor, **kwargs
     """Train twice with the same settings and report whether the final weights are identical."""
     first, second = (train_huse(train, class_distance, progress=False, **kwargs).model.state_dict() for _ in range(2))
     return all(torch.equal(first[k], second[k]) for k in first)
+
+
+def loss_shares(trained: TrainedHuse, from_step: int | None = None) -> pd.Series:
+    """Share of each weighted part (``alpha * classification`` ...) in the total loss, averaged over the logged steps
+    from ``from_step`` on (default: the second half of training)."""
+    history = trained.history
+    rows = history[history["step"] > (trained.config.num_steps // 2 if from_step is None else from_step)]
+    weights = {"classification": trained.weights.alpha, "graph": trained.weights.beta, "gap": trained.weights.gamma}
+    return pd.Series({part: float((w * rows[part] / rows["total"]).mean()) for part, w in weights.items()})
+
+
+def fit_and_evaluate(splits: Mapping[str, HuseSplit], class_distance: torch.Tensor, weights: LossWeights,
+                     config: TrainConfig, correct_sets: Mapping[int, Sequence[frozenset[int]]] | None = None,
+                     ks: Sequence[int] = (1, 5, 10), separate: bool = False,
+                     **options: Any) -> tuple[TrainedHuse | dict[str, TrainedHuse], HuseEvaluation]:
+    """Train on ``splits["train"]`` (one joint model, or with ``separate`` one per modality), choose the fusion weight
+    on ``"val"`` and evaluate on ``"test"``: ``(trained, HuseEvaluation)``. ``options``: for :func:`train_huse`."""
+    device = options.get("device", "cpu")
+    if separate:
+        trained = train_separate(splits["train"], class_distance, weights, config, **options)
+        model: Any = {m: t.model for m, t in trained.items()}
+    else:
+        trained = train_huse(splits["train"], class_distance, weights, config, **options)
+        model = trained.model
+    fusion_weight = choose_fusion_weight(embed_split(model, splits["val"], device))
+    return trained, evaluate_huse(embed_split(model, splits["test"], device), fusion_weight, correct_sets, ks)
+
+
+def over_seeds(settings: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], config: TrainConfig,
+               progress: bool = True, **common: Any) -> dict[str, list[tuple[Any, Any]]]:
+    """``{setting: [fit_and_evaluate(...) per seed]}``; ``settings``: name -> keyword arguments of
+    :func:`fit_and_evaluate` (e.g. ``weights``, ``separate``), merged over ``common``. The splits stay fixed; the seed
+    sets the initial weights, dropout and batch order."""
+    jobs = [(name, s) for name in settings for s in seeds]
+    results: dict[str, list] = {name: [] for name in settings}
+    for name, s in tqdm(jobs, desc="trainings over seeds", disable=not progress):
+        kwargs = {**common, **settings[name], "progress": False}
+        results[name].append(fit_and_evaluate(config=replace(config, seed=s), **kwargs))
+    return results
+
+
+def seed_spreads(results: Mapping[str, Sequence[tuple[Any, Any]]]) -> dict[str, pd.DataFrame]:
+    """``{setting: seed_spread}`` of the headline numbers of an :func:`over_seeds` result."""
+    return {name: seed_spread([evaluation.headline() for _, evaluation in runs]) for name, runs in results.items()}

@@ -1,9 +1,8 @@
 """HUSE training with DistributedDataParallel: ``torchrun --nproc_per_node N -m zsl_utils.scale.ddp --job-dir D``.
 
-N ranks train ``train_huse``'s model up to summation order (docs/DISTRIBUTED.md): each takes a slice of
-the same global batch; all outputs are all-gathered, so the graph loss (over *all pairs*) is the whole
-batch's; dropout draws the whole batch's mask on every rank. One process is bit-identical.
-"""
+N ranks train ``train_huse``'s model up to summation order (docs/DISTRIBUTED.md): each takes a slice of the same global
+batch; all outputs are all-gathered, so the graph loss (over *all pairs*) is the whole batch's; dropout draws the whole
+batch's mask on every rank. One process is bit-identical."""
 from __future__ import annotations
 
 import argparse
@@ -95,14 +94,12 @@ def _gather_outputs(embeddings: dict, logits: dict, sizes: list[int], rank: int)
     return dict(zip(embeddings, gathered[: len(embeddings)])), dict(zip(logits, gathered[len(embeddings) :]))
 
 
-def train_huse_ddp(
-    train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
-    config: TrainConfig | None = None, architecture: HuseArchitecture | None = None, ctx: DistContext | None = None,
-    *, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-    keep_last: int = 2, progress: bool = True, step_callback: Callable[[int], None] | None = None,
-) -> TrainedHuse:
-    """``train_huse`` on ``ctx.world_size`` ranks (None: this process); rank 0 checkpoints into ``checkpoint_dir``,
-    from whose latest checkpoint a rerun continues. ``step_callback(step)`` runs after each step."""
+def train_huse_ddp(train: HuseSplit, class_distance: torch.Tensor, weights: LossWeights | None = None,
+                   config: TrainConfig | None = None, architecture: HuseArchitecture | None = None,
+                   ctx: DistContext | None = None, *, checkpoint_dir: str | os.PathLike | None = None,
+                   checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, keep_last: int = 2, progress: bool = True,
+                   step_callback: Callable[[int], None] | None = None) -> TrainedHuse:
+    """``train_huse`` on ``ctx.world_size`` ranks (None: this process); rank 0 checkpoints where a rerun resumes."""
     ctx = ctx or DistContext()
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ParameterError(f"checkpoint_every must be a positive int (steps), got {checkpoint_every!r}.")

@@ -1,19 +1,16 @@
 """Scale-out extraction: ``torchrun --nproc_per_node 4 -m zsl_utils.scale.extract --kind probs --images-root D``.
 
 Encoders, fingerprints, dtypes and folder names are :mod:`zsl_utils.extract`'s, so a kind fills the very cache
-``cached_outputs`` reads (same bytes; tested). Shard ``s`` belongs to rank ``s % world_size`` and batches never
-cross shards, so bytes do not depend on who computed them. Ranks first agree on their listing's hash; after a
-barrier rank 0 re-reads every shard (:func:`verify_cache`). Rerunning computes exactly the missing shards.
-On CUDA each rank drives the GPU of its ``LOCAL_RANK``; ``--autocast auto`` means bfloat16 there.
-"""
+``cached_outputs`` reads (same bytes; tested). Shard ``s`` belongs to rank ``s % world_size`` and batches never cross
+shards, so bytes do not depend on who computed them. Ranks first agree on their listing's hash; after a barrier rank 0
+re-reads every shard (:func:`verify_cache`). Rerunning computes exactly the missing shards. On CUDA each rank drives
+the GPU of its ``LOCAL_RANK``; ``--autocast auto`` means bfloat16 there."""
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,18 +27,12 @@ from zsl_utils.cache import (CacheError, ShardedCache, check_writable_directory,
                              normalise_fingerprint, read_meta)
 from zsl_utils.device import COMPUTE_DTYPES, pick_device
 from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.extract import (KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder,
-                               extract_to_cache, make_encoder)
+from zsl_utils.extract import KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder, extract_to_cache, make_encoder
 from zsl_utils.scale.launch import (DEFAULT_TIMEOUT_S, DistContext, agree_on, all_gather_objects, barrier,
                                     default_num_workers, die_with_parent, init_distributed, launch_torchrun,
                                     rank_failure_guard, run_cli, shutdown_distributed)
 
 AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "none")  # auto: bfloat16 on CUDA
-_SHARD_OVERHEAD_BYTES = 64 * 1024  # an uncompressed .npz shard: the payload plus zip/npy headers
-
-
-class CacheFullError(CacheError):
-    """The cache's disk has (or had) too little free space for the shards still to write."""
 
 
 class CacheVerificationError(CacheError):
@@ -50,9 +41,8 @@ class CacheVerificationError(CacheError):
 
 @dataclass
 class ExtractionSpec:
-    """One extraction: what to encode, with what, into which cache (default: ``extract.cache_folder``).
-
-    Whatever changes the cache is in its fingerprint; ``debug_*`` fields are the fault tests' aids."""
+    """One extraction: what to encode, with what, into which cache (default: ``extract.cache_folder``). Whatever
+    changes the cache is in its fingerprint; ``debug_*`` fields are the fault tests' aids."""
 
     kind: str  # "probs", "image_features" or "text_features" (MiniLM)
     cache_dir: str | None = None
@@ -109,11 +99,10 @@ class ExtractionSpec:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node N -m zsl_utils.scale.extract",
-        description="Fill a sharded cache with classifier probabilities or features, on 1..N processes. "
-        "Rerunning the same command resumes: only missing shards are computed.",
-    )
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m zsl_utils.scale.extract",
+                                     description="Fill a sharded cache with classifier probabilities or features, on "
+                                     "1..N processes. Rerunning the same command resumes: only missing shards are "
+                                     "computed.")
     add = parser.add_argument
     add("--kind", required=True, choices=KINDS)
     add("--cache-dir", help="cache folder (created; reused on resume); default: named by zsl_utils.extract")
@@ -143,9 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def list_image_files(root: str | os.PathLike, file_list: str | os.PathLike | None = None,
                      extensions: Sequence[str] | None = None) -> list[str]:
-    """The dataset's rows: ``file_list``'s lines in file order (relative to ``root`` or absolute),
-    else every non-hidden file under ``root`` sorted by relative path, optionally only ``extensions``.
-    Non-image files are kept on purpose: they are skipped and *listed*, not silently ignored."""
+    """The dataset's rows: ``file_list``'s lines in order (relative to ``root`` or absolute), else every non-hidden file
+    under ``root`` by relative path (only ``extensions``, if given); non-images stay, to be skipped *and listed*."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataLayoutError(f"images_root {root} is not a folder; pass the folder that holds the images.")
@@ -164,16 +152,14 @@ def list_image_files(root: str | os.PathLike, file_list: str | os.PathLike | Non
                       if not name.startswith(".") and (suffixes is None or name.lower().endswith(suffixes))]
         paths = [str(root / rel) for rel in sorted(found, key=lambda p: Path(p).as_posix())]
     if not paths:
-        raise DataLayoutError(
-            f"no files to extract under {root}" + (f" with extensions {list(extensions)}" if extensions else "")
-            + (f" listed in {file_list}" if file_list else "") + "; check the path."
-        )
+        with_extensions = f" with extensions {list(extensions)}" if extensions else ""
+        raise DataLayoutError(f"no files to extract under {root}{with_extensions}"
+                              + (f" listed in {file_list}" if file_list else "") + "; check the path.")
     return paths
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """The texts of a ``.jsonl`` file (one JSON string per line: texts may hold newlines) or of any
-    other UTF-8 file (one text per line), in row order."""
+    """The texts of a ``.jsonl`` file (one JSON string per line: texts may hold newlines), else one per UTF-8 line."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -190,15 +176,6 @@ def check_cache_dir_writable(cache_dir: str | os.PathLike | None) -> Path:
     """Create the cache folder (default: the cache root) and prove it writable, before any expensive step."""
     advice = "pass a writable --cache-dir (cache_dir=...) or set ZSL_CACHE_DIR. Nothing was computed."
     return check_writable_directory(cache_dir or config.CACHE_DIR, advice)
-
-
-def check_free_space(cache_dir: str | os.PathLike, needed_bytes: int) -> None:
-    """Raise :class:`CacheFullError` when the disk of ``cache_dir`` has less than ``needed_bytes`` free."""
-    free = shutil.disk_usage(cache_dir).free
-    if needed_bytes > free:
-        raise CacheFullError(f"cache directory {cache_dir} has {free / 1e9:.2f} GB free but the shards still to "
-                             f"write need about {needed_bytes / 1e9:.2f} GB; free space or pass another --cache-dir. "
-                             "Nothing was computed.")
 
 
 class _DebugEncoder:
@@ -247,22 +224,12 @@ def run_extraction(spec: ExtractionSpec, ctx: DistContext | None = None,
         spec.cache_dir = str(cache_folder(spec.kind, encoder.model_name, dataset_id, fingerprint, spec.shard_size))
     cache = ShardedCache(spec.cache_dir, fingerprint, len(items), spec.shard_size)
     rows, layout = encoder.rows(items), encoder.output_layout()
-    row_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
-    missing_rows = sum(stop - start for start, stop in map(cache.shard_bounds, cache.missing_shards()))
-    check_free_space(cache.directory, missing_rows * row_bytes + cache.n_shards * _SHARD_OVERHEAD_BYTES)
+    cache.check_free_space(1 + sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layout.values()))
     num_workers = spec.num_workers if spec.num_workers is not None else default_num_workers(ctx.local_world_size)
     extract_began = time.perf_counter()
-    try:
-        report = extract_to_cache(rows, encoder.load_item, _DebugEncoder(encoder, ctx.rank, spec), cache,
-                                  spec.batch_size, num_workers, f"rank {ctx.rank}: {encoder.model_name} {spec.kind} "
-                                  f"on {dataset_id}", cache.shards_for_rank(ctx.rank, ctx.world_size), progress,
-                                  encoder.pin_memory, layout)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CacheFullError(f"the disk of cache directory {cache.directory} filled up while writing shards "
-                                 f"({error}); free space and rerun: completed shards are kept, the interrupted one "
-                                 "is recomputed.") from error
-        raise
+    report = extract_to_cache(rows, encoder.load_item, _DebugEncoder(encoder, ctx.rank, spec), cache, spec.batch_size,
+                              num_workers, f"rank {ctx.rank}: {encoder.model_name} {spec.kind} on {dataset_id}",
+                              cache.shards_for_rank(ctx.rank, ctx.world_size), progress, encoder.pin_memory, layout)
     done = sum(stop - start for start, stop in map(cache.shard_bounds, report.computed_shards))
     now = time.perf_counter()
     return RankReport(ctx.rank, report.computed_shards, done, now - began, now - extract_began), fingerprint, items
@@ -300,8 +267,7 @@ def verify_cache(cache_dir: str | os.PathLike, expected_fingerprint: dict | None
         differences = fingerprint_differences(meta.get("fingerprint", {}), normalise_fingerprint(expected_fingerprint))
         problems += [f"fingerprint differs: {line}" for line in differences]
     cache = ShardedCache.open_existing(cache_dir, read_only=True)
-    missing = cache.missing_shards()
-    if missing:
+    if missing := cache.missing_shards():
         problems.append(f"{len(missing)} of {cache.n_shards} shards missing: {missing[:10]}")
     layout: dict[str, tuple] | None = None
     skipped: list[dict] = []
@@ -398,8 +364,7 @@ def extract(spec: ExtractionSpec, processes: int = 1, progress: bool = True,
 
 def run_distributed_extraction(nproc: int, spec: ExtractionSpec, timeout_s: float | None = None, echo: bool = False,
                                collective_timeout_s: float = DEFAULT_TIMEOUT_S) -> ExtractionSummary:
-    """Run this module under single-node torchrun for ``spec``, once the cache folder proved writable.
-    A failing rank raises :class:`~zsl_utils.scale.launch.DistributedRunError` with its error."""
+    """Run this module under single-node torchrun once the cache folder proved writable; raises DistributedRunError."""
     check_cache_dir_writable(spec.cache_dir)
     began = time.perf_counter()
     summary_path = Path(tempfile.mkdtemp(prefix="zsl_dist_extract_")) / "summary.json"

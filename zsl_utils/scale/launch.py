@@ -1,8 +1,7 @@
 """Process groups under ``torchrun`` (with timeouts), rank helpers, and launching and failing whole jobs.
 
-A failing rank writes its error to a JSON file (:func:`rank_failure_guard`), so :func:`launch_torchrun` can
-raise the *first* failing rank's error, not the "SIGTERM received" of the ranks torn down after it.
-"""
+A failing rank writes its error to a JSON file (:func:`rank_failure_guard`), so :func:`launch_torchrun` can raise the
+*first* failing rank's error, not the "SIGTERM received" of the ranks torn down after it."""
 from __future__ import annotations
 
 import contextlib
@@ -236,8 +235,7 @@ def _copy_output(stream, log_path: Path, echo: bool) -> None:
 def launch_torchrun(module: str, args: Sequence[str], nproc: int, run_dir: str | os.PathLike | None = None,
                     timeout_s: float | None = None, echo: bool = False) -> Path:
     """Run ``torchrun ... -m module args... --error-dir <dir>`` (log: ``<run_dir>/torchrun.log``); return ``run_dir``.
-    The module must wrap its work in :func:`rank_failure_guard`. On failure or timeout raises
-    :class:`DistributedRunError`, whose message starts with the earliest failing rank's error."""
+    ``module`` wraps its work in :func:`rank_failure_guard`; failure or timeout raise :class:`DistributedRunError`."""
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="zsl_torchrun_"))
     error_dir, log_path = run_dir / "errors", run_dir / "torchrun.log"
     shutil.rmtree(error_dir, ignore_errors=True)  # a previous run's errors
@@ -245,9 +243,8 @@ def launch_torchrun(module: str, args: Sequence[str], nproc: int, run_dir: str |
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Workers import this package by name whatever the caller's working directory: put its parent on their path.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-    process = subprocess.Popen(torchrun_command(module, [*args, "--error-dir", str(error_dir)], nproc),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(torchrun_command(module, [*args, "--error-dir", str(error_dir)], nproc), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     copier = threading.Thread(target=_copy_output, args=(process.stdout, log_path, echo), daemon=True)
     copier.start()
     try:
