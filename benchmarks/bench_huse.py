@@ -91,7 +91,8 @@ def main() -> None:
     fixed_labels = labels[: args.batch_size]
 
     def graph_only() -> None:
-        loss = semantic_graph_loss([fixed["image"], fixed["text"]], fixed_labels, class_distance, LossWeights().margin)
+        loss, _ = semantic_graph_loss([fixed["image"], fixed["text"]], fixed_labels, class_distance,
+                                      LossWeights().margin, LossWeights().graph_variant)
         loss.backward()
 
     full = time_steps(training_step(LossWeights(1.0, 1.0, 1.0)), args.steps, device)

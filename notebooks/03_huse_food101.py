@@ -150,7 +150,9 @@ assert (architecture.hidden_dim, architecture.image_hidden_layers, architecture.
 #   the loss should pull, gets no gradient. The default here, `graph_variant="prose"`, keeps a
 #   pair when *either* holds, $\sigma_{mn} = \mathbb{1}[A_{c_m c_n} < \zeta \text{ or } d(e_m, e_n) < \zeta]$:
 #   related classes are always held at their class distance, unrelated ones only once they come
-#   closer than $\zeta$, and are then pushed out to theirs. Section 4 counts the pairs each keeps.
+#   closer than $\zeta$, and are then pushed out to theirs. Section 4 gives the share of class
+#   pairs that count as related for each candidate $\zeta$; section 7 the share of embedding
+#   pairs the chosen mask keeps during training.
 # * *gap*: $L_{\text{gap}} = \frac{1}{N}\sum_i d(u_i, v_i)$ (Eq. 12), the image and text of one
 #   item should coincide.
 #
@@ -373,11 +375,11 @@ print(f"gamma = {chosen.gamma:g}: the final models are trained {'without' if cho
 # The chosen weights, trained for `num_steps` steps, once per seed (`n_seeds`; the splits stay
 # fixed, the seed sets the initial weights, dropout and batch order). The same loop trains
 # the ablations of section 9. The curves are those of the first seed: each loss part as it
-# enters the total (weight times value, so a part at weight 0 is not drawn, though its value
-# is logged in `trained.history`), then each modality's classification loss and batch
-# accuracy, which the total alone hides. Under the plot: each part's share of the total over
-# the second half of training, the pairs the graph mask keeps, and the towers' diagnostics
-# from section 5.
+# enters the total (weight times value, so a part at weight 0 is not drawn; the gap term is
+# still logged in `trained.history`, the graph term is skipped at weight 0), then each
+# modality's classification loss and batch accuracy, which the total alone hides. Under the
+# plot: each part's share of the total over the second half of training, the pairs the graph
+# mask keeps, and the towers' diagnostics from section 5.
 #
 # With `checkpoint_every` > 0, every training in this notebook saves its full state every that
 # many steps; if the kernel dies, running the notebook again continues each training from its
@@ -429,7 +431,7 @@ diagnostics.round(2)
 #
 # The demo's tree has two levels (top folder, subfolder). $S_2(y)$ is then $y$ and its sibling
 # folders: H@2 asks whether the two nearest items come from the same top folder. Once a ring
-# must hold more classes than the siblings, it jumps to all classes; the cell under the
+# must hold more classes than the siblings, it jumps to all classes; the line above the
 # hierarchy table counts for how many classes that happens at each $k$ (at $k = 10$ it would
 # be every class, so the demo does not report H@10). The deeper Food-101 taxonomy keeps larger
 # $k$ informative.

@@ -177,8 +177,8 @@ def test_huse_loss_weights_and_skipped_terms():
     expected = 2 * math.log(3) + 3 * parts["graph"].item() + 0.5 * gap_loss(IMAGES, TEXTS).item()
     assert parts["total"].item() == pytest.approx(expected, rel=1e-6)
     no_graph = huse_loss(embeddings, logits, LABELS, CLASS_DISTANCE, LossWeights(beta=0.0, margin=ZETA))
-    assert no_graph["graph"].item() == pytest.approx(parts["graph"].item())  # monitored even at beta=0 ...
-    assert no_graph["gap"].item() == pytest.approx(gap_loss(IMAGES, TEXTS).item())  # ... and the gap at gamma=0
+    assert no_graph["graph"].item() == 0.0 and no_graph["graph_pairs_kept"].item() == 0.0  # skipped at beta=0
+    assert no_graph["gap"].item() == pytest.approx(gap_loss(IMAGES, TEXTS).item())  # monitored even at gamma=0
     assert no_graph["total"].item() == pytest.approx(math.log(3), rel=1e-6)  # ...but not in the total
     assert parts["accuracy_image"].item() == pytest.approx(1 / 3)  # all-zero logits: argmax 0, right for item 0
     assert parts["classification_text"].item() == pytest.approx(math.log(3), rel=1e-6)

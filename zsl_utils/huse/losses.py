@@ -92,13 +92,13 @@ def gap_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> t
 def huse_loss(embeddings: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], labels: torch.Tensor,
               class_distance: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
     """The weighted HUSE objective (``"total"``), its parts and per-modality monitors (``classification_<m>``,
-    ``accuracy_<m>``, ``graph_pairs_kept``), from ``{modality: tensor}`` maps. The graph and gap terms are
-    measured even at weight 0 (for the curves) but then carry no gradient."""
+    ``accuracy_<m>``, ``graph_pairs_kept``), from ``{modality: tensor}`` maps. At weight 0 the graph term is
+    skipped (0: no pair matrix); the cheap gap term is always measured (for the curves)."""
     modalities = list(embeddings)
     per_modality = {m: F.cross_entropy(logits[m], labels) for m in modalities}
     classification = torch.stack(list(per_modality.values())).mean()
     graph, kept = semantic_graph_loss([embeddings[m] for m in modalities], labels, class_distance, weights.margin,
-                                      weights.graph_variant)
+                                      weights.graph_variant) if weights.beta else (classification.new_zeros(()),) * 2
     gap = gap_loss(embeddings["image"], embeddings["text"]) if len(modalities) == 2 else graph.new_zeros(())
     total = weights.alpha * classification + weights.beta * graph + weights.gamma * gap
     parts = {"total": total, "classification": classification, "graph": graph, "gap": gap, "graph_pairs_kept": kept}
