@@ -62,7 +62,9 @@ from zsl_utils.extract import cached_outputs
 from zsl_utils.semantic import embed_labels, load_word_vectors
 from zsl_utils.data.tuxpaint import filter_stamps, load_stamps, tuxpaint_by_wnid
 from zsl_utils.data.wordnet import WordNet
+from zsl_utils.parameters import check_parameter_types
 
+check_parameter_types(globals())  # a value of the wrong type (papermill -p x abc) is named here
 seed_everything(seed)
 torch_device = pick_device(device)
 stamps = load_stamps(Path(stamps_dir) if stamps_dir else None)

@@ -76,7 +76,9 @@ from zsl_utils.extract import cached_outputs
 from zsl_utils.semantic import embed_labels
 from zsl_utils.data.tuxpaint import load_stamps, tuxpaint_by_wnid
 from zsl_utils.data.wordnet import WordNet
+from zsl_utils.parameters import check_parameter_types
 
+check_parameter_types(globals())  # a value of the wrong type (papermill -p x abc) is named here
 seed_everything(seed)
 torch_device = pick_device(device)
 mode = "full" if imagenet21k_root else "demo"

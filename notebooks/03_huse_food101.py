@@ -91,7 +91,9 @@ from zsl_utils.huse.model import HuseArchitecture, HuseModel, build_splits, embe
 from zsl_utils.huse.training import (TrainConfig, best_weights, fit_and_evaluate, grid_search, loss_shares, over_seeds,
                                      seed_spreads, seeded_repeat_check)
 from zsl_utils.metrics import clearly_different, difference_counts, mean_sd_text
+from zsl_utils.parameters import check_parameter_types
 
+check_parameter_types(globals())  # a value of the wrong type (papermill -p x abc) is named here
 seed_everything(seed)
 torch_device = pick_device(device)
 if torch_threads > 0:

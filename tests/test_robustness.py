@@ -8,18 +8,20 @@ import pickle
 import shutil
 
 import numpy as np
+import papermill
 import pytest
 import torch
 from PIL import Image
 
 from zsl_utils import __main__ as cli
-from zsl_utils import profiles
+from zsl_utils import config, profiles
 from zsl_utils.cache import CacheError, CacheFullError, ShardedCache
 from zsl_utils.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from zsl_utils.data.food101 import read_upmc_food101
 from zsl_utils.data.images import image_folder_by_wnid, load_image_rgb
 from zsl_utils.errors import DataLayoutError, ParameterError, StaleCacheError
 from zsl_utils.extract import cached_outputs
+from zsl_utils.parameters import check_parameter_types
 from zsl_utils.semantic import embed_labels, load_word_vectors
 
 
@@ -244,3 +246,19 @@ def test_finished_cache_on_read_only_storage_is_read(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_tfidf(tmp_path / "done").load(), done)
     with pytest.raises(CacheError, match="partial is not writable"):  # unfinished: it needs writing
         ShardedCache(tmp_path / "partial", {"a": 1}, 4, 2)
+
+
+def test_parameter_of_the_wrong_type_is_named_before_any_work():
+    namespace = {"__annotations__": {"num_steps": int, "learning_rate": float, "ks": list[int], "verify": bool},
+                 "num_steps": 400, "learning_rate": 1, "ks": [1, 5], "verify": False}
+    check_parameter_types(namespace)  # an int where a float is declared is fine
+    for name, bad in [("num_steps", "abc"), ("num_steps", True), ("ks", [1, "5"]), ("verify", 1)]:
+        with pytest.raises(ParameterError, match=f"{name}="):
+            check_parameter_types({**namespace, name: bad})
+
+
+def test_papermill_p_with_a_string_for_an_int_names_the_parameter(tmp_path):
+    # The repro: `papermill notebooks/03_huse_food101.ipynb out.ipynb -p num_steps abc`.
+    with pytest.raises(papermill.PapermillExecutionError, match=r"num_steps='abc' \(expected int\)"):
+        papermill.execute_notebook(str(config.NOTEBOOKS_DIR / "03_huse_food101.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"num_steps": "abc"}, kernel_name="python3", progress_bar=False)

@@ -289,8 +289,7 @@ def retrieval_hierarchical_precision_at_k(queries, gallery, query_labels, galler
 
 
 def seed_spread(per_seed: Sequence[pd.Series]) -> pd.DataFrame:
-    """Mean, sample standard deviation and count over seeds, one row per metric (``per_seed``: one Series of
-    metrics per seed)."""
+    """Mean, sample standard deviation and count over seeds (``per_seed``: one Series of metrics per seed)."""
     values = pd.DataFrame(list(per_seed))
     return pd.DataFrame({"mean": values.mean(), "sd": values.std(ddof=1), "seeds": values.count()})
 
@@ -310,5 +309,4 @@ def difference_counts(first: pd.DataFrame, second: pd.DataFrame) -> tuple[int, i
 
 def mean_sd_text(spread: pd.DataFrame, digits: int = 1) -> pd.Series:
     """``"mean ± sd"`` strings of a ``seed_spread`` table, for display."""
-    return pd.Series([f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(spread["mean"], spread["sd"])],
-                     index=spread.index)
+    return pd.Series([f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in spread[["mean", "sd"]].values], spread.index)

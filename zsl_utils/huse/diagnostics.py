@@ -33,10 +33,10 @@ def tower_diagnostics(model: HuseModel, split: HuseSplit) -> pd.DataFrame:
     per hidden layer (lowest too) and accuracy of the shared classifier on ``split`` (use the training split)."""
     rows, weight = {}, model.classifier.weight
     for modality, features in split.features(model.modalities).items():
+        active = active_unit_fractions(model.towers[modality], features.to(weight))  # also sets eval mode
         with torch.no_grad():
-            embedded = model.eval().embed(modality, features.to(weight))
+            embedded = model.embed(modality, features.to(weight))
             accuracy = (model.classifier(embedded).argmax(dim=1).cpu() == split.labels).float().mean()
-        active = active_unit_fractions(model.towers[modality], features.to(weight))
         rows[modality] = {"input effective dim": participation_ratio(features),
                           "embedding effective dim": participation_ratio(embedded.cpu()),
                           "lowest active-unit share": min(active), "accuracy (%)": 100 * float(accuracy),

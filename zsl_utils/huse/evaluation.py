@@ -81,8 +81,7 @@ class HuseEvaluation:
     def summary(self) -> dict[str, float]:
         """A few headline numbers (accuracies, mean R@1 and mean H@ smallest k)."""
         out = {f"accuracy_{k}": float(v) for k, v in self.classification["accuracy"].items()}
-        if len(self.retrieval):
-            out["mean_R@1"] = float(self.retrieval.iloc[:, 0].mean())
+        out["mean_R@1"] = float(self.retrieval.iloc[:, 0].mean())
         if len(self.hierarchical):
             out[f"mean_{self.hierarchical.columns[0]}"] = float(self.hierarchical.iloc[:, 0].mean())
         return out

@@ -25,10 +25,8 @@ GRAPH_VARIANTS = ("equation", "prose")
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the three HUSE losses and the graph margin ``zeta`` (the paper publishes none).
-
-    Defaults: chosen on the Tux Paint demo's validation split (notebook 03 shows the grid over seeds); with them the
-    graph term is at least 10 % of the loss in the second half of the demo's training (the notebook asserts it)."""
+    """Weights of the three HUSE losses and the graph margin ``zeta`` (the paper publishes none). Defaults: chosen on
+    the demo's validation split (notebook 03's grid); the graph term is then >= 10 % of the demo's loss (asserted)."""
 
     alpha: float = 1.0  # classification weight
     beta: float = 3.0  # semantic-graph weight

@@ -260,7 +260,8 @@ def grid_search(train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, 
     if unknown:
         raise ParameterError(f"grid keys {sorted(unknown)} are not loss settings; use some of {allowed}.")
     config = config or TrainConfig()
-    jobs = [(dict(zip(grid, values)), s) for values in itertools.product(*grid.values()) for s in seeds or [config.seed]]
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    jobs = [(combo, s) for combo in combos for s in seeds or [config.seed]]
     summaries: dict[str, list[pd.Series]] = {}
     for combo, s in tqdm(jobs, desc="grid search", disable=not progress or len(jobs) < 2):
         weights = replace(base_weights or LossWeights(), **combo)
@@ -270,11 +271,9 @@ def grid_search(train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, 
         fusion_weight = choose_fusion_weight(outputs) if len(outputs.probabilities) == 2 else 0.5
         summary = {"fusion_weight": fusion_weight, **evaluate_huse(outputs, fusion_weight, correct_sets).summary()}
         summaries.setdefault(json.dumps(asdict(weights)), []).append(pd.Series(summary))
-    rows = []
-    for key, per_seed in summaries.items():
-        spread = seed_spread(per_seed)
-        rows.append({**json.loads(key), **spread["mean"].to_dict(), f"{selection} sd": spread["sd"].get(selection)})
-    table = pd.DataFrame(rows)
+    spreads = {key: seed_spread(per_seed) for key, per_seed in summaries.items()}
+    table = pd.DataFrame([{**json.loads(key), **s["mean"].to_dict(), f"{selection} sd": s["sd"].get(selection)}
+                          for key, s in spreads.items()])
     if selection not in table.columns:
         raise ParameterError(f"selection={selection!r} is not a grid column; choose one of {list(table.columns)}.")
     return table.sort_values(selection, ascending=False, kind="stable").reset_index(drop=True)
@@ -282,9 +281,8 @@ def grid_search(train: HuseSplit, val: HuseSplit, class_distance: torch.Tensor, 
 
 def best_weights(grid_table: pd.DataFrame, default: LossWeights | None = None,
                  selection: str = "mean_R@1") -> LossWeights:
-    """The ``LossWeights`` of the best (first) row of a ``grid_search`` table; with ``default``, that one instead
-    when it is a row of the grid and the best row does not lead it by more than the two rows' sds together (so a
-    lead within the seed-to-seed noise does not move the setting)."""
+    """The ``LossWeights`` of the best (first) row of a ``grid_search`` table; with ``default``, that one instead when
+    it is a grid row that the best does not lead by more than the two rows' sds together (a lead within the noise)."""
     rows = [LossWeights(**row) for row in grid_table[list(LossWeights.__dataclass_fields__)].to_dict("records")]
     if default in rows:
         best, candidate = grid_table.iloc[0], grid_table.iloc[rows.index(default)]
@@ -310,8 +308,8 @@ def seeded_repeat_check(train: HuseSplit, class_distance: torch.Tensor, **kwargs
 def loss_shares(trained: TrainedHuse, from_step: int | None = None) -> pd.Series:
     """Share of each weighted part (``alpha * classification`` ...) in the total loss, averaged over the logged steps
     from ``from_step`` on (default: the second half of training)."""
-    history = trained.history
-    rows = history[history["step"] > (trained.config.num_steps // 2 if from_step is None else from_step)]
+    steps = trained.history["step"]
+    rows = trained.history[steps > (trained.config.num_steps // 2 if from_step is None else from_step)]
     weights = {"classification": trained.weights.alpha, "graph": trained.weights.beta, "gap": trained.weights.gamma}
     return pd.Series({part: float((w * rows[part] / rows["total"]).mean()) for part, w in weights.items()})
 
@@ -323,21 +321,16 @@ def fit_and_evaluate(splits: Mapping[str, HuseSplit], class_distance: torch.Tens
     """Train on ``splits["train"]`` (one joint model, or with ``separate`` one per modality), choose the fusion weight
     on ``"val"`` and evaluate on ``"test"``: ``(trained, HuseEvaluation)``. ``options``: for :func:`train_huse`."""
     device = options.get("device", "cpu")
-    if separate:
-        trained = train_separate(splits["train"], class_distance, weights, config, **options)
-        model: Any = {m: t.model for m, t in trained.items()}
-    else:
-        trained = train_huse(splits["train"], class_distance, weights, config, **options)
-        model = trained.model
+    trained = (train_separate if separate else train_huse)(splits["train"], class_distance, weights, config, **options)
+    model = {m: t.model for m, t in trained.items()} if separate else trained.model
     fusion_weight = choose_fusion_weight(embed_split(model, splits["val"], device))
     return trained, evaluate_huse(embed_split(model, splits["test"], device), fusion_weight, correct_sets, ks)
 
 
 def over_seeds(settings: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], config: TrainConfig,
                progress: bool = True, **common: Any) -> dict[str, list[tuple[Any, Any]]]:
-    """``{setting: [fit_and_evaluate(...) per seed]}``; ``settings``: name -> keyword arguments of
-    :func:`fit_and_evaluate` (e.g. ``weights``, ``separate``), merged over ``common``. The splits stay fixed; the seed
-    sets the initial weights, dropout and batch order."""
+    """``{setting: [fit_and_evaluate(...) per seed]}``; ``settings``: name -> keyword arguments of fit_and_evaluate
+    (e.g. ``weights``, ``separate``) over ``common``. Splits stay fixed; the seed sets init, dropout, batch order."""
     jobs = [(name, s) for name in settings for s in seeds]
     results: dict[str, list] = {name: [] for name in settings}
     for name, s in tqdm(jobs, desc="trainings over seeds", disable=not progress):
