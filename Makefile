@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
 STAMP := $(VENV)/.installed
-DATA_STAMPS := data/raw/wordnet/.complete data/raw/tuxpaint_stamps/.complete
+DATA_STAMPS := data/raw/wordnet/.complete data/raw/tuxpaint_stamps/.complete data/raw/imagenet_sample/.complete
 
 .PHONY: setup data demo run notebooks test test-fast bench env-file clean-runs
 

@@ -24,7 +24,10 @@
 #
 # This notebook builds ConSE step by step from two ready-made parts, the EfficientNet-Lite0
 # ImageNet classifier and 50-d GloVe word vectors, and tries it on real photos from the
-# Tux Paint stamp collection whose concepts lie outside the 1,000 training classes.
+# Tux Paint stamp collection whose concepts lie outside the 1,000 training classes. The
+# sanity check at the end runs on 1,000 real ImageNet photos, one per training class.
+# The paper: [arXiv:1312.5650](https://arxiv.org/abs/1312.5650); each section below names
+# the part of the paper it follows.
 
 # %% tags=["parameters"]
 profile_name: str = "demo"  # parameter profile that launched this run (set by the runner)
@@ -41,6 +44,8 @@ stamps_dir: str = ""  # Tux Paint stamps folder; empty means the copy fetched in
 batch_size: int = 32  # images per classifier forward pass (at least 1)
 extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
 compute_dtype: str = "float64"  # precision of the forward pass; float64 stores the same numbers on every CPU (one of: "float32", "float64")
+unit_label_vectors: bool = False  # unit-normalise the training-label vectors before combining them (section 7 shows both)
+imagenet_sample_dir: str = ""  # ImageNet sample photos <wnid>_<name>.JPEG (one per class); empty: $ZSL_IMAGENET_SAMPLE or a fetched copy
 
 
 # %%
@@ -54,8 +59,9 @@ from scipy.stats import spearmanr
 from zsl_utils import plots
 from zsl_utils.conse import model as conse
 from zsl_utils.classifiers import load_classifier
-from zsl_utils.data.images import load_image_rgb
-from zsl_utils.data.wnids import imagenet_wnids, wnid_lemmas, wnid_names
+from zsl_utils.data.images import imagenet_sample_photos, load_image_rgb
+from zsl_utils.classifiers import PUBLISHED_TOP1
+from zsl_utils.data.wnids import imagenet_wnids, wnid_lemmas
 from zsl_utils.device import pick_device, seed_everything
 from zsl_utils.errors import ParameterError
 from zsl_utils.extract import cached_outputs
@@ -70,11 +76,15 @@ torch_device = pick_device(device)
 stamps = load_stamps(Path(stamps_dir) if stamps_dir else None)
 wordnet = WordNet.load()
 ANIMAL = "n00015388"  # WordNet's 'animal' synset: the demo's unseen photos are animals
+# One distinct readable name per label over the whole label space: "king (chessman)", not "king" three times.
+names = wordnet.display_names(imagenet_wnids("1k") + imagenet_wnids("21k"))
 print(f"device={torch_device}, {len(stamps)} Tux Paint stamps, {sum(1 for _ in wordnet.wnids()):,} WordNet noun synsets")
 
 
 # %% [markdown]
 # ## 1 · The idea in one formula
+#
+# *(Paper: the section that defines ConSE, its equation for $f(x)$.)*
 #
 # Write $p(y \mid x)$ for the classifier's softmax probability of training label $y$ given
 # image $x$, and $s(y) \in \mathbb{R}^d$ for a vector that places the *word* $y$ in a semantic
@@ -109,9 +119,8 @@ print(f"device={torch_device}, {len(stamps)} Tux Paint stamps, {sum(1 for _ in w
 
 # %%
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
-train_names = wnid_names(classifier.wnids)
 print(classifier.name, "-", len(classifier.wnids), "outputs; first three:",
-      [f"{w} ({train_names[w]})" for w in classifier.wnids[:3]])
+      [f"{w} ({names[w]})" for w in classifier.wnids[:3]])
 print("preprocessing:", classifier.preprocess.config)
 
 # %% [markdown]
@@ -146,17 +155,34 @@ print("training labels:", train.report(max_names=13))
 print("unseen ImageNet-21K labels:", unseen_all.report(max_names=8))
 print(f"zero-shot candidate set: {len(unseen):,} embedded unseen labels")
 not_in_release = sorted(set(classifier.wnids) - set(imagenet_wnids("21k")))
-assert [train_names[w] for w in not_in_release] == ["teddy"] and len(unseen_wnids) == 20_842, \
+assert [names[w] for w in not_in_release] == ["teddy"] and len(unseen_wnids) == 20_842, \
     f"the text below says only teddy bear is outside the 2011 release, leaving 20,842: {not_in_release}"
 
 # %% [markdown]
 # The unseen candidates are the synsets of the ImageNet fall-2011 release (21,841 classes,
 # the paper's label space) minus the training classes. One training class, *teddy bear*, is
-# not part of that release, so 20,842 labels remain rather than the paper's 20,841; the ones
+# not part of that release, so 20,842 labels remain (21,841 − 1,000 would be 20,841; the
+# "all" list distributed with later benchmarks has 20,842 too); the ones
 # the word space cannot embed (rare words, Latin names, compound words: the report above
 # names the first few) are dropped from the candidates and would count as misses in an
 # evaluation.
 #
+# **Labels that share a vector.** Synsets with the same lemmas get the same vector: WordNet
+# has a *king* that rules, one on the chessboard and one in a deck of cards, all just "king".
+# ConSE cannot tell such candidates apart; they tie exactly. The library ranks each group of
+# identical vectors together and lists its members in candidate (release) order, so the
+# order is the same on every machine (`conse.model.vector_groups`). Every label is printed
+# with a disambiguator where its first lemma is shared (the hypernym's lemma, else a synonym
+# or the gloss's first words: `WordNet.display_names`). How many candidates collide:
+#
+# %%
+collisions = conse.label_collisions(unseen)
+print(f"{sum(map(len, collisions)):,} of {len(unseen):,} candidates share their vector with another candidate "
+      f"({len(collisions)} groups, the largest of {max(map(len, collisions))}); e.g. "
+      + "; ".join(" = ".join(names[w] for w in group) for group in collisions[:3]))
+assert len(set(names.values())) == len(names), "the text says every printed label name is distinct"
+
+# %% [markdown]
 # ## 3 · The photos and the classifier's probabilities
 #
 # The Tux Paint stamps include cut-out photos of animals. A stamp's file name becomes a
@@ -177,15 +203,12 @@ stamp_labels = tuxpaint_by_wnid(stamps, wordnet, label_space=set(classifier.wnid
 animals = filter_stamps(stamp_labels, top_categories=("animals",), under=ANIMAL, wordnet=wordnet)
 candidate_set = set(unseen.labels)
 unseen_photos = animals[animals.wnid.isin(candidate_set)].reset_index(drop=True)
-seen_photos = filter_stamps(stamp_labels)
-seen_photos = seen_photos[seen_photos.seen].reset_index(drop=True)
 stamp_paths = [str(p) for p in stamps.path]
 outputs = cached_outputs("probs", stamp_paths, classifier, dataset_id="tuxpaint_stamps", processes=extraction_processes,
                          batch_size=batch_size, dtype="float32", compute_dtype=compute_dtype, progress=False)
 probs_all, ok = outputs.load(), outputs.ok
 row_of = {str(path): row for row, path in enumerate(stamps.path)}
-print(f"{len(animals)} animal photos, {len(unseen_photos)} of them unseen; "
-      f"{len(seen_photos)} photos of training classes; {int((~ok).sum())} unreadable stamps")
+print(f"{len(animals)} animal photos, {len(unseen_photos)} of them unseen; {int((~ok).sum())} unreadable stamps")
 
 # %%
 missing_examples = sorted(set(example_stamps) - set(unseen_photos.name))
@@ -202,6 +225,8 @@ examples[["name", "wnid", "description"]]
 # %% [markdown]
 # ## 4 · ConSE step by step, on one photo
 #
+# *(Paper: the ConSE section, the top-$T$ average and the cosine ranking.)*
+#
 # Take the first example. The classifier spreads its probability over a few training
 # labels, none of which is right, because the right one is not among them. ConSE uses the
 # $T$ most probable labels *that have a vector*; a label GloVe cannot embed (a rare breed
@@ -211,7 +236,7 @@ examples[["name", "wnid", "description"]]
 first = examples.iloc[0]
 top = conse.top_training_labels(example_probs[0], classifier.wnids, n=conse_T, mask=train.found)
 z = sum(p for _, p in top)
-pd.DataFrame({"training label": [train_names[w] for w, _ in top], "p(y|x)": [p for _, p in top],
+pd.DataFrame({"training label": [names[w] for w, _ in top], "p(y|x)": [p for _, p in top],
               "weight p/Z": [p / z for _, p in top]}).round(4)
 
 # %% [markdown]
@@ -222,42 +247,45 @@ pd.DataFrame({"training label": [train_names[w] for w, _ in top], "p(y|x)": [p f
 # computed by hand from the table above.
 
 # %%
-model = conse.ConSE.from_embeddings(train, unseen, T=conse_T, device=torch_device)
-f_x, norm = conse.conse_embed(example_probs[:1], train.vectors, T=conse_T, train_mask=train.found)
-by_hand = sum(p * train.vectors[classifier.wnids.index(w)] for w, p in top) / z
-mean_length = sum(p / z * np.linalg.norm(train.vectors[classifier.wnids.index(w)]) for w, p in top)
+model = conse.ConSE.from_embeddings(train, unseen, T=conse_T, device=torch_device, unit_train=unit_label_vectors)
+f_x, norm = model.embed(example_probs[:1])
+label_vectors = train.vectors / (np.linalg.norm(train.vectors, axis=1, keepdims=True) if unit_label_vectors else 1)
+by_hand = sum(p * label_vectors[classifier.wnids.index(w)] for w, p in top) / z
+mean_length = sum(p / z * np.linalg.norm(label_vectors[classifier.wnids.index(w)]) for w, p in top)
 print(f"true label: {first['name']} ({first.wnid}); ||f(x)|| = {norm[0]:.3f} against a weighted mean "
       f"||s(y)|| of {mean_length:.3f}; max |library - by hand| = {np.abs(f_x[0] - by_hand).max():.2e}")
 assert np.allclose(f_x[0], by_hand, atol=1e-5), "the text says the library computes the formula above"
 prediction = model.predict(example_probs[:1], k=top_k)
-unseen_names = wnid_names(unseen.labels)
-[(unseen_names[w], round(float(s), 3)) for w, s in zip(prediction.labels(0), prediction.scores[0])]
+[(names[w], round(float(s), 3)) for w, s in zip(prediction.labels(0), prediction.scores[0])]
 
 # %% [markdown]
 # ## 5 · The unseen example photos
 #
 # For each photo: the classifier's three most probable training labels and ConSE's top
-# unseen labels. The true label is in the title.
+# unseen labels. The true label is in the title and marked `>` where ConSE lists it.
 
 # %%
 predictions = model.predict(example_probs, k=top_k)
 images = [load_image_rgb(p) for p in examples.path]
-titles = [f"{row['name']}  (true: {unseen_names[row.wnid]})" for _, row in examples.iterrows()]
-train_tops = [[(train_names[w], p) for w, p in conse.top_training_labels(example_probs[i], classifier.wnids, 3)]
+titles = [f"{row['name']}  (true: {names[row.wnid]})" for _, row in examples.iterrows()]
+train_tops = [[(names[w], p) for w, p in conse.top_training_labels(example_probs[i], classifier.wnids, 3)]
               for i in range(len(examples))]
-conse_tops = [list(zip((unseen_names[w] for w in predictions.labels(i)), predictions.scores[i]))
+conse_tops = [list(zip((names[w] for w in predictions.labels(i)), predictions.scores[i]))
               for i in range(len(examples))]
 missed = [i for i, wnid in enumerate(examples.wnid) if predictions.labels(i)[0] != wnid]
 animal_answers = [i for i in missed if ANIMAL in wordnet.ancestors(predictions.labels(i)[0])]
 print(f"ConSE(T={conse_T})'s first answer misses the true label for {len(missed)} of {len(examples)} examples; "
       f"for {len(animal_answers)} of these it is still an animal "
-      f"({', '.join(examples.name[i] + ' -> ' + unseen_names[predictions.labels(i)[0]] for i in animal_answers)})")
+      f"({', '.join(examples.name[i] + ' -> ' + names[predictions.labels(i)[0]] for i in animal_answers)})")
 answers = dict(zip(examples.name, ({name for name, _ in labels} for labels in conse_tops)))
 firsts = dict(zip(examples.name, (labels[0][0] for labels in train_tops)))
-for stamp, said_first, said_answers in (("owl", "kite", {"kite balloon", "sport kite"}), ("penguin", "king penguin", {"king"})):
-    assert stamp not in answers or (firsts[stamp] == said_first and said_answers <= answers[stamp]), \
-        f"the text below says the classifier's first label for the {stamp} is {said_first} and ConSE answers {said_answers}"
-fig = plots.plot_conse_examples(images, titles, train_tops, conse_tops, conse_label=f"ConSE(T={conse_T})")
+kings = {name for name in answers.get("penguin", ()) if name.startswith("king (")}
+assert "owl" not in answers or (firsts["owl"] == "kite" and {"kite balloon", "sport kite"} <= answers["owl"]), \
+    "the text below says the classifier's first label for the owl is kite and ConSE answers kite balloon, sport kite"
+assert "penguin" not in answers or (firsts["penguin"] == "king penguin" and len(kings) >= 2), \
+    "the text below says several synsets named king enter the penguin's top labels"
+fig = plots.plot_conse_examples(images, titles, train_tops, conse_tops, conse_label=f"ConSE(T={conse_T})",
+                                true_names=[names[w] for w in examples.wnid])
 plots.save_figure(fig, "01_conse_unseen_examples")
 
 # %% [markdown]
@@ -267,8 +295,9 @@ plots.save_figure(fig, "01_conse_unseen_examples")
 #   *kite* (the bird of prey), and ConSE answers *kite balloon* and *sport kite*, the toy's
 #   sense of the word.
 # * **Phrase averaging.** Without phrase tokens, *king penguin* is the mean of *king* and
-#   *penguin*, so for the penguin, whose first training label is *king penguin*, unseen
-#   synsets named *king* (monarch, chess piece, playing card) enter ConSE's top labels.
+#   *penguin*, so for the penguin, whose first training label is *king penguin*, several
+#   unseen synsets named *king* (the chess piece, the playing card, ...) enter ConSE's top
+#   labels. They share one vector and tie; they are listed in release order.
 # * **Near misses.** A wrong first answer can still be a related concept, which is what
 #   hierarchical precision (notebook 02) rewards; the line printed above the figure counts
 #   the misses whose first answer is still an animal.
@@ -289,7 +318,7 @@ plots.save_figure(fig, "01_conse_unseen_examples")
 
 # %%
 by_T = conse.predictions_by_T(model, example_probs, T_values, k=1)
-top1_table = conse.top1_by_T(by_T, examples.name, unseen_names)
+top1_table = conse.top1_by_T(by_T, examples.name, names)
 print(f"the top-1 label changes with T for {int((top1_table.nunique(axis=1) > 1).sum())} of {len(top1_table)} examples")
 top1_table
 
@@ -321,20 +350,24 @@ fig = plots.plot_hit_vs_T(hits_by_T, title=f"ConSE zero-shot on {len(unseen_phot
 plots.save_figure(fig, "01_conse_hit_vs_T")
 
 # %% [markdown]
-# **Generalised setting.** When the 1,000 training labels are candidates too, an image's
-# $f(x)$ lies closest to the training labels it was built from, so ConSE tends to answer
-# with a training label (the paper's "+1K" rows evaluate this setting). How often the
-# top-1 answer is a training label here (more than half of the photos, as asserted below):
+# **Generalised setting** *(paper: the "+1K" rows of its ImageNet tables)*. When the 1,000
+# training labels are candidates too, an image's $f(x)$ lies closest to the training labels
+# it was built from, so ConSE tends to answer with a training label. For $T=1$ it always
+# does: $f(x)$ *is* one training label's vector, a candidate at cosine 1, so the hit@1 of an
+# unseen photo is exactly 0 (an unseen candidate with the very same vector ties, and ties
+# are listed in candidate order, training labels first). Both statements are asserted below.
 
 # %%
 generalised = conse.ConSE.from_embeddings(train, conse.generalised_candidates(train, unseen), T=conse_T,
-                                          device=torch_device)
-general_prediction = generalised.predict(unseen_probs, k=10)
+                                          device=torch_device, unit_train=unit_label_vectors)
+general_by_T = conse.predictions_by_T(generalised, unseen_probs, sorted({1, conse_T}), k=10)
 train_set = set(classifier.wnids)
-share_train = np.mean([general_prediction.labels(i)[0] in train_set for i in range(len(unseen_photos))])
-general_hits = conse.hit_at_k_by_T({conse_T: general_prediction}, list(unseen_photos.wnid))
-print(f"top-1 is a training label for {100 * share_train:.0f}% of the unseen photos")
-assert share_train > 0.5, "the text above says ConSE then tends to answer with a training label"
+share_train = {T: np.mean([p.labels(i)[0] in train_set for i in range(len(unseen_photos))])
+               for T, p in general_by_T.items()}
+general_hits = conse.hit_at_k_by_T(general_by_T, list(unseen_photos.wnid))
+print("; ".join(f"T={T}: top-1 is a training label for {100 * v:.0f} % of the unseen photos" for T, v in share_train.items()))
+assert share_train[conse_T] > 0.5, "the text above says ConSE then tends to answer with a training label"
+assert share_train[1] == 1.0 and general_hits.loc[1, "hit@1 %"] == 0, "the text above says ConSE(1) +1K always answers a training label"
 general_hits.round(1)
 
 # %% [markdown]
@@ -358,44 +391,106 @@ fig = plots.plot_norm_vs_confidence(norms, confidence, correlations)
 plots.save_figure(fig, "01_conse_norm_vs_confidence")
 
 # %% [markdown]
-# ## 8 · Sanity check on the 1,000 training classes
+# ## 8 · Raw or unit-length label vectors
 #
-# With $T=1$ and the training labels as candidates, $f(x) = s(\hat y_1)$, whose nearest
-# candidate is $\hat y_1$ itself: ConSE(1) must reproduce the softmax top-1. It can differ in
-# only two ways (asserted below): another training label has the *same* vector (synonym
-# averaging gives two synsets with the same lemmas the same vector; ImageNet has a *crane*
-# bird and a *crane* machine), or the top-1 label has no vector at all, in which case
-# ConSE(1) answers with the most probable label that has one (section 4). That fallback can
-# be right where the softmax was wrong, so ConSE(1) can score above the softmax as well as
-# below it. The paper's numbers quoted beside ours (55.6 % hit@1 for its softmax and 55.1 %
-# for ConSE(1) on the ImageNet validation set) have not been checked against a copy of the
-# paper (`PAPER_1K_HIT1` in `zsl_utils/conse/model.py`), and what causes that gap is not
-# examined here. Here the check runs on every readable stamp; hit@1 uses the photos whose
-# mapped synset is a training class (labels from file names, so both numbers are rough,
-# but they are computed on the same images); the line printed under the second table says
-# where the two differ.
+# GloVe's vectors are not of unit length (the range is printed below), and the formula of
+# section 1 averages them as they are. Each label then counts in $f(x)$ with its probability
+# *times its vector's length*, so a long vector pulls harder, and $\lVert f(x) \rVert$ mixes
+# two things: how much the top labels agree, and how long their vectors are. Normalising the
+# label vectors first (`unit_label_vectors=True`) removes the second part. The paper writes
+# the formula with $s(y)$ as given; we did not find it saying whether the vectors were
+# normalised first (not checked against a copy of the paper), so the default is the formula as
+# written, and the table compares both: zero-shot hit@k of ConSE(T) on the unseen photos, and
+# the rank correlation of $\lVert f(x) \rVert$ with the classifier's confidences and with the
+# weighted mean length of the combined label vectors, $\sum_t \frac{p_t}{Z}\lVert s(\hat y_t)\rVert$.
+
+# %%
+lengths = np.linalg.norm(train.vectors[train.found], axis=1)
+print(f"training-label vector lengths: {lengths.min():.2f} to {lengths.max():.2f} (median {np.median(lengths):.2f})")
+weighted_length = conse.conse_embed(probs_ok, np.linalg.norm(train.vectors, axis=1, keepdims=True), T=conse_T,
+                                    train_mask=train.found)[0][:, 0]  # f(x) of the lengths: their weighted mean
+by_setting = {}
+for unit in (False, True):
+    variant = conse.ConSE.from_embeddings(train, unseen, T=conse_T, device=torch_device, unit_train=unit)
+    hits = conse.hit_at_k_by_T({conse_T: variant.predict(unseen_probs, k=10)}, list(unseen_photos.wnid)).iloc[0]
+    _, variant_norms = variant.embed(probs_ok)
+    rho = {f"rho(||f||, {c})": spearmanr(variant_norms, confidence[c]).statistic for c in confidence.columns}
+    by_setting["unit vectors" if unit else "raw vectors"] = {
+        **hits, **rho, "rho(||f||, mean length)": spearmanr(variant_norms, weighted_length).statistic}
+normalisation = pd.DataFrame(by_setting).T
+raw, unit = normalisation.loc["raw vectors"], normalisation.loc["unit vectors"]
+hit_columns = [c for c in normalisation.columns if c.startswith("hit@")]
+print(f"ConSE(T={conse_T}) with unit vectors against raw: hit@k higher at "
+      f"{', '.join(c for c in hit_columns if unit[c] > raw[c]) or 'no k'}, lower at "
+      f"{', '.join(c for c in hit_columns if unit[c] < raw[c]) or 'no k'}, differing by at most "
+      f"{round((unit[hit_columns] - raw[hit_columns]).abs().max() * len(unseen_photos) / 100)} of {len(unseen_photos)} photos; "
+      f"rank correlation of ||f(x)|| with the mean label length {raw['rho(||f||, mean length)']:.2f} (raw) "
+      f"and {unit['rho(||f||, mean length)']:.2f} (unit)")
+assert unit["rho(||f||, mean length)"] < raw["rho(||f||, mean length)"], \
+    "the text says unit vectors take the label lengths out of ||f(x)||"
+normalisation.round(3)
+
+# %% [markdown]
+# ## 9 · Sanity check on 1,000 real ImageNet photos
+#
+# *(Paper: its ConSE(1) and softmax rows on the 1,000 training classes.)* With $T=1$ and the
+# training labels as candidates, $f(x) = s(\hat y_1)$, whose nearest candidate is $\hat y_1$
+# itself, so ConSE(1) reproduces the softmax top-1 except in three situations, each counted
+# below:
+#
+# 1. **no vector**: the softmax top-1 label has none, so ConSE(1) answers with the most
+#    probable label that has one (section 4);
+# 2. **same vector**: the top-1 label shares its vector with another training label (two
+#    synsets with the same lemmas, e.g. the *crane* bird and the *crane* machine), and ConSE(1)
+#    answers the group's first label in WNID order;
+# 3. **tied probabilities**: the two largest probabilities are exactly equal.
+#
+# Case 1 can turn a wrong softmax answer into a right one and the reverse (a photo whose true
+# label has no vector can never be a ConSE hit), so ConSE(1) may score above or below the
+# softmax; the paper reports it slightly below (55.1 against 55.6; these two numbers are
+# quoted from the paper's 1K table and not re-checked here, `PAPER_1K_HIT1`), and gives no
+# breakdown, so whether its gap came from missing or shared vectors cannot be told. Ours is
+# decomposed case by case under the table.
+#
+# The photos are the ImageNet sample (github.com/EliSchwartz/imagenet-sample-images), one
+# per class, shorter side 256 px in the demo copy. Lite0's published ImageNet validation
+# top-1 is 75.1 %; on these photos the softmax scores well above that (printed with its
+# binomial standard error), most likely because they come from ImageNet's training split. So
+# they compare the softmax with ConSE(1) on the same real photos; they do not estimate
+# accuracy on new ones.
+
+# %%
+sample = imagenet_sample_photos(imagenet_sample_dir or None)
+sample_outputs = cached_outputs("probs", sample.path.tolist(), classifier, dataset_id="imagenet-sample",
+                                processes=extraction_processes, batch_size=batch_size, dtype="float32",
+                                compute_dtype=compute_dtype, progress=False)
+sample_ok = sample_outputs.ok
+print(f"{len(sample)} photos of {sample.wnid.nunique()} classes, {int((~sample_ok).sum())} unreadable")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("label collisions among the training labels:",
-      [[f"{w} ({train_names[w]})" for w in group] for group in conse.label_collisions(train)])
-agreement = conse.softmax_vs_conse1(probs_ok, train)
-assert not (agreement.case == "other").any(), "the text says ConSE(1) differs from the softmax only in two ways"
-conse.summarise_conse1_check(agreement)
+print("training labels that share a vector:",
+      ["  =  ".join(names[w] for w in group) for group in conse.label_collisions(train)])
+sanity = conse.softmax_vs_conse1(sample_outputs.load()[sample_ok], train, true_labels=list(sample.wnid[sample_ok]))
+conse.summarise_conse1_check(sanity).round(1)
 
 # %%
-# NBVAL_CHECK_OUTPUT
-seen_probs = probs_all[[row_of[str(p)] for p in seen_photos.path]]
-labelled = conse.softmax_vs_conse1(seen_probs, train, true_labels=list(seen_photos.wnid))
-assert not (labelled.case == "other").any(), "the text says ConSE(1) differs from the softmax only in two ways"
-conse.summarise_conse1_check(labelled).round(1)
-
-# %%
-differ = labelled[labelled.case != "agree"]
-print(f"ConSE(1) and the softmax differ on {len(differ)} of {len(labelled)} labelled photos "
-      f"({', '.join(f'{n} where the {c}' for c, n in differ.case.value_counts().items()) or 'none'}); there the softmax "
-      f"is right {int((differ.softmax_top1 == differ.true_label).sum())} time(s), ConSE(1) "
-      f"{int((differ.conse1_top1 == differ.true_label).sum())} time(s)")
+n_sample = len(sanity)
+softmax_hit1 = 100 * float((sanity.softmax_top1 == sanity.true_label).mean())
+standard_error = float(np.sqrt(softmax_hit1 * (100 - softmax_hit1) / n_sample))
+published = PUBLISHED_TOP1.get(classifier_name)
+print(f"softmax top-1 on the {n_sample} photos: {softmax_hit1:.1f} % ± {standard_error:.1f} (binomial standard error); "
+      f"published ImageNet validation top-1 of {classifier_name}: {published if published else 'not known here'} %")
+assert published is None or softmax_hit1 - 2 * standard_error > published, \
+    "the text says the softmax scores well above its published validation accuracy on these photos"
+assert not (sanity.case == "other").any(), "the text says ConSE(1) differs from the softmax only in the three listed ways"
+for case, rows in sanity[sanity.case != "agree"].groupby("case"):
+    softmax_right, conse_right = int((rows.softmax_top1 == rows.true_label).sum()), int((rows.conse1_top1 == rows.true_label).sum())
+    print(f"{case}: {len(rows)} photos; softmax right on {softmax_right}, ConSE(1) right on {conse_right} "
+          f"({'+' if conse_right >= softmax_right else '-'}{abs(conse_right - softmax_right) * 100 / n_sample:.1f} points for ConSE(1))")
+conse1_hit1 = 100 * float((sanity.conse1_top1 == sanity.true_label).mean())
+print(f"in all: ConSE(1) {conse1_hit1:.1f} % against softmax {softmax_hit1:.1f} %, "
+      f"{'above' if conse1_hit1 > softmax_hit1 else 'below' if conse1_hit1 < softmax_hit1 else 'equal to'} it")
 
 # %% [markdown]
 # ## What we saw
@@ -405,15 +500,42 @@ print(f"ConSE(1) and the softmax differ on {len(differ)} of {len(labelled)} labe
 # * On photos of animals outside the 1,000 classes, the right animal is rarely ConSE's first
 #   answer and is among its first ten for a minority of the photos (section 6); polysemous
 #   words and averaged phrases are two failure modes seen in section 5, with GloVe-50d.
+#   Synsets that share their lemmas share a vector and tie (section 2 counts them).
 # * $T$ changes the answer: $T=1$ only translates the top guess, larger $T$ mixes in the
 #   runners-up. Which $T$ scores best depends on $k$ (the lines printed in section 6); on a
 #   few dozen photos the differences between $T$ values are a handful of images (at most
-#   five, asserted there), so read the table as an illustration, not a measurement.
+#   five, asserted there), so read the table as an illustration, not a measurement. In the
+#   +1K setting ConSE(1) can only answer a training label.
 # * $\lVert f(x) \rVert$ rises with the classifier's largest probability and falls with its
 #   entropy (section 7: rank correlations, signs asserted there), so it can flag doubtful
-#   predictions.
+#   predictions; with raw GloVe vectors it also follows their lengths (section 8).
 # * ConSE(1) over the training labels is the softmax classifier again, except where labels
-#   share a vector or the top-1 label has none; in the second case ConSE(1) falls back to the
-#   next label, which can make it score above the softmax (section 8 prints where they differ).
+#   lack or share a vector or probabilities tie; on 1,000 real ImageNet photos section 9
+#   counts each case and how it moves hit@1.
 #
+# ## Try it
+#
+# Each idea is one parameter away (`python -m zsl_utils run --profile demo --set NAME=VALUE`,
+# or `papermill -p NAME VALUE`), or one cell using the public API:
+#
+# 1. **Another T.** `conse_T=1` and `conse_T=1000`: which examples of section 5 change their
+#    answer, and why does ConSE(1) +1K score exactly 0 at hit@1?
+# 2. **Unit vectors.** `unit_label_vectors=True`: does section 7's confidence signal get
+#    better or worse?
+# 3. **Another semantic space.** `semantic_space=minilm` embeds each label's lemmas with a
+#    sentence encoder (384-d): are fewer labels missing, fewer sharing a vector?
+# 4. **Another classifier.** `classifier_name=timm:resnet50` (timm fetches the weights once;
+#    or pass `classifier_weights`).
+# 5. **Your own photo and your own labels**, below: any image file and any words the
+#    semantic space knows; ConSE ranks your labels for your photo.
+
+# %%
+my_photo = examples.path[0]  # any image file
+my_labels = {"giraffe": ("giraffe",), "zebra": ("zebra",), "camel": ("camel",), "teapot": ("teapot",)}  # name: words
+my_candidates = embed_labels(semantic_space, my_labels, device=device)
+my_probs = classifier.probabilities(classifier.preprocess_images([my_photo]).to(torch_device)).cpu().numpy()
+mine = conse.ConSE.from_embeddings(train, my_candidates, T=conse_T, device=torch_device).predict(my_probs, k=len(my_labels))
+[(label, round(float(score), 3)) for label, score in zip(mine.labels(0), mine.scores[0])]
+
+# %% [markdown]
 # Notebook `02_imagenet_zero_shot_eval` evaluates ConSE on ImageNet's zero-shot test sets with the paper's metrics.

@@ -21,6 +21,7 @@ from zsl_utils.conse.model import (
     summarise_conse1_check,
     top1_by_T,
     top_training_labels,
+    vector_groups,
 )
 from zsl_utils.errors import ParameterError
 from zsl_utils.semantic import LabelEmbeddings
@@ -219,12 +220,57 @@ def test_collisions_and_conse1_sanity_check():
                       [0.1, 0.1, 0.7, 0.1],  # dog: agrees
                       [0.1, 0.1, 0.2, 0.6]], dtype=np.float32)  # kuvasz has no vector
     table = softmax_vs_conse1(probs, train, true_labels=["machine_crane", "dog", "kuvasz"])
-    assert table.case.tolist() == ["collision (same vector)", "agree", "softmax top-1 has no embedding"]
+    assert table.case.tolist() == ["same vector as another label", "agree", "softmax top-1 has no vector"]
     assert table.conse1_top1.tolist()[1:] == ["dog", "dog"]
     summary = summarise_conse1_check(table).set_index("quantity")
     assert summary.loc["hit@1 % softmax", "ours"] == pytest.approx(100.0)
     assert summary.loc["hit@1 % ConSE(1)", "ours"] == pytest.approx(100.0 / 3)
     assert summary.loc["hit@1 % softmax", "paper"] == 55.6
+    assert summary.loc["images: tied top probabilities", "ours"] == 0  # every case is listed, zeros included
+
+
+def test_identical_candidate_vectors_rank_together_in_candidate_order():
+    v, w = [1.0, 0.0], [0.6, 0.8]
+    model = ConSE(np.array([v, w]), np.array([w, v, w, v, v]), T=1, candidate_labels=list("abcde"))
+    near_v = np.array([[0.9, 0.1]], dtype=np.float32)  # f(x) = v: b, d, e tie at cosine 1, a and c at 0.6
+    assert [model.predict(near_v, k=k).labels(0) for k in (1, 3, 4, 5)] == [
+        ["b"], ["b", "d", "e"], ["b", "d", "e", "a"], ["b", "d", "e", "a", "c"]]
+    np.testing.assert_allclose(model.predict(near_v, k=5).scores[0], [1, 1, 1, 0.6, 0.6], atol=1e-6)
+    assert vector_groups(np.array([w, v, w, v, v])).tolist() == [[0, 2, -1], [1, 3, 4]]
+
+
+def test_ranking_equals_a_stable_sort_by_score_then_candidate():
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(6, 3))
+    candidates = distinct[rng.integers(0, 6, size=40)]  # many exact duplicates
+    train = rng.normal(size=(5, 3))
+    probs = rng.dirichlet(np.ones(5), size=20).astype(np.float32)
+    model = ConSE(train, candidates, T=3)
+    got = model.predict(probs, k=12).indices
+    embedded, _ = model.embed(probs)
+    unit = candidates / np.linalg.norm(candidates, axis=1, keepdims=True)
+    # the group's shared score, so float noise between identical rows cannot reorder them
+    cosine = (embedded / np.linalg.norm(embedded, axis=1, keepdims=True)) @ unit[vector_groups(unit)[:, 0]].T
+    groups = vector_groups(unit)
+    group_of = np.empty(len(candidates), int)
+    for g, members in enumerate(groups):
+        group_of[members[members >= 0]] = g
+    expected = [sorted(range(len(candidates)), key=lambda j: (-round(cosine[i, group_of[j]], 5), j))[:12]
+                for i in range(len(probs))]
+    assert got.tolist() == expected
+
+
+def test_unit_train_switch_on_a_2d_toy():
+    # a = (2, 0), b = (0, 1), p = (0.5, 0.5), T = 2: raw f(x) = (1, 0.5), unit f(x) = (0.5, 0.5)
+    train, probs = np.array([[2.0, 0.0], [0.0, 1.0]]), np.array([[0.5, 0.5]], dtype=np.float32)
+    candidates = np.array([[2.0, 1.0], [1.0, 1.0]])
+    raw = ConSE(train, candidates, T=2, candidate_labels=["along raw f", "along unit f"])
+    unit = ConSE(train, candidates, T=2, candidate_labels=["along raw f", "along unit f"], unit_train=True)
+    np.testing.assert_allclose(raw.embed(probs)[0], [[1.0, 0.5]])
+    np.testing.assert_allclose(unit.embed(probs)[1], [np.sqrt(0.5)], rtol=1e-6)
+    np.testing.assert_allclose(raw.embed(probs)[1], [np.sqrt(1.25)], rtol=1e-6)
+    assert raw.predict(probs, k=1).labels(0) == ["along raw f"]
+    assert unit.predict(probs, k=1).labels(0) == ["along unit f"]
 
 
 # --------------------------------------------------------------------------- analysis helpers

@@ -63,6 +63,28 @@ def test_load_wnid_list_errors(tmp_path):
         load_wnid_list(tmp_path / "nope.txt")
 
 
+def test_load_wnid_list_json(tmp_path):
+    text, listed = tmp_path / "all.txt", tmp_path / "all.json"
+    text.write_text("n01440764\nn01443537\nn01440764\n")
+    listed.write_text('["n01440764", "n01443537", "n01440764"]')
+    assert load_wnid_list(listed) == load_wnid_list(text) == ["n01440764", "n01443537"]
+    published = tmp_path / "published.txt"  # JSON by its first character, whatever the suffix
+    published.write_text('  {"2-hops": ["n01443537"], "3-hops": ["n01440764", "n01443537"], "all": ["n01440764"]}')
+    assert load_wnid_list(published, key="3-hops") == ["n01440764", "n01443537"]
+    with pytest.raises(DataLayoutError, match=r"published.txt has 3 lists: pass .*key=.*\['2-hops', '3-hops', 'all'\]"):
+        load_wnid_list(published)
+    with pytest.raises(DataLayoutError, match=r"published.txt has no list '4-hops'.*\['2-hops', '3-hops', 'all'\]"):
+        load_wnid_list(published, key="4-hops")
+    with pytest.raises(DataLayoutError, match="1 WNIDs are not in the label space"):
+        load_wnid_list(published, key="3-hops", known={"n01440764"})
+    listed.write_text('{"all": ["n01440764", "tench", 3]}')  # a single list needs no key
+    with pytest.raises(DataLayoutError, match="all.json: expected a JSON list of WNID strings.*found 'tench'"):
+        load_wnid_list(listed)
+    listed.write_text('["n01440764",')
+    with pytest.raises(DataLayoutError, match="all.json is not valid JSON"):
+        load_wnid_list(listed)
+
+
 def test_real_label_sets(wordnet):
     """Invariants on WordNet 3.0 + timm's lists; sizes are those documented in the module."""
     hierarchy = imagenet.wordnet_hierarchy(wordnet)

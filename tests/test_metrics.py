@@ -64,6 +64,13 @@ def test_tree_distance_ignores_down_then_up_paths():
     assert d_x["a"] == d_x["b"] == 1 and d_x["a1"] == 2 and d_x["root"] == 2 and d_x["n"] == 2
 
 
+def test_any_path_reading_allows_down_then_up():
+    d = {n: v for n, v in distances_from(Hierarchy.from_parents(DAG).any_path(), "a1").items()}
+    index = Hierarchy.from_parents(DAG).index
+    # a1 -> a -> x -> b is now allowed: 3 steps (5 when only climb-then-descend counts)
+    assert d[index["x"]] == 2 and d[index["b"]] == 3 and d[index["n"]] == 4
+
+
 def test_vectorised_nearest_source_distance_matches_single_source_search():
     rng = np.random.default_rng(0)
     parents = {f"n{i}": [f"n{j}" for j in rng.choice(i, size=min(i, rng.integers(1, 3)), replace=False)]

@@ -83,3 +83,28 @@ def test_real_wordnet_3_0_invariants(wordnet):
     # Hypernym and hyponym pointers are mirror images of each other.
     assert all(w in wordnet.synset(h).hyponyms for w in sample for h in wordnet.hypernyms(w))
     assert wordnet.lookup("tabby cat") == ["n02123045"]
+
+
+def test_display_names_by_hand(tmp_path):
+    # three synsets all named "king": two with different hypernyms, two under the same one
+    (tmp_path / "data.noun").write_text(
+        "00000001 03 n 01 ruler 0 001 ~ 00000003 n 0000 | a ruler\n"
+        "00000002 03 n 01 chessman 0 001 ~ 00000004 n 0000 | a piece\n"
+        "00000003 03 n 02 king 0 sovereign 0 001 @ 00000001 n 0000 | a male sovereign\n"
+        "00000004 03 n 01 king 0 001 @ 00000002 n 0000 | the most important piece; the king\n"
+        "00000005 03 n 01 king 0 001 @ 00000002 n 0000 | a checker that reached the last row\n")
+    (tmp_path / "index.noun").write_text("king n 3 0 3 0 00000003 00000004 00000005\n")
+    names = WordNet.load(tmp_path).display_names(["n00000003", "n00000004", "n00000005", "n00000001", "n09999999"])
+    assert names == {"n00000003": "king (ruler)",  # hypernym lemma suffices
+                     "n00000004": "king (the most important piece)",  # same hypernym: the gloss up to ";"
+                     "n00000005": "king (a checker that reached ...)",  # first 4 words
+                     "n00000001": "ruler", "n09999999": "n09999999"}  # outside WordNet: the WNID
+
+
+def test_display_names_are_distinct_over_the_imagenet_label_space(wordnet):
+    from zsl_utils.data.wnids import imagenet_wnids
+    labels = list(dict.fromkeys(imagenet_wnids("1k") + imagenet_wnids("21k")))
+    names = wordnet.display_names(labels)
+    assert len(names) == len(labels) == 21_842 and len(set(names.values())) == len(labels)
+    assert names["n03618101"] == "king (chessman)" and names["n02012849"] == "crane (wading bird)"
+    assert names["n02123597"] == "Siamese cat"  # a lemma no other label has stays as it is

@@ -100,8 +100,9 @@ class ShardedCache:
             raise CacheError(f"no cache at {self.directory} (missing {META_NAME}); build it first "
                              f"or open it with read_only=False.")
         try:
-            read_only or check_writable_directory(self.directory, "pass a writable cache_dir, set ZSL_CACHE_DIR, or "
-                                                  "open a finished cache with read_only=True.")
+            if not read_only:
+                check_writable_directory(self.directory, "pass a writable cache_dir, set ZSL_CACHE_DIR, or open a "
+                                         "finished cache with read_only=True.")
         except CacheError:  # a finished cache on read-only storage: reading is all it needs
             if not has_meta or not self.is_complete():
                 raise

@@ -86,8 +86,13 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping[str,
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"loss": {"margin": 1}}`` -> ``{"loss.margin": 1}``, so a difference names the leaf that changed."""
-    return {name: leaf for key, value in tree.items() for name, leaf in (_flatten(value, f"{prefix}{key}.")
-            if isinstance(value, Mapping) and value else {f"{prefix}{key}": value}).items()}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _digest(tree: Any, digest: Any = None) -> str:
@@ -101,7 +106,8 @@ def _digest(tree: Any, digest: Any = None) -> str:
         digest.update(f"{len(tree)}(".encode())
         pairs = sorted(tree.items(), key=lambda kv: repr(kv[0])) if isinstance(tree, Mapping) else enumerate(tree)
         for key, value in pairs:
-            _digest(key, digest), _digest(value, digest)
+            _digest(key, digest)
+            _digest(value, digest)
     else:
         digest.update(repr(tree).encode())
     return digest.hexdigest()

@@ -31,6 +31,8 @@ from zsl_utils.device import pick_device
 from zsl_utils.errors import AssetUnavailableError, DataLayoutError, ParameterError
 
 DEFAULT_CLASSIFIER = "efficientnet_lite0"
+# ImageNet-1K validation top-1 (%) as published: EfficientNet-Lite table of the TensorFlow TPU repository.
+PUBLISHED_TOP1 = {"efficientnet_lite0": 75.1}
 ACCEPTED_FORMS = ("'efficientnet_lite0' (packaged offline weights, the default)",
                   "'timm:<architecture>' or a bare timm architecture, e.g. 'timm:resnet50.a1_in1k' (weights from the "
                   "local HF/torch-hub cache or weights=<file>)",

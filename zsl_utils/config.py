@@ -25,6 +25,7 @@ TABLES_DIR = Path(__file__).resolve().parent / "tables"  # reviewed tables (name
 
 WORDNET_DIR = RAW_DIR / "wordnet"
 TUXPAINT_DIR = RAW_DIR / "tuxpaint_stamps"
+IMAGENET_SAMPLE_DIR = RAW_DIR / "imagenet_sample"
 
 
 def ensure_dir(path: Path) -> Path:

@@ -11,8 +11,10 @@ descends to ``v``:
 
 where :math:`\mathrm{Anc}^*` includes the label itself and :math:`\mathrm{up}(x, a)` is the
 fewest parent links from ``x`` to ``a``. In a tree this is the path length; in a DAG like
-WordNet it ignores "down then up" paths (through a shared child to a co-parent), which do
-not express similarity. Labels with no common ancestor are at infinite distance.
+WordNet it ignores "down then up" paths (through a shared child to a co-parent), which we read
+as not expressing similarity: this is our reading of DeViSE's definition, which does not say;
+:meth:`Hierarchy.any_path` gives the other one (any shortest path). Labels with no common
+ancestor are at infinite distance.
 
 **Hierarchical precision@k** (DeViSE appendix; ConSE Sec. 5). For true label ``y`` and
 candidates ``C`` the *correct set* grows in rings around ``y``:
@@ -87,6 +89,12 @@ class Hierarchy:
                 parent_lists[index[child]].append(index[parent])
                 child_lists[index[parent]].append(index[child])
         return cls(list(index), index, [tuple(p) for p in parent_lists], [tuple(c) for c in child_lists])
+
+    def any_path(self) -> "Hierarchy":
+        """The same graph with every link usable both ways: the distance becomes the shortest path, "down then up"
+        included (the other reading of DeViSE's rule)."""
+        links = [tuple(dict.fromkeys(p + c)) for p, c in zip(self.parent_lists, self.child_lists)]
+        return Hierarchy(self.nodes, self.index, links, links)
 
     def __len__(self) -> int:
         return len(self.nodes)

@@ -16,26 +16,28 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
     return path
 
 
-def _panels(n: int, max_columns: int, width: float, height: float):
+def _panels(n: int, max_columns: int, width: float, height: float, sharey: bool = False):
     """``(fig, axes)`` for ``n`` panels in rows of at most ``max_columns``; spare panels hidden."""
     columns = min(max_columns, max(n, 1))
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False, sharey=sharey)
     for axis in axes.ravel()[n:]:
         axis.axis("off")
     return fig, axes.ravel()
 
 
-def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str = "ConSE"):
-    """Per image: the picture, top training labels and ConSE's top unseen labels (lists of ``(name, value)``)."""
-    fig, axes = plt.subplots(len(images), 3, figsize=(12, 2.4 * len(images)),
-                             gridspec_kw={"width_ratios": [1, 1.6, 1.6]}, squeeze=False)
+def plot_conse_examples(images, titles, train_tops, conse_tops, conse_label: str = "ConSE", true_names=None):
+    """Per image: the picture, top training labels and ConSE's top unseen labels (lists of ``(name, value)``);
+    the true label, where ConSE lists it, is marked with ``>``."""
+    fig, axes = plt.subplots(len(images), 3, figsize=(13, 2.4 * len(images)),
+                             gridspec_kw={"width_ratios": [1, 1.6, 1.9]}, squeeze=False)
     for row, (image, title, train, conse) in enumerate(zip(images, titles, train_tops, conse_tops)):
         axes[row, 0].imshow(image)
         axes[row, 0].set_title(title, fontsize=10)
+        truth = true_names[row] if true_names is not None else None
         for column, heading, pairs in ((1, "classifier top labels (p)", train),
-                                       (2, f"{conse_label}: unseen labels (cos)", conse)):
-            lines = [f"{i + 1}. {name[:30]}  {value:.3f}" for i, (name, value) in enumerate(pairs)]
+                                       (2, f"{conse_label}: unseen labels (cos; > true)", conse)):
+            lines = [f"{'>' if name == truth else ' '}{i + 1}. {name}  {value:.3f}" for i, (name, value) in enumerate(pairs)]
             axes[row, column].text(0.0, 0.95, heading + "\n" + "\n".join(lines), va="top", ha="left",
                                    family="monospace", fontsize=9, transform=axes[row, column].transAxes)
     for axis in axes.ravel():
@@ -71,14 +73,19 @@ def plot_norm_vs_confidence(norms, confidence, correlations):
     return fig
 
 
-def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit"):
-    """One panel per test set: ``metric``@k (%) against k, one line per model, from ``evaluate_conse(...).table``."""
+def plot_hit_at_k_curves(table, ks=(1, 2, 5, 10, 20), metric: str = "hit", paper=None):
+    """One panel per test set (shared y-axis): ``metric``@k (%) against k, one line per model, from
+    ``evaluate_conse(...).table``; ``paper`` rows (same columns) are drawn dashed with open markers where known."""
     names = list(dict.fromkeys(table["test set"]))
-    fig, axes = _panels(len(names), 3, 4.2, 3.2)
+    paper = table.iloc[:0] if paper is None else paper
+    fig, axes = _panels(len(names), 3, 4.2, 3.2, sharey=True)
     for axis, name in zip(axes, names):
         part = table[table["test set"] == name]
         for _, row in part.iterrows():
             axis.plot(ks, [row[f"{metric}@{k}"] for k in ks], marker="o", label=row["model"])
+        known = paper[paper["test set"] == name].dropna(subset=[f"{metric}@{k}" for k in ks], how="all")
+        for _, row in known.iterrows():
+            axis.plot(ks, [row[f"{metric}@{k}"] for k in ks], "--", marker="o", mfc="none", label=f"paper {row['model']}")
         axis.set(xscale="log", xlabel="k", ylabel=f"{metric}@k (%)", xticks=list(ks), xticklabels=[str(k) for k in ks])
         axis.set_title(f"{name} ({int(part['images'].iloc[0])} images)", fontsize=10)
         axis.grid(alpha=0.3)
@@ -92,10 +99,10 @@ def plot_hits_and_misses(images, true_names, predicted_names, hit_ranks, title: 
     fig, axes = _panels(len(images), 4, 3.4, 3.9)
     for axis, image, truth, predictions, rank in zip(axes, images, true_names, predicted_names, hit_ranks):
         axis.imshow(image)
-        lines = [("> " if i + 1 == rank else "  ") + f"{i + 1}. {name[:26]}" for i, name in enumerate(predictions)]
-        axis.set_title(f"true: {truth[:28]}", fontsize=9, color="green" if rank else "firebrick")
+        lines = [("> " if i + 1 == rank else "  ") + f"{i + 1}. {name}" for i, name in enumerate(predictions)]
+        axis.set_title(f"true: {truth}", fontsize=8, color="green" if rank else "firebrick")
         axis.text(0.0, -0.02, "\n".join(lines), transform=axis.transAxes, va="top", ha="left",
-                  family="monospace", fontsize=8)
+                  family="monospace", fontsize=7)
         axis.set(xticks=[], yticks=[])
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -5,8 +5,10 @@ label, ConSE (Norouzi et al., ICLR 2014) embeds an image as the probability-weig
 probable labels' vectors, :math:`f(x) = \frac{1}{Z} \sum_{t=1}^{T} p(\hat y_t \mid x)\, s(\hat y_t)` with
 :math:`Z = \sum_{t=1}^{T} p(\hat y_t \mid x)`, and ranks candidate labels by cosine similarity to :math:`f(x)`: unseen
 labels only (zero-shot) or training + unseen labels (generalised, the paper's "+1K" rows). :math:`\lVert f(x) \rVert_2`
-shrinks when the top labels point in different semantic directions, which the paper reads as a confidence. Inputs are
-numpy, memmap or torch, processed in chunks (bounded memory) on any torch device."""
+shrinks when the top labels point in different semantic directions, which the paper reads as a confidence; with raw
+(not unit) label vectors it also grows with their lengths (``unit_train=True`` normalises them first). Candidates with
+identical vectors (synsets with the same lemmas) tie exactly: ConSE ranks them together, in candidate order, so the
+order does not depend on the machine. Inputs are numpy, memmap or torch, processed in chunks on any torch device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,6 +84,18 @@ def unit_rows(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
+def vector_groups(vectors) -> np.ndarray:
+    """Rows with identical vectors, as ``[n_groups, largest group]`` row indices (ascending, padded with -1),
+    the groups in the order of their first row."""
+    _, first, group = np.unique(np.asarray(vectors), axis=0, return_index=True, return_inverse=True)
+    group = np.argsort(np.argsort(first))[group.reshape(-1)]  # renumbered by first row
+    order = np.lexsort((np.arange(len(group)), group))  # by group, then by row
+    sizes = np.bincount(group)
+    table = np.full((len(sizes), sizes.max()), -1, dtype=np.int64)
+    table[group[order], np.arange(len(group)) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = order
+    return table
+
+
 def _embed_block(probs: torch.Tensor, train: torch.Tensor, T: int, train_mask: torch.Tensor | None):
     """``(f(x), ||f(x)||)`` for one block of probabilities: the module docstring's formula."""
     if train_mask is not None:
@@ -152,12 +166,15 @@ class ConSEPrediction:
 
 
 class ConSE:
-    """Training-label vectors (``train_mask``: real ones), ``T``, candidates to rank (unseen, or training + unseen)."""
+    """Training-label vectors (``train_mask``: real ones), ``T``, candidates to rank (unseen, or training + unseen);
+    ``unit_train=True`` unit-normalises the training-label vectors before they are combined."""
 
     def __init__(self, train_vectors, candidate_vectors, T: int = 10, train_mask=None,
-                 candidate_labels: Sequence[str] | None = None, device: str | torch.device = "cpu") -> None:
+                 candidate_labels: Sequence[str] | None = None, device: str | torch.device = "cpu",
+                 unit_train: bool = False) -> None:
         self.device = _resolve_device(device)
         self.train = _to_tensor(train_vectors, self.device)
+        self.train = unit_rows(self.train) if unit_train else self.train
         self.T = _check_T(T, self.train.shape[0])
         self.train_mask = None if train_mask is None else _to_tensor(train_mask, self.device)
         if self.train_mask is not None and self.train_mask.shape != (self.train.shape[0],):
@@ -172,13 +189,16 @@ class ConSE:
         self.candidate_labels = list(candidate_labels) if candidate_labels is not None else [str(i) for i in range(n)]
         if len(self.candidate_labels) != n:
             raise ParameterError(f"ConSE: {len(self.candidate_labels)} candidate labels for {n} candidate vectors.")
+        # Identical candidate vectors tie exactly: one row per distinct vector is ranked, then its group is listed.
+        self.groups = torch.as_tensor(vector_groups(self.unit_candidates.cpu().numpy()), device=self.device)
+        self.distinct = self.unit_candidates[self.groups[:, 0]]
 
     @classmethod
     def from_embeddings(cls, train: LabelEmbeddings, candidates: LabelEmbeddings, T: int = 10,
-                        device: str | torch.device = "cpu") -> "ConSE":
+                        device: str | torch.device = "cpu", unit_train: bool = False) -> "ConSE":
         """Missing training labels are masked out, missing candidates dropped (see ``.report()``)."""
         usable = candidates.only_found()
-        return cls(train.vectors, usable.vectors, T, train.found, usable.labels, device)
+        return cls(train.vectors, usable.vectors, T, train.found, usable.labels, device, unit_train)
 
     def with_T(self, T: int) -> "ConSE":
         """The same model with another ``T`` (shares the stored vectors)."""
@@ -213,7 +233,11 @@ class ConSE:
         return self._prediction(chunks)
 
     def _rank_block(self, emb: torch.Tensor, norm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx, score = rank(emb, self.unit_candidates, k, device=self.device, unit_candidates=True)
+        top, score = rank(emb, self.distinct, min(k, len(self.groups)), device=self.device, unit_candidates=True)
+        idx = self.groups[top].flatten(1)  # each ranked vector's candidates, in candidate order
+        if idx.shape[1] > k:  # some groups hold several candidates: keep the first k, skipping the padding
+            keep = torch.argsort((idx < 0).to(torch.int8), dim=1, stable=True)[:, :k]
+            idx, score = idx.gather(1, keep), score.repeat_interleave(self.groups.shape[1], dim=1).gather(1, keep)
         norm = norm.cpu().numpy() if isinstance(norm, torch.Tensor) else np.asarray(norm, dtype=np.float32)
         return idx.cpu().numpy(), score.cpu().numpy(), norm
 
@@ -228,21 +252,25 @@ def generalised_candidates(train: LabelEmbeddings, unseen: LabelEmbeddings) -> L
     return train.concat(unseen.take([i for i, label in enumerate(unseen.labels) if label not in seen]))
 
 
-def label_collisions(embeddings: LabelEmbeddings, decimals: int = 5) -> list[list[str]]:
-    """Groups of labels whose vectors point the same way (cosine 1 to ``decimals``): ConSE cannot tell them apart."""
+def label_collisions(embeddings: LabelEmbeddings) -> list[list[str]]:
+    """Groups of labels whose vectors point the same way exactly: ConSE ranks each group together, in label order."""
     found = np.flatnonzero(embeddings.found)
     unit = unit_rows(torch.as_tensor(embeddings.vectors[found], dtype=torch.float32)).numpy()
-    _, inverse, counts = np.unique(np.round(unit, decimals), axis=0, return_inverse=True, return_counts=True)
-    groups = [found[inverse.reshape(-1) == g] for g in np.flatnonzero(counts > 1)]
-    return sorted([[embeddings.labels[i] for i in group] for group in groups])
+    return [[embeddings.labels[found[i]] for i in group if i >= 0] for group in vector_groups(unit) if len(group) > 1 and group[1] >= 0]
 
 
 # hit@1 (%) on the paper's 1K validation set as summarised in issue 3; unverified (tables/paper_conse_imagenet.csv).
 PAPER_1K_HIT1 = {"softmax": 55.6, "ConSE(1)": 55.1}
 
 
+CONSE1_CASES = ("agree", "softmax top-1 has no vector", "same vector as another label", "tied top probabilities",
+                "other")
+
+
 def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] | None = None) -> pd.DataFrame:
-    """Softmax vs. ConSE(1) top-1 over the training labels per image; column ``case`` says why they differ, if so."""
+    """Softmax vs. ConSE(1) top-1 over the training labels per image; column ``case`` (one of ``CONSE1_CASES``) says
+    why they differ: ConSE(1) skips a top-1 label without a vector, lists labels sharing a vector in label order,
+    and may order tied probabilities differently from argmax."""
     probs_np = np.asarray(probs, dtype=np.float32)
     prediction = ConSE.from_embeddings(train, train, T=1).predict(probs_np, k=1)
     table = pd.DataFrame({"softmax_top1": [train.labels[j] for j in probs_np.argmax(axis=1)],
@@ -250,8 +278,9 @@ def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] 
     group_of = {label: g for g, group in enumerate(label_collisions(train)) for label in group}
     soft, con = table.softmax_top1, table.conse1_top1
     collision = [a in group_of and group_of.get(b) == group_of[a] for a, b in zip(soft, con)]
-    table["case"] = np.select([soft == con, soft.isin(train.missing), collision],
-                              ["agree", "softmax top-1 has no embedding", "collision (same vector)"], "other")
+    top_two = -np.partition(-probs_np, 1, axis=1)[:, :2]
+    tie = top_two[:, 0] == top_two[:, 1]
+    table["case"] = np.select([soft == con, soft.isin(train.missing), collision, tie], CONSE1_CASES[:-1], "other")
     if true_labels is not None:
         if len(true_labels) != len(table):
             raise ParameterError(f"softmax_vs_conse1: {len(true_labels)} true labels for {len(table)} images.")
@@ -261,8 +290,8 @@ def softmax_vs_conse1(probs, train: LabelEmbeddings, true_labels: Sequence[str] 
 
 def summarise_conse1_check(per_image: pd.DataFrame) -> pd.DataFrame:
     """Counts per case and, with true labels, hit@1 (%) of both beside the paper's numbers."""
-    rows = [{"quantity": f"images: {name}", "ours": float(count), "paper": np.nan}
-            for name, count in per_image["case"].value_counts().items()]
+    counts = per_image["case"].value_counts()
+    rows = [{"quantity": f"images: {case}", "ours": float(counts.get(case, 0)), "paper": np.nan} for case in CONSE1_CASES]
     if "true_label" in per_image:
         for method, column in (("softmax", "softmax_top1"), ("ConSE(1)", "conse1_top1")):
             hit = 100.0 * float((per_image[column] == per_image["true_label"]).mean())

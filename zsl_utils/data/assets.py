@@ -11,6 +11,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,6 +22,8 @@ WORDNET_FILES = ("data.noun", "index.noun")
 STAMP_SUFFIXES = (".png", ".txt")
 TUXPAINT_UPSTREAM_URL = ("https://sourceforge.net/projects/tuxpaint/files/tuxpaint-stamps/2022-06-04/"
                          "tuxpaint-stamps-2022.06.04.tar.gz/download")
+IMAGENET_SAMPLE_URL = "https://github.com/EliSchwartz/imagenet-sample-images/archive/refs/heads/master.zip"
+SAMPLE_PATTERN = "n????????_*.JPEG"  # <wnid>_<name>.JPEG, one per 1K class
 _COMPLETE_MARKER = ".complete"
 
 # A route fills an empty folder and returns its source, or None where it cannot serve (raises if it tried and failed).
@@ -70,11 +73,11 @@ def _copy_tree(source: Path, target: Path, suffixes: tuple[str, ...] | None = No
 
 
 def _has(directory: Path, required: tuple[str, ...]) -> bool:
-    return directory.is_dir() and all((directory / name).is_file() for name in required)
+    return directory.is_dir() and all(any(p.is_file() for p in directory.glob(name)) for name in required)
 
 
 def _from_dir(source: Optional[Path], suffixes: tuple[str, ...] | None = None, required: tuple[str, ...] = ()) -> Route:
-    """A route copying an existing folder (which must hold ``required``)."""
+    """A route copying an existing folder (which must hold ``required``: file names or glob patterns)."""
 
     def route(staging: Path) -> Optional[str]:
         if source is None or not _has(source, required) or _copy_tree(source, staging, suffixes) == 0:
@@ -138,6 +141,20 @@ def _stamps_from_upstream(staging: Path) -> Optional[str]:
         return f"upstream release {TUXPAINT_UPSTREAM_URL}"
 
 
+def _sample_from_github(staging: Path) -> Optional[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "sample.zip"
+        with urllib.request.urlopen(IMAGENET_SAMPLE_URL, timeout=60) as response, open(archive, "wb") as out:
+            shutil.copyfileobj(response, out)
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(Path(tmp) / "unzipped")
+        folders = sorted(Path(tmp, "unzipped").iterdir())  # a GitHub zip holds one <repo>-<branch>/ folder
+        if not folders or _sample_from_dir(folders[0])(staging) is None:
+            raise RuntimeError(f"the archive has no {SAMPLE_PATTERN} photos")
+        return f"GitHub archive {IMAGENET_SAMPLE_URL}"
+
+
+_sample_from_dir = partial(_from_dir, suffixes=(".jpeg", ".jpg"), required=(SAMPLE_PATTERN,))
 _wordnet_from_apt = _from_apt_package("wordnet-base", "usr/share/wordnet", required=WORDNET_FILES)
 _stamps_from_apt = _from_apt_package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", STAMP_SUFFIXES)
 WORDNET_ADVICE = ("install Debian's 'wordnet-base' (apt-get install wordnet-base), or pip install nltk with internet "
@@ -146,6 +163,8 @@ WORDNET_ADVICE = ("install Debian's 'wordnet-base' (apt-get install wordnet-base
 TUXPAINT_ADVICE = ("install Debian's 'tuxpaint-stamps-default', or download tuxpaint-stamps-2022.06.04.tar.gz from the "
                    "Tux Paint project and unpack its stamps/ folder into this target folder, then create an empty "
                    f"'{_COMPLETE_MARKER}' file in it.")
+IMAGENET_SAMPLE_ADVICE = ("set ZSL_IMAGENET_SAMPLE to a folder holding the photos (n01440764_tench.JPEG ...), or clone "
+                          "https://github.com/EliSchwartz/imagenet-sample-images and set ZSL_IMAGENET_SAMPLE to it.")
 
 
 def ensure_wordnet(target: Path | None = None) -> Path:
@@ -166,9 +185,21 @@ def ensure_tuxpaint(target: Path | None = None) -> Path:
     return _fetch(Path(target or config.TUXPAINT_DIR), routes, "the Tux Paint stamps (demo images)", TUXPAINT_ADVICE)
 
 
+def ensure_imagenet_sample(target: Path | None = None) -> Path:
+    """A folder of the 1,000 ImageNet sample photos (``<wnid>_<name>.JPEG``, one per 1K class), fetched if needed."""
+    user_copy = os.environ.get("ZSL_IMAGENET_SAMPLE")
+    # A checkout beside the workplace's shared/ folder has a resized copy: `make notebooks` needs no variable there.
+    development_copy = config.PROJ_ROOT.parent / "shared" / "data" / "imagenet-sample-256"
+    routes = [("$ZSL_IMAGENET_SAMPLE", _sample_from_dir(Path(user_copy).expanduser() if user_copy else None)),
+              ("../shared/data/imagenet-sample-256 (development copy)", _sample_from_dir(development_copy)),
+              ("GitHub EliSchwartz/imagenet-sample-images (zip)", _sample_from_github)]
+    return _fetch(Path(target or config.IMAGENET_SAMPLE_DIR), routes, "the ImageNet sample photos",
+                  IMAGENET_SAMPLE_ADVICE)
+
+
 def ensure_all() -> dict[str, Path]:
     """Fetch every offline asset the demo profile needs (idempotent)."""
-    return {"wordnet": ensure_wordnet(), "tuxpaint": ensure_tuxpaint()}
+    return {"wordnet": ensure_wordnet(), "tuxpaint": ensure_tuxpaint(), "imagenet_sample": ensure_imagenet_sample()}
 
 
 if __name__ == "__main__":  # ``python -m zsl_utils.data.assets`` is the setup step

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from zsl_utils import config
 from zsl_utils.data.wnids import is_wnid
 from zsl_utils.errors import DataLayoutError
 
@@ -66,6 +67,19 @@ def image_folder_by_wnid(root: str | os.PathLike, wnids: Collection[str] | None 
     frame.attrs.update(ignored_folders=ignored, skipped=skipped,
                        missing_wnids=sorted(wanted - set(frame["wnid"])) if wanted is not None else [])
     return frame
+
+
+def imagenet_sample_photos(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Photos named ``<wnid>_<name>.JPEG`` in ``root`` (None: the copy ``make data`` fetched), by file name, as a
+    DataFrame ``path, wnid, name`` (``n01440764_great_white.JPEG`` -> ``great white``); other files are ignored."""
+    root = Path(config.IMAGENET_SAMPLE_DIR if root is None else root).expanduser()
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".jpeg", ".jpg")) if root.is_dir() else []
+    rows = [(str(p), *p.stem.partition("_")[::2]) for p in files if is_wnid(p.stem.partition("_")[0])]
+    if not rows:
+        raise DataLayoutError(f"no photos named <wnid>_<name>.JPEG (e.g. n01440764_tench.JPEG) in {root}; pass the "
+                              "folder of a clone of EliSchwartz/imagenet-sample-images, or run `make data` (python -m zsl_utils.data.assets).")
+    frame = pd.DataFrame(rows, columns=["path", "wnid", "name"])
+    return frame.assign(name=frame["name"].str.replace("_", " "))
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -3,6 +3,7 @@ files timm ships in ``timm/data/_info`` (no WordNet needed). The fall-2011 relea
 it lacks one 1K class, teddy bear ``n04399382``."""
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -67,24 +68,32 @@ def wnid_lemmas(wnids: Iterable[str] | None = None) -> dict[str, tuple[str, ...]
     return {w: table[w] for w in wnids}
 
 
-def wnid_names(wnids: Iterable[str]) -> dict[str, str]:
-    """``{wnid: readable name}``: the first lemma with spaces (``'tabby'``), for tables and plots."""
-    table = _all_wnid_lemmas()
-    return {w: (table[w][0].replace("_", " ") if table.get(w) else w) for w in wnids}
-
-
 def is_wnid(token: str) -> bool:
     return len(token) == 9 and token[0] == "n" and token[1:].isdigit()
 
 
-def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[str]:
+def load_wnid_list(path: str | os.PathLike, known: Iterable[str] | None = None, key: str | None = None) -> list[str]:
     """WNIDs from a text file: each line starts with one; more on the line (comma or space separated) count
-    too, names (``n01440764 tench``) and ``#`` comments are ignored. WNIDs not in ``known`` are an error."""
+    too, names (``n01440764 tench``) and ``#`` comments are ignored. WNIDs not in ``known`` are an error.
+    JSON files (``.json``, or text starting with ``{``/``[``): a list, or an object of lists picked by ``key``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataLayoutError(f"WNID list {path} does not exist; pass a text file with one WNID per line.")
-    wnids = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        raise DataLayoutError(f"WNID list {path} does not exist; pass a text (one WNID a line) or JSON file.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("{", "[") else None
+    except ValueError as error:
+        raise DataLayoutError(f"{path} is not valid JSON ({error}); fix it, or write one WNID per line.") from None
+    if isinstance(data, dict):  # the published form: {"2-hops": [...], "3-hops": [...], "all": [...]}
+        if key not in data and (key is not None or len(data) != 1):
+            found = f"no list {key!r}" if key is not None else f"{len(data)} lists"
+            raise DataLayoutError(f"{path} has {found}: pass load_wnid_list(..., key=) one of its keys {sorted(data)}.")
+        data = data[key if key is not None else next(iter(data))]
+    bad = [e for e in data if not (isinstance(e, str) and is_wnid(e))] if isinstance(data, list) else [data]
+    if data is not None and bad:  # a non-list (a number, an object under key) is bad as a whole
+        raise DataLayoutError(f"{path}: expected a JSON list of WNID strings (e.g. \"n01440764\"), found {bad[0]!r}.")
+    wnids = list(data or [])
+    for number, line in enumerate([] if data is not None else text.splitlines(), 1):
         line = line.split("#", 1)[0].replace(",", " ").strip()
         if not line:
             continue

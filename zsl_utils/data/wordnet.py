@@ -4,10 +4,11 @@ ImageNet labels are WordNet noun synsets named by WNID: ``"n"`` + the synset's e
 (``n02123045`` is *tabby cat*)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from zsl_utils import config
 from zsl_utils.errors import AssetUnavailableError
@@ -103,6 +104,32 @@ class WordNet:
                     seen.add(parent)
                     frontier.append(parent)
         return seen
+
+    def display_names(self, wnids: Iterable[str]) -> dict[str, str]:
+        """``{wnid: name}``, distinct over ``wnids``: the first lemma (``'tabby'``); where several share it, the first
+        hypernym's lemma in brackets (``'king (chessman)'``), where that still clashes another lemma of the synset
+        or the gloss's first words (``'tabby (tabby cat)'``), then the WNID. Synsets outside WordNet keep their WNID."""
+        base = {w: self.lemma(w) for w in dict.fromkeys(wnids)}
+        names = dict(base)
+        for qualifier in (self._hypernym_lemma, self._synonym_or_gloss, str):
+            counts = Counter(names.values())
+            names.update({w: f"{base[w]} ({qualifier(w)})" for w, name in names.items() if counts[name] > 1})
+        return names
+
+    def lemma(self, wnid: str) -> str:
+        """The first lemma, spaces for underscores (the WNID itself outside WordNet)."""
+        return self.synset(wnid).lemmas[0].replace("_", " ") if wnid in self else wnid
+
+    def _hypernym_lemma(self, wnid: str) -> str:
+        parents = self.hypernyms(wnid) if wnid in self else ()
+        return self.lemma(parents[0]) if parents else wnid
+
+    def _synonym_or_gloss(self, wnid: str) -> str:
+        if wnid not in self:
+            return wnid
+        others = [lemma.replace("_", " ") for lemma in self.synset(wnid).lemmas[1:]]
+        gloss = self.synset(wnid).gloss.split(";")[0].split()
+        return others[0] if others else " ".join(gloss[:4]) + (" ..." if len(gloss) > 4 else "")
 
     def lookup(self, word: str) -> list[str]:
         """Noun WNIDs whose lemma is ``word`` (case-insensitive; spaces or underscores), in sense order."""

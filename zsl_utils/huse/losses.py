@@ -6,8 +6,7 @@ distances between class-name embeddings (the semantic graph, Eq. 4); ``d``: cosi
 * classification: softmax cross-entropy of the shared layer on ``u_i`` and on ``v_i``.
 * graph (Eq. 10-11): over all ordered pairs of the ``2N`` stacked embeddings,
   ``mean sigma_mn * (d_mn - A[c_m, c_n])^2``; which pairs ``sigma`` keeps is the variant (``GRAPH_VARIANTS``).
-* gap (Eq. 12): ``mean_i d(u_i, v_i)``. Total: ``alpha * cls + beta * graph + gamma * gap``.
-"""
+* gap (Eq. 12): ``mean_i d(u_i, v_i)``. Total: ``alpha * cls + beta * graph + gamma * gap``."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,6 @@
 """Training HUSE on cached features (resumable from checkpoints), the validation grid search, the ablations.
 
-:func:`start_training`, :func:`resume` and :func:`train_steps` also serve ``python -m zsl_utils.scale.ddp``.
-"""
+:func:`start_training`, :func:`resume` and :func:`train_steps` also serve ``python -m zsl_utils.scale.ddp``."""
 from __future__ import annotations
 
 import hashlib
@@ -231,8 +230,7 @@ def train_huse(train: HuseSplit, class_distance: torch.Tensor, weights: LossWeig
     """Train a HUSE model (or a single-modality one) on cached features; ``config.seed`` fixes all randomness.
 
     With ``checkpoint_dir`` and ``checkpoint_every`` it checkpoints into ``<checkpoint_dir>/huse_<hash>`` (per
-    fingerprint and ``num_steps``) and resumes from the latest one there, bit for bit as an uninterrupted run.
-    """
+    fingerprint and ``num_steps``) and resumes from the latest one there, bit for bit as an uninterrupted run."""
     _check_checkpoint_arguments(checkpoint_dir, checkpoint_every)
     run = start_training(train, class_distance, weights, config, architecture, torch.device(device))
     if checkpoint_dir is None:
@@ -305,11 +303,9 @@ def seeded_repeat_check(train: HuseSplit, class_distance: torch.Tensor, **kwargs
     return all(torch.equal(first[k], second[k]) for k in first)
 
 
-def loss_shares(trained: TrainedHuse, from_step: int | None = None) -> pd.Series:
-    """Share of each weighted part (``alpha * classification`` ...) in the total loss, averaged over the logged steps
-    from ``from_step`` on (default: the second half of training)."""
-    steps = trained.history["step"]
-    rows = trained.history[steps > (trained.config.num_steps // 2 if from_step is None else from_step)]
+def loss_shares(trained: TrainedHuse) -> pd.Series:
+    """Each weighted part's (``alpha * classification`` ...) share of the total loss in training's second half."""
+    rows = trained.history[trained.history["step"] > trained.config.num_steps // 2]
     weights = {"classification": trained.weights.alpha, "graph": trained.weights.beta, "gap": trained.weights.gamma}
     return pd.Series({part: float((w * rows[part] / rows["total"]).mean()) for part, w in weights.items()})
 
