@@ -10,6 +10,7 @@ from zsl_utils.cache import ShardedCache
 from zsl_utils.errors import DataLayoutError, ParameterError
 from zsl_utils.conse.imagenet import EvalTask, build_label_sets, evaluate_conse
 from zsl_utils.data import wnids
+from zsl_utils.conse.model import ConSE
 from zsl_utils.data.wnids import load_wnid_list
 from zsl_utils.metrics import Hierarchy
 from zsl_utils.semantic import LabelEmbeddings
@@ -138,6 +139,18 @@ def test_evaluate_conse_hand_case():
     assert result.rows["zsl"].tolist() == [0, 1, 2]
     top = result.top_predictions[("zsl", 1)]
     assert [[TASKS[0].candidates[j] for j in row] for row in top] == [["c1", "c3"], ["c2", "c3"], ["c2", "c3"]]
+
+
+def test_named_embedders_are_ranked_like_conse():
+    # an embedder that returns ConSE(1)'s f(x) must reproduce ConSE(1)'s rows, under its own model name
+    model = ConSE(TRAIN.vectors, TRAIN.vectors, T=1, train_mask=TRAIN.found)
+    conse1 = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, TASKS, T_values=(1,), ks=(1, 2), hierarchy=TOY_TREE,
+                            progress=False).table
+    named = evaluate_conse(PROBS, TRUE, TRAIN, LABELS, TASKS, ks=(1, 2), hierarchy=TOY_TREE, progress=False,
+                           embedders={"mine": lambda rows: model.embed(rows)}).table
+    assert named.model.unique().tolist() == ["mine"]
+    columns = ["hit@1", "hit@2", "hp@1", "hp@2"]
+    np.testing.assert_allclose(named[columns].to_numpy(), conse1[columns].to_numpy())
 
 
 def test_evaluate_from_cache_equals_array_and_skips_unreadable(tmp_path):

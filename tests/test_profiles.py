@@ -440,3 +440,10 @@ def test_full_profile_placeholder_path_stops_before_running(profile_name):
         pytest.skip(f"notebooks not committed yet: {missing}")
     with pytest.raises(ParameterError, match=r"/path/to/.*does not exist.*--set"):
         profiles.plan_runs(profile_name)
+
+
+def test_full_imagenet_profile_names_the_devise_training_root(tmp_path):
+    if not (config.NOTEBOOKS_DIR / "02_imagenet_zero_shot_eval.ipynb").exists():
+        pytest.skip("notebook 02 not committed yet")
+    with pytest.raises(ParameterError, match=r"'ilsvrc2012_train_root'.*/path/to/ilsvrc2012/train.*does not exist"):
+        profiles.plan_runs("imagenet_full", overrides=[f"imagenet21k_root={tmp_path}"], runs_dir=tmp_path / "runs")

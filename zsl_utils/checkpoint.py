@@ -155,3 +155,27 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any] | No
                                        + f"\nUse another checkpoint_dir for this configuration, or delete "
                                        f"{path.parent} to start over.")
     return payload["step"], payload["state"]
+
+
+class ResumableBatches:
+    """Endless mini-batches: a seeded permutation per epoch cut into ``batch_size`` slices, the last one maybe
+    shorter (every item once per epoch). The state (generator, permutation, position) goes into checkpoints."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
+        self.n_items, self.batch_size = n_items, min(batch_size, n_items)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position >= len(self.order):
+            self.order, self.position = torch.randperm(self.n_items, generator=self.generator), 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"].clone(), int(state["position"])

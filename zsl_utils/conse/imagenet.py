@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -203,11 +203,13 @@ class _TaskState:
             raise ParameterError(f"task {task.name!r} has {len(self.usable)} embeddable candidates, fewer than "
                                  f"k={max(ks)}; lower ks or add candidates.")
         vectors = label_embeddings.vectors[[row_of[task.candidates[i]] for i in self.usable]]
-        base = ConSE(train_embeddings.vectors, vectors, T=min(T_values), train_mask=train_embeddings.found,
+        first_T = min([T for T in T_values if isinstance(T, int)] or [1])  # named embedders (DeViSE) need no T
+        base = ConSE(train_embeddings.vectors, vectors, T=first_T, train_mask=train_embeddings.found,
                      candidate_labels=[task.candidates[i] for i in self.usable], device=device, unit_train=unit_train)
         self.task, self.ks, self.hierarchy, self.keep_top = task, ks, hierarchy, keep_top
         self.n_unembedded = int((~found).sum())
-        self.models = {T: base.with_T(T) for T in T_values}
+        self.ranker = base  # ranking depends on the candidates only, not on T
+        self.models = {T: base.with_T(T) if isinstance(T, int) else base for T in T_values}
         self.position = {c: j for j, c in enumerate(task.candidates)}
         self.count, self.rows, self.correct_cache = 0, [], {}
         self.hits = {T: np.zeros(len(ks)) for T in T_values}
@@ -218,8 +220,8 @@ class _TaskState:
         """Rank the already embedded images ``rows`` (``embedded[T] = (f(x), norms)``) and add up."""
         self.count += len(rows)
         self.rows.append(rows)
-        for T, model in self.models.items():
-            ranked = self.usable[model.predict_embedded(*embedded[T], k=max(self.ks)).indices]
+        for T in self.models:
+            ranked = self.usable[self.ranker.predict_embedded(*embedded[T], k=max(self.ks)).indices]
             match = ranked == true_position[:, None]
             self.hits[T] += [match[:, :k].any(axis=1).sum() for k in self.ks]
             sums = hierarchical_precision_sums(ranked, true_labels, self.task.candidates, self.hierarchy, self.ks,
@@ -230,7 +232,7 @@ class _TaskState:
 
     def table_rows(self) -> list[dict]:
         n = self.count
-        return [{"test set": self.task.name, "model": f"ConSE({T})", "images": n,
+        return [{"test set": self.task.name, "model": f"ConSE({T})" if isinstance(T, int) else T, "images": n,
                  "candidates": len(self.task.candidates), "unembedded candidates": self.n_unembedded,
                  **{f"hit@{k}": 100 * h / n if n else np.nan for k, h in zip(self.ks, self.hits[T])},
                  **{f"hp@{k}": 100 * h / n if n else np.nan for k, h in zip(self.ks, self.hp[T])}}
@@ -240,13 +242,16 @@ class _TaskState:
 def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, label_embeddings,
                    tasks: Sequence[EvalTask], T_values: Sequence[int] = (1, 10, 1000), ks: Sequence[int] = PAPER_KS,
                    hierarchy: Hierarchy | None = None, batch_size: int = 4096, device: str = "cpu",
-                   keep_top: int = 0, progress: bool = True, unit_train: bool = False) -> EvalResult:
+                   keep_top: int = 0, progress: bool = True, unit_train: bool = False,
+                   embedders: Mapping[str, Callable] | None = None, source_key: str = "probs") -> EvalResult:
     """Hit@k and hierarchical precision@k (%) of ConSE(T) per (task, T), streaming ``probs_source`` (a cache with
     ``probs`` and ``ok``, or an array). A candidate without a vector stays in hp@k sets but is never predicted;
-    ``unit_train`` as in :class:`ConSE`."""
+    ``unit_train`` as in :class:`ConSE`. ``embedders`` (name -> rows -> ``(embeddings, norms)``, e.g. DeViSE's
+    ``embed``) replace ConSE(T): the rows then come from the cache's ``source_key`` (e.g. ``"features"``)."""
     hierarchy = _default_hierarchy() if hierarchy is None else hierarchy
     image_wnids = np.asarray(image_wnids, dtype=object)
-    states = {t.name: _TaskState(t, train_embeddings, label_embeddings, T_values, ks, device, hierarchy, keep_top,
+    keys = list(embedders) if embedders else list(T_values)
+    states = {t.name: _TaskState(t, train_embeddings, label_embeddings, keys, ks, device, hierarchy, keep_top,
                                  unit_train) for t in tasks}
     # Where each image's label sits in each task's candidates (-1: not evaluated), once (np.isin would, every batch).
     true_position = {t.name: np.array([states[t.name].position.get(w, -1) if w in t.test_labels else -1
@@ -255,20 +260,22 @@ def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, l
     for task in tasks:
         groups.setdefault(np.packbits(true_position[task.name] >= 0).tobytes(), []).append(task)
     # f(x) depends on the training vectors and T only, which every task shares: any task's models embed.
-    embedders = states[tasks[0].name].models if tasks else {}
+    embed = embedders or {T: partial(model.embed, validate=False)  # the batch is checked once below
+                          for T, model in (states[tasks[0].name].models if tasks else {}).items()}
     n_batches = -(-len(image_wnids) // batch_size)
-    for start, probs, ok in tqdm(_probability_batches(probs_source, batch_size), total=n_batches,
+    for start, probs, ok in tqdm(_probability_batches(probs_source, batch_size, source_key), total=n_batches,
                                  desc="evaluating", unit="batch", disable=not progress):
         labels = image_wnids[start : start + len(probs)]
         selects = [np.flatnonzero(ok & (true_position[group[0].name][start : start + len(probs)] >= 0))
                    for group in groups.values()]
         if not any(len(select) for select in selects):
             continue
-        check_probabilities(probs[np.unique(np.concatenate(selects))], len(train_embeddings.labels))
+        if not embedders:
+            check_probabilities(probs[np.unique(np.concatenate(selects))], len(train_embeddings.labels))
         for group, select in zip(groups.values(), selects):
             if len(select):
                 selected = torch.from_numpy(probs[select])
-                embedded = {T: embedders[T].embed(selected, validate=False) for T in T_values}
+                embedded = {key: embed[key](selected) for key in keys}
                 for task in group:
                     states[task.name].add(start + select, true_position[task.name][start + select],
                                           labels[select].tolist(), embedded)
@@ -281,10 +288,10 @@ def evaluate_conse(probs_source, image_wnids: Sequence[str], train_embeddings, l
     return result
 
 
-def _probability_batches(source, batch_size: int):
-    """Yield ``(start_row, probs float32, ok bool)`` from a cache (shard by shard) or an array."""
+def _probability_batches(source, batch_size: int, key: str = "probs"):
+    """Yield ``(start_row, rows float32, ok bool)`` from a cache's ``key`` (shard by shard) or an array."""
     if isinstance(source, ShardedCache):
-        shards = ((start, arrays["probs"], arrays["ok"]) for _, start, arrays in source.iter_shards(["probs", "ok"]))
+        shards = ((start, arrays[key], arrays["ok"]) for _, start, arrays in source.iter_shards([key, "ok"]))
     else:
         shards = [(0, source, np.ones(len(source), bool))]
     for start, probs, ok in shards:

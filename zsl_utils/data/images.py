@@ -11,8 +11,9 @@ import pandas as pd
 from PIL import Image
 
 from zsl_utils import config
+from zsl_utils.atomic import write_atomically
 from zsl_utils.data.wnids import is_wnid
-from zsl_utils.errors import DataLayoutError
+from zsl_utils.errors import DataLayoutError, ParameterError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -108,3 +109,27 @@ def image_is_readable(path: str | os.PathLike) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "unreadable" here
         return False
+
+
+VIEWS = ("original", "mirrored", "centre crop", "mirrored centre crop")  # fixed views: the same files everywhere
+
+
+def augmented_views(photos: pd.DataFrame, folder: str | os.PathLike, n_views: int = 3) -> pd.DataFrame:
+    """``photos`` (``path``, ``wnid``) repeated once per view (:data:`VIEWS`, first ``n_views``): the original,
+    its mirror image, the central 80 % and its mirror, written once as JPEG (quality 95) into ``folder``."""
+    if not 1 <= n_views <= len(VIEWS):
+        raise ParameterError(f"n_views={n_views}: choose 1 to {len(VIEWS)} ({', '.join(VIEWS)}).")
+    rows = []
+    for view in range(n_views):
+        for _, photo in photos.iterrows():
+            target = Path(folder) / f"{Path(photo.path).stem}_view{view}.jpg"
+            if view and not target.is_file():
+                image = load_image_rgb(photo.path)
+                if view >= 2:
+                    width, height = image.size
+                    image = image.crop((width // 10, height // 10, width - width // 10, height - height // 10))
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view % 2 else image
+                config.ensure_dir(target.parent)
+                write_atomically(target, lambda handle: image.save(handle, format="JPEG", quality=95))
+            rows.append({"path": str(target) if view else str(photo.path), "wnid": photo.wnid, "view": VIEWS[view]})
+    return pd.DataFrame(rows)

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from zsl_utils.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
-                                  save_checkpoint)
+from zsl_utils.checkpoint import (ResumableBatches, capture_rng_state, latest_checkpoint, load_checkpoint,
+                                  restore_rng_state, save_checkpoint)
 from zsl_utils.device import torch_dtype
 from zsl_utils.errors import ParameterError
 from zsl_utils.huse.evaluation import HuseEvaluation, choose_fusion_weight, evaluate_huse
@@ -80,30 +80,6 @@ def check_training_inputs(train: HuseSplit, class_distance: torch.Tensor) -> Non
     if len(train) == 0 or high >= n_classes or low < 0:
         raise ParameterError(f"labels must be class indices in [0, {n_classes}); got range [{low}, {high}]. "
                              "Build class_distance from the same class list as the labels.")
-
-
-class ResumableBatches:
-    """Endless mini-batches: a seeded permutation per epoch cut into ``batch_size`` slices, the last one maybe
-    shorter (every item once per epoch). The state (generator, permutation, position) goes into checkpoints."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
-        self.n_items, self.batch_size = n_items, min(batch_size, n_items)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = torch.empty(0, dtype=torch.long), 0
-
-    def next(self) -> torch.Tensor:
-        if self.position >= len(self.order):
-            self.order, self.position = torch.randperm(self.n_items, generator=self.generator), 0
-        batch = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"].clone(), int(state["position"])
 
 
 @dataclass
