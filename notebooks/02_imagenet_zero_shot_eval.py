@@ -311,7 +311,7 @@ result.table.round(1)
 #
 # * **+1K and hit@1.** For ConSE(1), $f(x)$ is a training label's vector, itself a candidate in
 #   the +1K rows, so an unseen image's first answer is always a training label and hit@1 is
-#   exactly 0 (asserted); larger $T$ move $f(x)$ off the training labels only rarely.
+#   exactly 0 (asserted).
 # * **The hp@1 → hp@2 jump in +1K.** A 2-hop label lies one edge from a training label, and
 #   that training label is usually in $S_2(y)$; when ConSE's first answer is that neighbour,
 #   hp@2 gets half a point although hit@2 may get none. The share of such images is printed.

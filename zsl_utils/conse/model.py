@@ -256,7 +256,12 @@ def label_collisions(embeddings: LabelEmbeddings) -> list[list[str]]:
     """Groups of labels whose vectors point the same way exactly: ConSE ranks each group together, in label order."""
     found = np.flatnonzero(embeddings.found)
     unit = unit_rows(torch.as_tensor(embeddings.vectors[found], dtype=torch.float32)).numpy()
-    return [[embeddings.labels[found[i]] for i in group if i >= 0] for group in vector_groups(unit) if len(group) > 1 and group[1] >= 0]
+    groups = []
+    for members in vector_groups(unit):
+        members = members[members >= 0]
+        if len(members) > 1:
+            groups.append([embeddings.labels[found[i]] for i in members])
+    return groups
 
 
 # hit@1 (%) on the paper's 1K validation set as summarised in issue 3; unverified (tables/paper_conse_imagenet.csv).

@@ -128,12 +128,15 @@ def _wordnet_from_nltk(staging: Path) -> Optional[str]:
         return "NLTK downloader (wordnet corpus, WordNet 3.0)"
 
 
+def _download(url: str, target: Path) -> Path:
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        shutil.copyfileobj(response, out)
+    return target
+
+
 def _stamps_from_upstream(staging: Path) -> Optional[str]:
     with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "stamps.tar.gz"
-        with urllib.request.urlopen(TUXPAINT_UPSTREAM_URL, timeout=60) as response, open(archive, "wb") as out:
-            shutil.copyfileobj(response, out)
-        with tarfile.open(archive) as tar:
+        with tarfile.open(_download(TUXPAINT_UPSTREAM_URL, Path(tmp) / "stamps.tar.gz")) as tar:
             tar.extractall(tmp, filter="data")
         roots = [p for p in Path(tmp).glob("*/stamps") if p.is_dir()]
         if not roots or _copy_tree(roots[0], staging, STAMP_SUFFIXES) == 0:
@@ -143,10 +146,7 @@ def _stamps_from_upstream(staging: Path) -> Optional[str]:
 
 def _sample_from_github(staging: Path) -> Optional[str]:
     with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "sample.zip"
-        with urllib.request.urlopen(IMAGENET_SAMPLE_URL, timeout=60) as response, open(archive, "wb") as out:
-            shutil.copyfileobj(response, out)
-        with zipfile.ZipFile(archive) as zipped:
+        with zipfile.ZipFile(_download(IMAGENET_SAMPLE_URL, Path(tmp) / "sample.zip")) as zipped:
             zipped.extractall(Path(tmp) / "unzipped")
         folders = sorted(Path(tmp, "unzipped").iterdir())  # a GitHub zip holds one <repo>-<branch>/ folder
         if not folders or _sample_from_dir(folders[0])(staging) is None:

@@ -24,7 +24,8 @@ def _entries(folder: str | os.PathLike, kind: str, skipped: list[str]) -> list[o
         with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda e: e.name)
     except OSError as error:
-        entries = skipped.append(f"{folder} ({error.strerror or error})") or []
+        skipped.append(f"{folder} ({error.strerror or error})")
+        return []
     kept = []
     for entry in entries:
         try:
@@ -32,8 +33,10 @@ def _entries(folder: str | os.PathLike, kind: str, skipped: list[str]) -> list[o
             reason = "" if ok or not entry.is_symlink() or os.path.exists(entry.path) else "dangling link"
         except OSError as error:
             ok, reason = False, error.strerror or str(error)
-        kept += [entry] if ok else []
-        skipped += [f"{entry.path} ({reason})"] if reason else []
+        if ok:
+            kept.append(entry)
+        if reason:
+            skipped.append(f"{entry.path} ({reason})")
     return kept
 
 
