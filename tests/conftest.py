@@ -21,3 +21,8 @@ def wordnet(wordnet_dir) -> WordNet:
 @pytest.fixture(scope="session")
 def tuxpaint_root():
     return assets.ensure_tuxpaint()
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample():
+    return assets.ensure_imagenet_sample()

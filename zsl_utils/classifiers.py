@@ -53,6 +53,21 @@ class ImagePreprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(to_rgb(image))
 
+    def from_uint8(self, image: torch.Tensor) -> torch.Tensor:
+        """The same steps on a decoded ``uint8 [3, H, W]`` tensor on any device (torchvision's bicubic on float
+        tensors, not PIL's: inputs differ by about one grey level, see ``bench_extract``)."""
+        x = image.float()
+        for step in self.transform.transforms:  # Resize, CenterCrop, (Maybe)ToTensor, Normalize
+            is_step = isinstance(step, (transforms.Resize, transforms.CenterCrop, transforms.Normalize))
+            x = step(x) if is_step else x.clamp(0, 255) / 255  # the to-tensor step: PIL clips, ToTensor scales
+        return x
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the crop (256 for Lite0): the JPEG draft size that changes nothing below twice it."""
+        size = next(step.size for step in self.transform.transforms if isinstance(step, transforms.Resize))
+        return int(size if isinstance(size, int) else min(size))
+
 
 def _timm_preprocess(config: dict[str, Any]) -> ImagePreprocess:
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")

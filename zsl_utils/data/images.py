@@ -97,9 +97,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
-def load_image_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully (truncated files fail here, not later) as RGB, alpha on white."""
+def load_image_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` fully (truncated files fail here, not later) as RGB, alpha on white; ``draft_size``: a JPEG
+    is decoded at the smallest DCT scale (1/2 .. 1/8) keeping both sides >= it (PIL's draft mode; others: as is)."""
     with Image.open(path) as image:
+        if draft_size is not None:
+            image.draft("RGB", (draft_size, draft_size))
         image.load()
         return to_rgb(image)
 

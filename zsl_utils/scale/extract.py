@@ -27,7 +27,8 @@ from zsl_utils.cache import (CacheError, ShardedCache, check_writable_directory,
                              normalise_fingerprint, read_meta)
 from zsl_utils.device import COMPUTE_DTYPES, pick_device
 from zsl_utils.errors import DataLayoutError, ParameterError
-from zsl_utils.extract import KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder, extract_to_cache, make_encoder
+from zsl_utils.extract import (DECODERS, KINDS, STORAGE_DTYPES, UNALIGNED_ARRAYS, cache_folder, extract_to_cache,
+                               make_encoder)
 from zsl_utils.scale.launch import (DEFAULT_TIMEOUT_S, DistContext, agree_on, all_gather_objects, barrier,
                                     default_num_workers, die_with_parent, init_distributed, launch_torchrun,
                                     rank_failure_guard, run_cli, shutdown_distributed)
@@ -58,6 +59,7 @@ class ExtractionSpec:
     dtype: str | None = None  # storage dtype; default float16 for probs, float32 for features
     autocast: str = "auto"
     compute_dtype: str = "float32"  # "float64": CPU results that do not depend on the instruction set
+    decode: str = "pil"  # images: one of extract.DECODERS ("torchvision" decodes JPEGs on the GPU)
     num_workers: int | None = None  # DataLoader workers per rank; None = from the machine
     device: str = "auto"
     debug_batch_delay_s: float = 0.0
@@ -83,6 +85,8 @@ class ExtractionSpec:
                 raise ParameterError(f"{name} must be a positive int, got {value!r}.")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise ParameterError(f"dtype={self.dtype!r}; choose one of {sorted(STORAGE_DTYPES)}.")
+        if self.decode not in DECODERS:
+            raise ParameterError(f"decode={self.decode!r}; choose one of {DECODERS}.")
         if self.autocast not in AUTOCAST_CHOICES:
             raise ParameterError(f"autocast={self.autocast!r}; choose one of {AUTOCAST_CHOICES}.")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
@@ -118,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--dtype", choices=sorted(STORAGE_DTYPES), help="storage dtype (default float16 probs, float32 features)")
     add("--autocast", default="auto", choices=AUTOCAST_CHOICES, help="auto: bfloat16 on CUDA; CPU stays float32")
     add("--compute-dtype", default="float32", choices=sorted(COMPUTE_DTYPES), help="float64: same bytes on any CPU")
+    add("--decode", default="pil", choices=DECODERS, help="pil: exact; pil_draft, torchvision: faster (GPU decode)")
     add("--num-workers", type=int, help="DataLoader workers per rank (default: from the CPU count)")
     add("--device", default="auto", help="auto | cuda | cpu (under torchrun: GPU = LOCAL_RANK)")
     add("--processes", type=int, default=1, help="outside torchrun: start torchrun with this many processes here")
@@ -217,7 +222,8 @@ def run_extraction(spec: ExtractionSpec, ctx: DistContext | None = None,
     autocast = {"auto": "bfloat16", "none": None}.get(spec.autocast, spec.autocast)  # float64: no autocast
     autocast = None if spec.compute_dtype == "float64" else autocast
     encoder = make_encoder(spec.kind, "minilm" if text else spec.classifier, None if text else spec.weights,
-                           ctx.device, spec.dtype, None if text else autocast, spec.compute_dtype)
+                           ctx.device, spec.dtype, None if text else autocast, spec.compute_dtype,
+                           "pil" if text else spec.decode)
     dataset_id = spec.dataset_id or (Path(spec.texts_file).stem if text else Path(spec.images_root).resolve().name)
     fingerprint = encoder.fingerprint(items, dataset_id)
     if spec.cache_dir is None:  # every rank names the same folder: same fingerprint
