@@ -57,6 +57,8 @@ batch_size: int = 64  # images per classifier forward pass (at least 1)
 num_workers: int = 0  # DataLoader processes decoding images (0 decodes in the notebook process) (at least 0)
 extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
 compute_dtype: str = "float64"  # precision of the forward pass; float64 stores the same numbers on every CPU (one of: "float32", "float64")
+image_decode: str = "pil"  # how images are decoded: "pil" exactly; "pil_draft" (JPEG DCT scaling) and "torchvision" (JPEGs decoded on the GPU) are faster, within the README's tolerances (one of: "pil", "pil_draft", "torchvision")
+autocast: str = "none"  # mixed precision of the classifier on a GPU (CPU: ignored); needs compute_dtype float32 (one of: "none", "bfloat16", "float16")
 shard_size: int = 1024  # images per cache shard, the unit of resumption (at least 1)
 eval_batch_size: int = 4096  # cached rows ranked at once during evaluation (at least 1)
 n_examples: int = 4  # hits and misses shown in the example figure (at least 0)
@@ -98,6 +100,8 @@ seed_everything(seed)
 torch_device = pick_device(device)
 mode = "full" if imagenet21k_root else "demo"
 outputs_dir = Path(cache_dir) if cache_dir else config.CACHE_DIR / "classifier_outputs"
+image_settings = dict(compute_dtype=compute_dtype, decode=image_decode,  # how the classifier reads images
+                      autocast_dtype=None if autocast == "none" else autocast)
 published = {name: path for name, path in (("2-hop", published_2hop_file), ("3-hop", published_3hop_file),
                                            ("all", published_all_file)) if path}
 wordnet = WordNet.load()
@@ -256,7 +260,7 @@ pd.DataFrame({"images": in_sets.sum(), "classes": [images.loc[in_sets[c], "wnid"
 # %%
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
 the_cache = dict(kind="probs", items=images["path"].tolist(), model=classifier, dataset_id=dataset_id,
-                 cache_root=outputs_dir, shard_size=shard_size, compute_dtype=compute_dtype)  # names the cache
+                 cache_root=outputs_dir, shard_size=shard_size, **image_settings)  # names the cache
 started = time.perf_counter()
 outputs = cached_outputs(**the_cache, processes=extraction_processes, batch_size=batch_size, num_workers=num_workers)
 probs_cache = outputs.cache
@@ -517,10 +521,10 @@ else:
                                    config.CACHE_DIR / "imagenet_sample_views", devise_views)
 train_features = cached_outputs("image_features", train_images["path"].astype(str).tolist(), classifier,
                                 dataset_id=f"devise-train-{'ilsvrc2012' if ilsvrc2012_train_root else 'imagenet-sample'}",
-                                cache_root=outputs_dir, shard_size=shard_size, compute_dtype=compute_dtype,
+                                cache_root=outputs_dir, shard_size=shard_size, **image_settings,
                                 processes=extraction_processes, batch_size=batch_size, num_workers=num_workers)
 test_features = cached_outputs("image_features", images["path"].tolist(), classifier, dataset_id=dataset_id,
-                               cache_root=outputs_dir, shard_size=shard_size, compute_dtype=compute_dtype,
+                               cache_root=outputs_dir, shard_size=shard_size, **image_settings,
                                processes=extraction_processes, batch_size=batch_size, num_workers=num_workers)
 train_ok = train_features.ok
 print(f"DeViSE training set: {int(train_ok.sum()):,} images of {train_images['wnid'][train_ok].nunique()} classes; "

@@ -47,6 +47,8 @@ shard_size: int = 128  # images per feature-cache shard, the unit of resumption 
 num_workers: int = 0  # image-loading worker processes during extraction (at least 0)
 extraction_processes: int = 1  # processes filling the cache (1: this notebook; N: torchrun on this machine) (at least 1)
 compute_dtype: str = "float64"  # precision of feature extraction and training; float64 gives the same numbers on every CPU (one of: "float32", "float64")
+image_decode: str = "pil"  # how images are decoded: "pil" exactly; "pil_draft" (JPEG DCT scaling) and "torchvision" (JPEGs decoded on the GPU) are faster, within the README's tolerances (one of: "pil", "pil_draft", "torchvision")
+autocast: str = "none"  # mixed precision of the classifier on a GPU (CPU: ignored); needs compute_dtype float32 (one of: "none", "bfloat16", "float16")
 torch_threads: int = 1  # CPU threads for torch; 0 keeps torch's default (1 is fastest on a busy shared CPU)
 embedding_dim: int = 512  # D, the size of the shared space (at least 1)
 num_steps: int = 400  # training steps of each final model (paper: 250000) (at least 1)
@@ -100,6 +102,8 @@ if torch_threads > 0:
     torch.set_num_threads(torch_threads)
 # Each training run checkpoints into its own subfolder (named by its settings and data), so a rerun after an
 # interruption continues every run where it stopped.
+image_settings = dict(compute_dtype=compute_dtype, decode=image_decode,  # how the classifier reads images
+                      autocast_dtype=None if autocast == "none" else autocast)
 checkpoint_dir = RUNS_DIR / "03_huse_checkpoints" if checkpoint_every else None
 checkpointing = dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
 architecture = HuseArchitecture(embedding_dim=embedding_dim)
@@ -213,7 +217,7 @@ image_paths, texts = data.items["image_path"].tolist(), data.items["text"].tolis
 train_texts = data.items.loc[data.items["split"] == "train", "text"].tolist()
 classifier = load_classifier(classifier_name, weights=classifier_weights or None, device=torch_device)
 image = cached_outputs("image_features", image_paths, classifier, dataset_id=cache_id, processes=extraction_processes,
-                       batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, compute_dtype=compute_dtype)
+                       batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, **image_settings)
 text = cached_outputs("text_features", texts, text_kind, dataset_id=cache_id, processes=extraction_processes,
                       fit_texts=train_texts, bert_model=bert_model or None, device=torch_device,
                       compute_dtype=compute_dtype)

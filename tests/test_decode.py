@@ -12,6 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from zsl_utils.classifiers import load_classifier
 from zsl_utils.data.images import imagenet_sample_photos, load_image_rgb
+from zsl_utils import extract
 from zsl_utils.errors import ParameterError
 from zsl_utils.extract import ExtractionError, cached_outputs, make_encoder, read_for_device
 from zsl_utils.scale.extract import ExtractionSpec
@@ -93,9 +94,26 @@ def test_device_decoding_skips_undecodable_jpegs(photos, lite0, tmp_path):
     mixed, run = probs([photos[0], fake, truncated, photos[2]], lite0, tmp_path, decode="torchvision")
     assert run.ok.tolist() == [True, False, False, True]
     reasons = dict(zip(run.skipped["row"], run.skipped["reason"]))
-    assert reasons[1].startswith("RuntimeError") and reasons[2].startswith("OSError")
+    assert reasons[1].startswith("decode_jpeg: ") and reasons[1].endswith("PIL: UnidentifiedImageError")
+    assert reasons[2].startswith("OSError")
     clean, _ = probs([photos[0], photos[2]], lite0, tmp_path, decode="torchvision")
     assert np.array_equal(mixed[[0, 3]], clean) and not mixed[[1, 2]].any()
+
+
+def test_device_decoding_falls_back_to_pil_for_what_decode_jpeg_refuses(photos, lite0, tmp_path, monkeypatch):
+    refused, original, refusals = len(open(photos[1], "rb").read()), extract.decode_jpeg, []
+
+    def decode_jpeg(data, **settings):  # refuses photos[1], as nvJPEG refuses CMYK JPEGs
+        if any(len(d) == refused for d in (data if isinstance(data, list) else [data])):
+            refusals.append(len(data) if isinstance(data, list) else 1)
+            raise RuntimeError("unsupported (simulated)")
+        return original(data, **settings)
+
+    expected, _ = probs(photos[:3], lite0, tmp_path / "plain", decode="torchvision")
+    monkeypatch.setattr(extract, "decode_jpeg", decode_jpeg)
+    fallback, run = probs(photos[:3], lite0, tmp_path / "fallback", decode="torchvision")
+    assert refusals == [3, 1] and run.ok.all()  # the batch, then photos[1] alone; PIL decodes it
+    assert np.array_equal(fallback[[0, 2]], expected[[0, 2]]) and np.abs(fallback - expected).max() < 1e-2
 
 
 def test_float32_channels_last_within_float32_kernel_noise(photos, lite0, tmp_path):

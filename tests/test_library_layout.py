@@ -18,9 +18,11 @@ NOTEBOOK_SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 # - issue 12, ConSE teaching (+140): distinct label names, ties grouped by vector, raw/unit label vectors, the
 #   ImageNet sample asset, JSON WNID lists, the any-path hp@k reading, paper points in figures;
 # - issue 14, DeViSE (+150): the model, its rank loss and resumable training, fixed augmented views, evaluation
-#   through the ConSE ranking (embedders=).
-MAX_LINES_TOTAL = 6300
-MAX_LINES_NOTEBOOK_IMPORTED = 4760
+#   through the ConSE ranking (embedders=);
+# - issue 15, extraction speed (+132): the pil_draft and torchvision (GPU) decoders with the device path's PIL
+#   fallback and skip path, tensor preprocessing, channels_last in float32, the out-of-memory back-off.
+MAX_LINES_TOTAL = 6430
+MAX_LINES_NOTEBOOK_IMPORTED = 4885
 
 
 def module_file(name: str) -> Path | None:

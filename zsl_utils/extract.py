@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -383,28 +384,37 @@ class _ImageEncoder:
         return batch.to(self.device, torch_dtype(self.compute_dtype), non_blocking=True)
 
     def _decoded(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """uint8 images on the device; JPEG bytes (1-D) decoded there in one call, or :class:`UnreadableItems`."""
+        """uint8 images on the device: JPEG bytes (1-D) decoded there in one call; if that fails, one by one, by PIL
+        where the device cannot (nvJPEG has no CMYK), and :class:`UnreadableItems` for what PIL cannot read either."""
         images = [value if value.ndim == 1 else value.to(self.device) for value in values]
         encoded = [i for i, value in enumerate(values) if value.ndim == 1]
         if not encoded:
             return images
         try:
-            decoded = decode_jpeg([values[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device)
+            decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device)
         except torch.cuda.OutOfMemoryError:
             raise
-        except RuntimeError as batch_error:  # find the undecodable ones, one by one
-            reasons = {}
+        except RuntimeError:
+            decoded, reasons = [], {}
             for i in encoded:
-                try:
-                    decode_jpeg(values[i], mode=ImageReadMode.RGB, device=self.device)
-                except RuntimeError as error:
-                    reasons[i] = f"{type(error).__name__}: {error}"[:_MAX_REASON_CHARS]
-            if not reasons:
-                raise ExtractionError(f"decode_jpeg failed on a batch but not on its images: {batch_error}") from None
-            raise UnreadableItems(reasons) from None
+                decoded.append(self._decoded_alone(images[i]))
+                if isinstance(decoded[-1], str):
+                    reasons[i] = decoded[-1]
+            if reasons:
+                raise UnreadableItems(reasons) from None
         for i, image in zip(encoded, decoded):
             images[i] = image
         return images
+
+    def _decoded_alone(self, data: torch.Tensor) -> torch.Tensor | str:
+        """One JPEG decoded on the device, else by PIL; a string says why neither could."""
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as error:
+            pixels, reason = _load(lambda raw: pil_to_tensor(load_image_rgb(io.BytesIO(raw))), data.numpy().tobytes())
+            if reason:
+                return f"decode_jpeg: {error}; PIL: {reason.split(':')[0]}"[:_MAX_REASON_CHARS]
+            return pixels.to(self.device)
 
     def _forward_part(self, batch: torch.Tensor) -> np.ndarray:
         # channels_last: 1.75x faster in float32 on a CPU (bench_extract), slower in float64, so float32 only.
